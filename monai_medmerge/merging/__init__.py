@@ -1,0 +1,28 @@
+"""Merge methods and their registry, and norm-statistics recalibration.
+
+Every method is a small class registered by name; ``get_method("kernel", anchor=1)`` builds one, and
+``list_methods()`` describes them all. See :mod:`monai_medmerge.merging.base` for the interface.
+"""
+
+from __future__ import annotations
+
+from monai_medmerge.merging.base import METHODS, MergeMethod, MethodParameter, get_method, list_methods, register_method
+from monai_medmerge.merging.fixed import Average, Interpolate
+from monai_medmerge.merging.learned import LearnedKernelMerge, LearnedLayerMerge, LearnedModelMerge
+from monai_medmerge.merging.norm import norm_layers, recalibrate_norm
+
+__all__ = [
+    "METHODS",
+    "Average",
+    "Interpolate",
+    "LearnedKernelMerge",
+    "LearnedLayerMerge",
+    "LearnedModelMerge",
+    "MergeMethod",
+    "MethodParameter",
+    "get_method",
+    "list_methods",
+    "norm_layers",
+    "recalibrate_norm",
+    "register_method",
+]

@@ -1,0 +1,115 @@
+"""The merge-method interface and its registry: each method is one small class; the merge loop knows none of them."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import nn
+
+from monai_medmerge.networks import KernelMerge
+
+__all__ = ["MergeMethod", "MethodParameter", "register_method", "get_method", "list_methods", "METHODS"]
+
+
+@dataclass(frozen=True)
+class MethodParameter:
+    """A declared setting of a merge method: its name, default and a one-line description."""
+
+    name: str
+    default: Any
+    doc: str
+
+
+class MergeMethod(ABC):
+    """Base of the merge methods.
+
+    A method turns N compatible sources into a :class:`~monai_medmerge.networks.KernelMerge` whose coefficients
+    are either fixed (``learned = False``: collapse it right away) or to be learned on target data
+    (``learned = True``). Subclasses set ``name``, ``pretty_name``, ``reference``, ``learned`` and ``parameters``
+    and implement :meth:`build`; settings are checked at construction.
+
+    Args:
+        settings: values for the declared ``parameters``; undeclared names raise ``ValueError``.
+    """
+
+    name: ClassVar[str] = ""
+    pretty_name: ClassVar[str] = ""
+    reference: ClassVar[str] = ""
+    learned: ClassVar[bool] = False
+    parameters: ClassVar[tuple[MethodParameter, ...]] = ()
+
+    def __init__(self, **settings: Any) -> None:
+        known = {p.name: p.default for p in self.parameters}
+        unknown = sorted(set(settings) - set(known))
+        if unknown:
+            raise ValueError(
+                f"merge method {self.name!r} has no setting(s) {unknown}; its settings are {sorted(known) or 'none'}."
+            )
+        self.settings: dict[str, Any] = {**known, **settings}
+
+    @abstractmethod
+    def build(
+        self, sources: Sequence[nn.Module], head: str | None = None, out_channels: int | None = None
+    ) -> KernelMerge:
+        """Wrap ``sources`` in a :class:`KernelMerge` set up for this method (``head``/``out_channels`` as there)."""
+
+    def merge(
+        self, sources: Sequence[nn.Module], head: str | None = None, out_channels: int | None = None
+    ) -> nn.Module:
+        """Merge straight into a plain network. Only for methods with fixed coefficients (``learned = False``).
+
+        Raises:
+            ValueError: for a learned method, whose coefficients need training first (use :meth:`build`).
+        """
+        if self.learned:
+            raise ValueError(f"merge method {self.name!r} learns its coefficients: build() it and train it first.")
+        return self.build(sources, head=head, out_channels=out_channels).collapse()
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.settings.items())
+        return f"{type(self).__name__}({args})"
+
+
+METHODS: dict[str, type[MergeMethod]] = {}
+
+
+def register_method(cls: type[MergeMethod]) -> type[MergeMethod]:
+    """Class decorator: add a merge method to the registry under ``cls.name``.
+
+    Raises:
+        ValueError: when the name is empty or already taken by another class.
+    """
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name.")
+    if METHODS.get(cls.name, cls) is not cls:
+        raise ValueError(f"merge method name {cls.name!r} is already registered by {METHODS[cls.name].__name__}.")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str, **settings: Any) -> MergeMethod:
+    """Instantiate the registered merge method ``name`` with ``settings``.
+
+    Raises:
+        ValueError: for an unknown name (the message lists the registered ones) or unknown settings.
+    """
+    if name not in METHODS:
+        raise ValueError(f"unknown merge method {name!r}; available: {sorted(METHODS)}.")
+    return METHODS[name](**settings)
+
+
+def list_methods() -> list[dict[str, Any]]:
+    """One record per registered method: name, pretty name, reference, learned, and its parameters with defaults."""
+    return [
+        {
+            "name": cls.name,
+            "pretty_name": cls.pretty_name,
+            "reference": cls.reference,
+            "learned": cls.learned,
+            "parameters": {p.name: {"default": p.default, "doc": p.doc} for p in cls.parameters},
+        }
+        for cls in METHODS.values()
+    ]

@@ -1,0 +1,8 @@
+"""Merge networks: MONAI network components that hold several source networks and run them as one."""
+
+from __future__ import annotations
+
+from monai_medmerge.networks.kernel_merge import GRANULARITIES, KernelMerge
+from monai_medmerge.networks.units import MergeUnit, find_units
+
+__all__ = ["GRANULARITIES", "KernelMerge", "MergeUnit", "find_units"]

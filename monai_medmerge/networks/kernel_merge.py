@@ -1,0 +1,289 @@
+"""KernelMerge: learn per-kernel convex combinations of N source networks and run them as one network."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+
+import torch
+from monai.utils import look_up_option
+from torch import nn
+from torch.func import functional_call
+
+from monai_medmerge.networks.units import MergeUnit, find_units, from_channel_major, to_channel_major
+from monai_medmerge.sources import check_compatible
+
+__all__ = ["KernelMerge", "GRANULARITIES", "DEFAULT_ANCHOR_WEIGHT"]
+
+GRANULARITIES = ("kernel", "layer", "model")
+DEFAULT_ANCHOR_WEIGHT = 0.9
+# log(0) is -inf, whose softmax gradient is NaN; this is far enough below any real logit that exp() gives exactly 0.
+_LOG_ZERO = -1.0e4
+
+
+class KernelMerge(nn.Module):
+    """Merge N pretrained networks of one class into one network with learned per-kernel coefficients.
+
+    MedMerge (https://arxiv.org/abs/2403.11646). For every merge unit ``u`` (a conv, transposed conv, linear or
+    norm layer) a coefficient matrix of shape ``(N, C_u)`` is learned; its softmax over the sources gives, for each
+    output channel ``c``, a convex combination ``theta_u[c] = sum_i alpha_u[i, c] * theta_{i,u}[c]``. The merged
+    weights are computed in weight space at every forward and run through ONE copy of the architecture, so a
+    step costs about one network, not N. The sources are frozen (stored as buffers); only the coefficients and the
+    new head (if any) are trainable. :meth:`collapse` returns a plain network of the sources' class.
+
+    Buffers (norm running statistics) are those of the anchor (or of the first source); recompute them on target
+    data with :func:`monai_medmerge.merging.recalibrate_norm` once the coefficients have been learned.
+
+    Args:
+        sources: N >= 2 networks of one class with equal parameter names and shapes, except inside ``head``.
+        head: dotted name of the classifier module to replace (e.g. ``"fc"`` for MONAI ResNet,
+            ``"class_layers.out"`` for MONAI DenseNet121). Its parameters are not merged: a fresh ``nn.Linear`` (or
+            conv, if the head is a conv) with ``out_channels`` outputs replaces it. ``None`` merges the heads
+            like every other unit (their shapes must then agree).
+        out_channels: number of target classes of the new head; defaults to the head's own size when ``head`` is
+            given (the sources' heads must then agree in size).
+        granularity: ``"kernel"`` (one coefficient per source and output channel of each unit), ``"layer"`` (one
+            per source and unit) or ``"model"`` (one per source).
+        anchor: index of the source whose coefficients start at ``anchor_weight`` (the others share the rest
+            equally) and whose buffers and non-parameter state the merged network uses. ``None``: uniform start,
+            buffers of source 0.
+        anchor_weight: starting share of the anchor, in (0, 1); defaults to 0.9 when ``anchor`` is given.
+
+    Raises:
+        ValueError: when fewer than two sources are given, they differ in class, names or shapes, hold NaN or Inf
+            values, ``head`` does not exist or cannot be rebuilt, ``out_channels`` is given without ``head``,
+            ``granularity`` is unknown, or ``anchor``/``anchor_weight`` are out of range.
+
+    Example::
+
+        from monai.networks.nets import resnet18
+        a = resnet18(spatial_dims=2, n_input_channels=1, num_classes=3)
+        b = resnet18(spatial_dims=2, n_input_channels=1, num_classes=7)
+        merge = KernelMerge([a, b], head="fc", out_channels=5, anchor=1)
+        logits = merge(torch.randn(4, 1, 32, 32))        # train coefficients + head with any optimizer
+        plain = merge.collapse()                          # a ResNet with merged weights and a 5-class head
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[nn.Module],
+        head: str | None = None,
+        out_channels: int | None = None,
+        granularity: str = "kernel",
+        anchor: int | None = None,
+        anchor_weight: float | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(sources, nn.Module) or not isinstance(sources, Sequence):
+            raise ValueError(f"sources must be a sequence of nn.Module, got {type(sources).__name__}.")
+        self.granularity = look_up_option(granularity, GRANULARITIES)
+        if out_channels is not None and head is None:
+            raise ValueError(
+                f"out_channels={out_channels} was given without head: name the classifier module to replace, "
+                'e.g. head="fc" for MONAI ResNet or head="class_layers.out" for MONAI DenseNet121.'
+            )
+        if out_channels is not None and (not isinstance(out_channels, int) or out_channels < 1):
+            raise ValueError(f"out_channels must be a positive int, got {out_channels!r}.")
+        if head is not None:
+            # the head must exist in every source before the architecture check, so that the error names it
+            for i, s in enumerate(sources):
+                if isinstance(s, nn.Module) and head not in dict(s.named_modules()):
+                    raise ValueError(
+                        f"head {head!r} is not a module of source {i} ({type(s).__name__}); "
+                        f"candidates: {_linear_like_names(s)}."
+                    )
+        check_compatible(sources, exclude=[head] if head is not None else ())
+        n = len(sources)
+        if anchor is not None and not (isinstance(anchor, int) and -n <= anchor < n):
+            raise ValueError(f"anchor must be a source index in [0, {n - 1}], got {anchor!r}.")
+        if anchor_weight is not None and anchor is None:
+            raise ValueError(f"anchor_weight={anchor_weight} was given without anchor.")
+        if anchor is not None:
+            anchor = anchor % n
+            anchor_weight = DEFAULT_ANCHOR_WEIGHT if anchor_weight is None else float(anchor_weight)
+            if not 0.0 < anchor_weight < 1.0:
+                raise ValueError(f"anchor_weight must lie in (0, 1), got {anchor_weight}.")
+        self.num_sources = n
+        self.head = head
+        self.anchor = anchor
+        self.anchor_weight = anchor_weight
+        ref = sources[0 if anchor is None else anchor]
+
+        template = copy.deepcopy(ref)
+        if head is not None:
+            _replace_head(template, head, out_channels)
+        self.units: list[MergeUnit] = find_units(template, exclude=head)
+        self._shapes: dict[str, torch.Size] = {}
+        self._splits: list[list[int]] = []
+        source_params = [dict(s.named_parameters()) for s in sources]
+        dtype = next(iter(source_params[0].values())).dtype
+        for k, unit in enumerate(self.units):
+            blocks, widths = [], []
+            for full in unit.full_names():
+                self._shapes[full] = source_params[0][full].shape
+                per_source = [
+                    to_channel_major(p[full].detach().to(_ref_device(ref), dtype), unit) for p in source_params
+                ]
+                block = torch.stack(per_source, dim=1)  # (C, N, K_t)
+                blocks.append(block)
+                widths.append(block.shape[-1])
+            # all tensors of a unit share its coefficients: one (C, N, K) block and one bmm per unit and step
+            self.register_buffer(f"_stack{k}", torch.cat(blocks, dim=-1).contiguous(), persistent=False)
+            self._splits.append(widths)
+            for full in unit.full_names():
+                mod_name, _, local = full.rpartition(".")
+                owner = template.get_submodule(mod_name)
+                del owner._parameters[local]
+                # a shape-only placeholder keeps repr() and attribute checks working; forward swaps the real tensor in
+                object.__setattr__(owner, local, torch.empty(self._shapes[full], device="meta", dtype=dtype))
+        self.network = template
+
+        widths = [u.channels for u in self.units]
+        if self.granularity == "kernel":
+            self._offsets = [sum(widths[:k]) for k in range(len(widths))]
+            total = sum(widths)
+        elif self.granularity == "layer":
+            self._offsets = list(range(len(widths)))
+            total = len(widths)
+        else:
+            self._offsets = [0] * len(widths)
+            total = 1
+        self.merge_logits = nn.Parameter(_initial_logits(n, total, anchor, anchor_weight, dtype))
+
+    # ------------------------------------------------------------------ coefficients
+    def coefficients(self) -> dict[str, torch.Tensor]:
+        """Merge weights per unit: unit name -> alpha of shape ``(N, C)``, columns summing to 1.
+
+        ``C`` is the unit's output-channel count for ``"kernel"`` granularity and 1 for ``"layer"`` and ``"model"``.
+        The tensors are detached copies.
+        """
+        alpha = torch.softmax(self.merge_logits.detach(), dim=0)
+        return {u.name: alpha[:, s].clone() for u, s in zip(self.units, self._slices(), strict=True)}
+
+    def set_coefficients(self, alpha: torch.Tensor | Sequence[float] | dict[str, torch.Tensor]) -> None:
+        """Set the merge weights directly (e.g. one-hot, or fixed interpolation weights).
+
+        Args:
+            alpha: one weight per source for every coefficient (a length-N sequence or tensor), or a dict
+                unit name -> ``(N, C)`` tensor as returned by :meth:`coefficients` (missing units keep theirs).
+
+        Raises:
+            ValueError: when the weights are negative, do not sum to 1 over the sources, or have a wrong shape.
+        """
+        logits = self.merge_logits.detach().clone()
+        items = (
+            [
+                (s, torch.as_tensor(alpha[u.name]))
+                for u, s in zip(self.units, self._slices(), strict=True)
+                if u.name in alpha
+            ]
+            if isinstance(alpha, dict)
+            else [(slice(None), torch.as_tensor(alpha, dtype=logits.dtype).reshape(-1, 1))]
+        )
+        for s, a in items:
+            a = a.to(logits)
+            target = logits[:, s]
+            if a.shape[0] != self.num_sources or (a.dim() == 2 and a.shape[1] not in (1, target.shape[1])):
+                raise ValueError(f"coefficients must have shape ({self.num_sources}, C), got {tuple(a.shape)}.")
+            if (a < 0).any() or not torch.allclose(a.sum(0), torch.ones(()), atol=1e-5):
+                raise ValueError(f"coefficients must be non-negative and sum to 1 over the sources, got {a.tolist()}.")
+            logits[:, s] = torch.log(a).clamp_min(_LOG_ZERO).expand_as(target)
+        with torch.no_grad():
+            self.merge_logits.copy_(logits)
+
+    def _slices(self) -> list[slice]:
+        if self.granularity == "kernel":
+            return [slice(o, o + u.channels) for o, u in zip(self._offsets, self.units, strict=True)]
+        return [slice(o, o + 1) for o in self._offsets]
+
+    # ------------------------------------------------------------------ merging
+    def merged_parameters(self) -> dict[str, torch.Tensor]:
+        """The merged tensors of every unit (differentiable w.r.t. the coefficients), by parameter name."""
+        alpha = torch.softmax(self.merge_logits, dim=0)  # (N, total)
+        out: dict[str, torch.Tensor] = {}
+        per_kernel = self.granularity == "kernel"
+        for k, unit in enumerate(self.units):
+            stack = getattr(self, f"_stack{k}")  # (C, N, K)
+            o = self._offsets[k]
+            a = alpha[:, o : o + unit.channels] if per_kernel else alpha[:, o : o + 1].expand(-1, unit.channels)
+            # (C, 1, N) @ (C, N, K): a batched matmul per channel, no (N, C, K) temporary in forward or backward
+            merged = torch.bmm(a.t().unsqueeze(1), stack).squeeze(1)
+            for full, part in zip(unit.full_names(), merged.split(self._splits[k], dim=-1), strict=True):
+                # contiguous like a real parameter: kernels pick their algorithm by layout, and collapse() must match
+                out[full] = from_channel_major(part, unit, self._shapes[full]).contiguous()
+        return out
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        """Merge the weights with the current coefficients, then run one forward pass of the merged network."""
+        return functional_call(self.network, self.merged_parameters(), (x, *args), kwargs, strict=False)
+
+    def collapse(self) -> nn.Module:
+        """A plain network of the sources' class holding the merged weights and the new head, in eval mode.
+
+        It does not depend on this package: its ``state_dict`` has the keys of the sources (with the new head's
+        shapes), and in eval mode its outputs equal this module's outputs in eval mode.
+        """
+        with torch.no_grad():
+            merged = {k: v.detach().clone() for k, v in self.merged_parameters().items()}
+        plain = copy.deepcopy(self.network)
+        for full, value in merged.items():
+            mod_name, _, local = full.rpartition(".")
+            owner = plain.get_submodule(mod_name)
+            object.__delattr__(owner, local)
+            owner.register_parameter(local, nn.Parameter(value))
+        return plain.eval()
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_sources={self.num_sources}, granularity={self.granularity!r}, head={self.head!r}, "
+            f"anchor={self.anchor}, coefficients={self.merge_logits.numel()}"
+        )
+
+
+def _ref_device(module: nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _initial_logits(n: int, total: int, anchor: int | None, weight: float | None, dtype: torch.dtype) -> torch.Tensor:
+    logits = torch.zeros(n, total, dtype=dtype)
+    if anchor is not None and weight is not None:
+        logits.fill_(math.log((1.0 - weight) / (n - 1)))
+        logits[anchor] = math.log(weight)
+    return logits
+
+
+def _linear_like_names(module: nn.Module, limit: int = 5) -> list[str]:
+    names = [n for n, m in module.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and n]
+    return names[-limit:]
+
+
+def _replace_head(template: nn.Module, head: str, out_channels: int | None) -> None:
+    """Swap the module ``head`` of ``template`` for a freshly initialised one with ``out_channels`` outputs."""
+    old = template.get_submodule(head)
+    if isinstance(old, nn.Linear):
+        new: nn.Module = nn.Linear(old.in_features, out_channels or old.out_features, bias=old.bias is not None)
+    elif isinstance(old, nn.modules.conv._ConvNd) and not old.transposed:
+        new = type(old)(
+            old.in_channels,
+            out_channels or old.out_channels,
+            old.kernel_size,
+            stride=old.stride,
+            padding=old.padding,
+            dilation=old.dilation,
+            groups=1,
+            bias=old.bias is not None,
+            padding_mode=old.padding_mode,
+        )
+    else:
+        raise ValueError(
+            f"head {head!r} is a {type(old).__name__}; only nn.Linear and ConvNd heads can be replaced. "
+            "Name the final Linear/Conv module itself."
+        )
+    ref = next(old.parameters(), None)
+    if ref is not None:
+        new = new.to(device=ref.device, dtype=ref.dtype)
+    parent_name, _, local = head.rpartition(".")
+    parent = template.get_submodule(parent_name)
+    setattr(parent, local, new)

@@ -1,0 +1,114 @@
+"""A short end-to-end merge on synthetic images: two sources, a learned kernel-level merge, and two baselines.
+
+Source A learns to count discs, source B to tell their size, each from its own random initialisation; the target
+task needs both, with few labels. The run learns MedMerge coefficients (phase 1), collapses the merge into a plain
+MONAI ResNet, fine-tunes it (phase 2), and compares it with fine-tuning from each source alone, on a held-out test
+set. CPU only, about two minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from monai.networks.nets import resnet10
+from torch.utils.data import DataLoader
+
+from monai_medmerge.data import make_blob_dataset
+from monai_medmerge.data.synthetic import TASKS
+from monai_medmerge.networks import KernelMerge
+from monai_medmerge.workflows import evaluate, fine_tune, fit, learn_coefficients
+
+__all__ = ["run_quickstart"]
+
+
+def _network(num_classes: int) -> torch.nn.Module:
+    return resnet10(spatial_dims=2, n_input_channels=1, num_classes=num_classes)
+
+
+def _loader(ds, shuffle: bool, seed: int, batch_size: int = 32) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(seed))
+
+
+def run_quickstart(
+    out_dir: str | Path = "medmerge_out/quickstart", seed: int = 0, shots: int = 16, progress: bool = True
+) -> dict:
+    """Run the example and write ``results.json`` and ``merged_model.pt`` (a plain ResNet state dict) to ``out_dir``.
+
+    Args:
+        out_dir: output folder (created).
+        seed: seed of data, initialisations and training.
+        shots: labelled target images per class for training (as many again for validation).
+        progress: show progress bars.
+
+    Returns:
+        the results: test metrics of each method and the settings used.
+    """
+    t0 = time.time()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    sources = {}
+    for i, task in enumerate(("count", "size")):
+        print(f"[quickstart] pretraining source {task!r} from its own initialisation", flush=True)
+        torch.manual_seed(seed + 101 * (i + 1))
+        net = _network(TASKS[task].num_classes)
+        train = _loader(make_blob_dataset(task, 300, seed + 11 * i), True, seed)
+        val = _loader(make_blob_dataset(task, 50, seed + 11 * i + 5), False, seed)
+        hist = fit(
+            net,
+            train,
+            val,
+            [{"params": net.parameters(), "lr": 1e-3}],
+            epochs=3,
+            progress=progress,
+            desc=f"source {task}",
+        )
+        print(f"[quickstart]   source {task!r}: validation macro-F1 {hist.best_score:.3f}", flush=True)
+        sources[task] = net.eval()
+
+    target = TASKS["count_size"]
+    train = _loader(make_blob_dataset(target, shots, seed + 1000), True, seed)
+    val = _loader(make_blob_dataset(target, shots, seed + 2000), False, seed)
+    test = _loader(make_blob_dataset(target, 100, seed + 3000), False, seed)
+
+    results: dict[str, dict] = {}
+    val_f1 = {}
+    for task, src in sources.items():
+        torch.manual_seed(seed)
+        model = _network(target.num_classes)
+        model.load_state_dict({k: v for k, v in src.state_dict().items() if not k.startswith("fc.")}, strict=False)
+        model, hist = fine_tune(model, train, val, epochs=20, patience=6, progress=progress)
+        val_f1[task] = hist.best_score
+        results[f"fine-tune from {task}"] = evaluate(model, test)
+
+    # the anchor is the source whose fine-tuning validated better: chosen on validation, never on test
+    anchor = max(range(2), key=lambda i: val_f1[list(sources)[i]])
+    print(f"[quickstart] MedMerge anchored on source {list(sources)[anchor]!r}", flush=True)
+    torch.manual_seed(seed)
+    merge = KernelMerge(list(sources.values()), head="fc", out_channels=target.num_classes, anchor=anchor)
+    plain, _ = learn_coefficients(merge, train, val, epochs=10, patience=4, progress=progress)
+    results["MedMerge (collapsed, no fine-tuning)"] = evaluate(plain, test)
+    plain, _ = fine_tune(plain, train, val, epochs=20, patience=6, progress=progress)
+    results["MedMerge + fine-tuning"] = evaluate(plain, test)
+
+    tmp = out / "merged_model.pt.tmp"
+    torch.save(plain.state_dict(), tmp)
+    os.replace(tmp, out / "merged_model.pt")
+    report = {
+        "seed": seed,
+        "shots_per_class": shots,
+        "network": "monai.networks.nets.resnet10(spatial_dims=2, n_input_channels=1, num_classes=4)",
+        "anchor": list(sources)[anchor],
+        "test": results,
+        "seconds": round(time.time() - t0, 1),
+    }
+    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\n{'method':40s} {'macro-F1':>9s} {'accuracy':>9s}")
+    for name, m in results.items():
+        print(f"{name:40s} {m['macro_f1']:9.3f} {m['accuracy']:9.3f}")
+    print(f"\n[quickstart] wrote {out / 'merged_model.pt'} and {out / 'results.json'} in {report['seconds']} s")
+    return report

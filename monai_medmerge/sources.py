@@ -1,0 +1,423 @@
+"""Load, check and save the source networks that a merge combines.
+
+A merge is only meaningful between networks of one architecture, so the sources are checked for the same class, the
+same state-dict keys and the same tensor shapes before any weights are touched. Checkpoints are read without ever
+unpickling arbitrary objects: pretrained weights are often downloaded from strangers, and a pickle can run code.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from monai.bundle import ConfigParser
+from monai.utils import optional_import
+
+safetensors_torch, has_safetensors = optional_import(
+    "safetensors.torch",
+    descriptor="{} is needed for .safetensors files: pip install safetensors, or the extra monai_medmerge[io]",
+)
+
+__all__ = ["check_compatible", "load_checkpoint", "load_source", "save_checkpoint"]
+
+PathLike = str | os.PathLike[str]
+NetworkDef = nn.Module | Callable[[], nn.Module] | Mapping[str, Any]
+
+TORCH_SUFFIXES = (".pt", ".pth", ".ckpt")
+SAFETENSORS_SUFFIX = ".safetensors"
+ALLOWED_SUFFIXES = (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX)
+# Tried in this order when a checkpoint holds more than a bare state dict (Lightning, MONAI, DDP training scripts).
+CONTAINER_KEYS = ("state_dict", "model", "network", "model_state_dict", "net")
+BUNDLE_CONFIG_NAMES = ("inference", "train")
+BUNDLE_CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
+BUNDLE_WEIGHT_NAMES = ("model.safetensors", "model.pt")
+DDP_PREFIX = "module."
+# Error messages list this many names and summarise the rest, so a wholly different network stays readable.
+MAX_NAMES = 5
+
+
+def _qualname(obj: Any) -> str:
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _first_names(names: Sequence[str], limit: int = MAX_NAMES) -> str:
+    shown = ", ".join(names[:limit])
+    if len(names) > limit:
+        shown += f" (and {len(names) - limit} more)"
+    return shown
+
+
+def _is_excluded(key: str, exclude: Sequence[str]) -> bool:
+    return any(key == name or key.startswith(name + ".") for name in exclude)
+
+
+def check_compatible(sources: Sequence[nn.Module], exclude: Sequence[str] = ()) -> None:
+    """Check that several networks can be merged: same class, same state-dict keys and shapes, finite weights.
+
+    Source 0 is the reference that every other source is compared against.
+
+    Args:
+        sources: the networks to merge, at least two.
+        exclude: dotted module names (for example ``"fc"`` or ``"class_layers.out"``) whose tensors are left out of
+            every check, typically a task-specific head of different size that the merge replaces. A key is left
+            out when it equals a name or starts with the name followed by a dot.
+
+    Raises:
+        ValueError: when there are fewer than two sources, a source is not an ``nn.Module``, the classes differ, a
+            source lacks or has extra state-dict keys, shapes differ, or a floating-point tensor holds NaN or Inf.
+            The message names the source index and the offending class, keys or tensor.
+    """
+    if isinstance(exclude, str):
+        # A bare string would otherwise be read as a sequence of one-letter module names.
+        exclude = (exclude,)
+    sources = list(sources)
+    if len(sources) < 2:
+        raise ValueError(f"need at least 2 sources, got {len(sources)}")
+    for i, source in enumerate(sources):
+        if not isinstance(source, nn.Module):
+            raise ValueError(f"source {i} is not a torch.nn.Module, got {_qualname(source)}")
+    ref_cls = type(sources[0])
+    for i, source in enumerate(sources[1:], start=1):
+        if type(source) is not ref_cls:
+            raise ValueError(f"source {i} is {_qualname(source)}, source 0 is {_qualname(ref_cls)}")
+
+    state_dicts = [{k: v for k, v in source.state_dict().items() if not _is_excluded(k, exclude)} for source in sources]
+    ref = state_dicts[0]
+    for i, sd in enumerate(state_dicts[1:], start=1):
+        lacks = [k for k in ref if k not in sd]
+        extra = [k for k in sd if k not in ref]
+        problems = []
+        if lacks:
+            problems.append(f"source {i} lacks {len(lacks)} key(s) that source 0 has: {_first_names(lacks)}")
+        if extra:
+            problems.append(f"source {i} has {len(extra)} key(s) that source 0 lacks: {_first_names(extra)}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        mismatched = [
+            f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}"
+            for k, v in ref.items()
+            if isinstance(v, torch.Tensor) and isinstance(sd[k], torch.Tensor) and sd[k].shape != v.shape
+        ]
+        if mismatched:
+            raise ValueError(
+                f"source {i} and source 0 differ in shape for {len(mismatched)} tensor(s) "
+                f"(source {i} vs source 0): {_first_names(mismatched)}; "
+                "a task-specific head of different size can be left out with exclude=[...]"
+            )
+
+    for i, sd in enumerate(state_dicts):
+        for k, v in sd.items():
+            if not isinstance(v, torch.Tensor) or not (v.is_floating_point() or v.is_complex()):
+                continue
+            if bool(torch.isfinite(v).all()):
+                continue
+            n_nan = int(torch.isnan(v).sum())
+            n_inf = int(torch.isinf(v).sum())
+            raise ValueError(
+                f"source {i} tensor {k} has {n_nan + n_inf} non-finite value(s) ({n_nan} NaN, {n_inf} Inf) "
+                f"out of {v.numel()}"
+            )
+
+
+def _as_state_dict(obj: Any, path: Path, where: str) -> dict[str, torch.Tensor]:
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{where} in checkpoint {path} is a {_qualname(obj)}, not a state dict (a mapping)")
+    not_tensors = [str(k) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise ValueError(
+            f"{where} in checkpoint {path} is not a state dict: {len(not_tensors)} entry(ies) are not tensors "
+            f"under string keys: {_first_names(not_tensors)}"
+        )
+    if not obj:
+        raise ValueError(f"{where} in checkpoint {path} is empty: it holds no tensors")
+    return dict(obj)
+
+
+def _unwrap(ckpt: Any, path: Path, key: str | None) -> dict[str, torch.Tensor]:
+    if key is not None:
+        if not isinstance(ckpt, Mapping):
+            raise ValueError(f"checkpoint {path} is a {_qualname(ckpt)}, so it has no key {key!r}")
+        if key not in ckpt:
+            raise ValueError(
+                f"checkpoint {path} has no key {key!r}; available keys: {_first_names([str(k) for k in ckpt])}"
+            )
+        return _as_state_dict(ckpt[key], path, f"entry {key!r}")
+    if isinstance(ckpt, Mapping) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        return _as_state_dict(ckpt, path, "the top level")
+    if isinstance(ckpt, Mapping):
+        for candidate in CONTAINER_KEYS:
+            if candidate in ckpt:
+                return _as_state_dict(ckpt[candidate], path, f"entry {candidate!r}")
+        raise ValueError(
+            f"checkpoint {path} holds no state dict: its values are not all tensors and it has none of the keys "
+            f"{', '.join(CONTAINER_KEYS)}; available keys: {_first_names([str(k) for k in ckpt])}; "
+            "pass key=... to choose one"
+        )
+    return _as_state_dict(ckpt, path, "the top level")
+
+
+def _strip_ddp_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # DistributedDataParallel saves its wrapped module under "module."; strip it only when every key has it, so a
+    # network that happens to own a submodule called "module" keeps its names.
+    if state_dict and all(k.startswith(DDP_PREFIX) for k in state_dict):
+        return {k[len(DDP_PREFIX) :]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def load_checkpoint(path: PathLike, key: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a state dict from a ``.pt``, ``.pth``, ``.ckpt`` or ``.safetensors`` file, on the CPU.
+
+    Torch files are read with ``weights_only=True``: only tensors and plain containers are accepted, never
+    arbitrary pickled objects. Common containers are unwrapped: with ``key`` the state dict is ``ckpt[key]``;
+    otherwise a mapping of tensors is the state dict itself, else the first of the keys ``"state_dict"``,
+    ``"model"``, ``"network"``, ``"model_state_dict"``, ``"net"`` that is present. A ``"module."`` prefix that
+    every key carries (saved from ``DistributedDataParallel``) is removed.
+
+    Args:
+        path: the checkpoint file.
+        key: the entry of the checkpoint that holds the state dict, or ``None`` to find it as described above.
+
+    Returns:
+        the state dict, a plain ``dict`` from parameter and buffer names to tensors.
+
+    Raises:
+        FileNotFoundError: when ``path`` does not exist.
+        ValueError: when the suffix is not one of ``.pt``, ``.pth``, ``.ckpt``, ``.safetensors``; when the file
+            holds objects other than tensors and plain containers (it is refused, not executed); when the file
+            cannot be read; when ``key`` is absent or no state dict is found.
+        OptionalImportError: for a ``.safetensors`` file when ``safetensors`` is not installed.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in ALLOWED_SUFFIXES:
+        raise ValueError(
+            f"unsupported checkpoint suffix {path.suffix!r} of {path}; allowed: {', '.join(ALLOWED_SUFFIXES)}"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if suffix == SAFETENSORS_SUFFIX:
+        try:
+            ckpt = safetensors_torch.load_file(str(path), device="cpu")
+        except Exception as e:
+            if not has_safetensors:
+                raise
+            raise ValueError(f"could not read safetensors checkpoint {path}: {type(e).__name__}: {e}") from e
+    else:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(
+                f"refused to load checkpoint {path}: it contains objects other than tensors and plain containers, "
+                "and unpickling those can run arbitrary code; if you trust the file, re-save its state dict "
+                "(model.state_dict()) with torch.save or as .safetensors"
+            ) from e
+        except Exception as e:
+            raise ValueError(f"could not read checkpoint {path}: {type(e).__name__}: {e}") from e
+    return _strip_ddp_prefix(_unwrap(ckpt, path, key))
+
+
+def _build_network(network_def: NetworkDef, origin: str) -> nn.Module:
+    if isinstance(network_def, nn.Module):
+        return network_def
+    if isinstance(network_def, Mapping):
+        if "_target_" not in network_def:
+            raise ValueError(
+                f"network_def from {origin} is a mapping without '_target_'; give a MONAI config such as "
+                '{"_target_": "monai.networks.nets.resnet18", "spatial_dims": 2, ...}'
+            )
+        target = network_def["_target_"]
+        try:
+            # Deep copy because ConfigParser resolves references in the mapping it is given.
+            net = ConfigParser(copy.deepcopy(dict(network_def))).get_parsed_content()
+        except Exception as e:
+            raise ValueError(f"could not build network_def {target!r} from {origin}: {e}") from e
+    elif callable(network_def):
+        net = network_def()
+    else:
+        raise ValueError(
+            f"network_def from {origin} is a {_qualname(network_def)}; expected an nn.Module, a callable "
+            "returning one, or a MONAI config mapping with '_target_'"
+        )
+    if not isinstance(net, nn.Module):
+        raise ValueError(f"network_def from {origin} built a {_qualname(net)}, not a torch.nn.Module")
+    return net
+
+
+def _bundle_network_def(folder: Path) -> nn.Module:
+    configs = folder / "configs"
+    for name in BUNDLE_CONFIG_NAMES:
+        found = [configs / f"{name}{s}" for s in BUNDLE_CONFIG_SUFFIXES if (configs / f"{name}{s}").is_file()]
+        if found:
+            config_file = found[0]
+            break
+    else:
+        wanted = " or ".join(f"configs/{n}.json|yaml|yml" for n in BUNDLE_CONFIG_NAMES)
+        raise ValueError(f"bundle folder {folder} has no {wanted}, so network_def must be given")
+    parser = ConfigParser()
+    parser.read_config(config_file)
+    if (configs / "metadata.json").is_file():
+        # Some configs refer to "_meta_#..." entries; reading the metadata keeps those references resolvable.
+        parser.read_meta(configs / "metadata.json")
+    if "network_def" not in parser:
+        raise ValueError(f"bundle folder {folder}: {config_file.relative_to(folder)} has no id 'network_def'")
+    if "bundle_root" in parser:
+        # Bundles usually set bundle_root to "." and rely on the runner to override it with the real folder.
+        parser["bundle_root"] = str(folder)
+    origin = f"{config_file} id 'network_def'"
+    try:
+        net = parser.get_parsed_content("network_def")
+    except Exception as e:
+        raise ValueError(f"could not build {origin}: {e}") from e
+    return _build_network(net, origin)
+
+
+def _load_weights(net: nn.Module, state_dict: dict[str, torch.Tensor], checkpoint: Path, strict: bool) -> None:
+    # Checked before load_state_dict because it copies tensor by tensor and would leave a passed-in module half
+    # overwritten when it meets a mismatch; it also raises on shapes even with strict=False.
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k} {tuple(v.shape)} in checkpoint vs {tuple(expected[k].shape)} in network"
+        for k, v in state_dict.items()
+        if k in expected and isinstance(expected[k], torch.Tensor) and v.shape != expected[k].shape
+    ]
+    problems = []
+    if strict and missing:
+        problems.append(f"{len(missing)} missing key(s): {_first_names(missing)}")
+    if strict and unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): {_first_names(unexpected)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatch(es): {_first_names(mismatched)}")
+    if problems:
+        raise ValueError(f"checkpoint {checkpoint} does not fit {_qualname(net)}: {'; '.join(problems)}")
+    try:
+        net.load_state_dict(state_dict, strict=strict)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {checkpoint} does not fit {_qualname(net)}: {e}") from e
+
+
+def load_source(
+    path: PathLike, network_def: NetworkDef | None = None, *, key: str | None = None, strict: bool = True
+) -> nn.Module:
+    """Build a source network and load its pretrained weights, from a checkpoint file or a MONAI bundle folder.
+
+    For a bundle folder the architecture is the id ``network_def`` of ``configs/inference.json|yaml|yml`` (or of
+    ``configs/train.*`` when there is no inference config), parsed with the whole config so that references such as
+    ``@num_classes`` resolve; the weights are ``models/model.safetensors`` if present, else ``models/model.pt``.
+
+    Args:
+        path: a checkpoint file (see :func:`load_checkpoint`) or a MONAI bundle folder.
+        network_def: the architecture: an ``nn.Module`` (its weights are replaced in place and it is returned), a
+            callable returning one, or a MONAI config mapping with ``_target_``, for example
+            ``{"_target_": "monai.networks.nets.resnet18", "spatial_dims": 2, "n_input_channels": 1,
+            "num_classes": 3}``. Required for a checkpoint file; for a bundle it overrides the bundle's config.
+        key: the checkpoint entry that holds the state dict, passed to :func:`load_checkpoint`.
+        strict: whether missing and unexpected keys are errors. Shape mismatches always are.
+
+    Returns:
+        the network with the weights loaded, in eval mode.
+
+    Raises:
+        FileNotFoundError: when ``path`` does not exist.
+        ValueError: when ``network_def`` is missing for a checkpoint file or cannot be built; when a bundle folder
+            lacks its config, the id ``network_def`` or its weights file (the message names which); when the
+            checkpoint cannot be read (see :func:`load_checkpoint`) or its keys or shapes do not fit the network.
+    """
+    path = Path(path)
+    if path.is_dir():
+        weights = next((path / "models" / n for n in BUNDLE_WEIGHT_NAMES if (path / "models" / n).is_file()), None)
+        if weights is None:
+            wanted = " nor ".join(f"models/{n}" for n in BUNDLE_WEIGHT_NAMES)
+            raise ValueError(f"bundle folder {path} has neither {wanted}")
+    elif path.is_file():
+        if network_def is None:
+            raise ValueError(
+                f"network_def is required to load checkpoint file {path}: give an nn.Module, a callable returning "
+                "one, or a MONAI config mapping with '_target_'"
+            )
+        weights = path
+    else:
+        raise FileNotFoundError(f"source not found: {path} is neither a checkpoint file nor a bundle folder")
+    # Read the checkpoint first so that a refused or unreadable file fails before any network is built.
+    state_dict = load_checkpoint(weights, key=key)
+    if network_def is None:
+        net = _bundle_network_def(path)
+    else:
+        net = _build_network(network_def, "the network_def argument")
+    _load_weights(net, state_dict, weights, strict)
+    return net.eval()
+
+
+def save_checkpoint(state_dict_or_module: nn.Module | Mapping[str, torch.Tensor], path: PathLike) -> None:
+    """Write a state dict atomically, as a torch file or as safetensors according to the suffix of ``path``.
+
+    The file is written to a temporary file in the same folder and moved over ``path`` with ``os.replace``, so
+    ``path`` is either the old file or the complete new one, never a partial write.
+
+    Args:
+        state_dict_or_module: a network (its ``state_dict()`` is saved) or a mapping from names to tensors.
+        path: the target file; ``.pt``, ``.pth`` or ``.ckpt`` for ``torch.save`` of a plain dict, or
+            ``.safetensors``.
+
+    Raises:
+        ValueError: when the suffix is not allowed or a value is not a tensor.
+        FileNotFoundError: when the folder of ``path`` does not exist.
+        OptionalImportError: for a ``.safetensors`` file when ``safetensors`` is not installed.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in ALLOWED_SUFFIXES:
+        raise ValueError(
+            f"unsupported checkpoint suffix {path.suffix!r} of {path}; allowed: {', '.join(ALLOWED_SUFFIXES)}"
+        )
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"folder {path.parent} does not exist, cannot write {path.name}")
+    if isinstance(state_dict_or_module, nn.Module):
+        state_dict = state_dict_or_module.state_dict()
+    else:
+        state_dict = state_dict_or_module
+    not_tensors = [str(k) for k, v in state_dict.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise ValueError(
+            f"cannot save to {path}: {len(not_tensors)} entry(ies) are not tensors under string keys: "
+            f"{_first_names(not_tensors)}"
+        )
+    tensors = {k: v.detach() for k, v in state_dict.items()}
+
+    if suffix == SAFETENSORS_SUFFIX:
+        # safetensors refuses non-contiguous tensors and tensors that share memory (tied weights, views).
+        seen: set[tuple[torch.device, int]] = set()
+        for k, v in tensors.items():
+            v = v.contiguous()
+            ptr = (v.device, v.untyped_storage().data_ptr())
+            if v.numel() and ptr in seen:
+                v = v.clone()
+            seen.add(ptr)
+            tensors[k] = v
+        payload = safetensors_torch.save(tensors)
+
+    # os.open with 0o666 lets the umask set the permissions as for any new file (mkstemp would force 0o600).
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if suffix == SAFETENSORS_SUFFIX:
+                f.write(payload)
+            else:
+                torch.save(tensors, f)
+            f.flush()
+            # Without fsync a crash right after the rename can leave an empty file under the final name.
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

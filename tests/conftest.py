@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.networks.layers import Conv, Norm
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """A custom CNN that exercises every unit type: grouped, depthwise and transposed convs, all norm kinds, PReLU."""
+
+    def __init__(self, spatial_dims: int = 2, in_channels: int = 1, num_classes: int = 3) -> None:
+        super().__init__()
+        conv = Conv[Conv.CONV, spatial_dims]
+        convt = Conv[Conv.CONVTRANS, spatial_dims]
+        self.features = nn.Sequential(
+            conv(in_channels, 8, 3, padding=1),
+            Norm[Norm.BATCH, spatial_dims](8),
+            nn.PReLU(8),
+            conv(8, 8, 3, padding=1, groups=2, bias=False),
+            nn.GroupNorm(2, 8),
+            conv(8, 8, 3, padding=1, groups=8),
+            Norm[Norm.INSTANCE, spatial_dims](8, affine=True),
+            nn.ReLU(),
+            convt(8, 12, 3, stride=2, padding=1, output_padding=1, groups=4),
+            Norm[Norm.BATCH, spatial_dims](12),
+            nn.ReLU(),
+            conv(12, 16, 3, stride=2, padding=1),
+            nn.ReLU(),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1) if spatial_dims == 2 else nn.AdaptiveAvgPool3d(1)
+        self.norm = nn.LayerNorm(16)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pool(self.features(x)).flatten(1)
+        return self.fc(self.drop(self.norm(h)))
+
+
+@pytest.fixture
+def tiny_net():
+    return TinyNet
+
+
+def make_source(ctor, seed: int, **kwargs) -> nn.Module:
+    """A source network from its own random initialisation, with norm affine parameters and biases perturbed.
+
+    Default initialisation sets every norm weight to 1 and bias to 0 in all sources, which would make their merge
+    trivially equal whatever the coefficients; the perturbation makes every merged tensor depend on them.
+    """
+    torch.manual_seed(seed)
+    net = ctor(**kwargs)
+    g = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return net.eval()

@@ -1,0 +1,269 @@
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from conftest import TinyNet, make_source
+from monai.networks.nets import DenseNet121, SEResNet50, resnet18
+from torch import nn
+
+from monai_medmerge.merging import recalibrate_norm
+from monai_medmerge.networks import KernelMerge
+
+# (constructor taking spatial_dims and num_classes, head name, input side for 2-D, input side for 3-D)
+ARCHS = {
+    "resnet18": (
+        lambda spatial_dims, num_classes: resnet18(spatial_dims=spatial_dims, n_input_channels=1, num_classes=num_classes),
+        "fc",
+        32,
+        32,
+    ),
+    "densenet121": (
+        lambda spatial_dims, num_classes: DenseNet121(spatial_dims=spatial_dims, in_channels=1, out_channels=num_classes),
+        "class_layers.out",
+        32,
+        32,
+    ),
+    "seresnet50": (
+        lambda spatial_dims, num_classes: SEResNet50(spatial_dims=spatial_dims, in_channels=1, num_classes=num_classes),
+        "last_linear",
+        32,
+        32,
+    ),
+    "tinynet": (lambda spatial_dims, num_classes: TinyNet(spatial_dims, 1, num_classes), "fc", 16, 8),
+}
+
+
+def _sources(arch: str, dims: int, classes=(3, 7), seed: int = 0) -> list[nn.Module]:
+    ctor = ARCHS[arch][0]
+    return [make_source(ctor, seed + 10 * i, spatial_dims=dims, num_classes=k) for i, k in enumerate(classes)]
+
+
+def _input(arch: str, dims: int, batch: int = 4, seed: int = 0) -> torch.Tensor:
+    side = ARCHS[arch][2 if dims == 2 else 3]
+    return torch.randn((batch, 1) + (side,) * dims, generator=torch.Generator().manual_seed(seed))
+
+
+def _naive_merge(sources: list[nn.Module], alpha: dict[str, torch.Tensor], merge: KernelMerge) -> dict[str, torch.Tensor]:
+    """Reference merge written independently of the library: loops over output channels, one tensor at a time."""
+    out = {}
+    params = [dict(s.named_parameters()) for s in sources]
+    modules = dict(sources[0].named_modules())
+    for unit in merge.units:
+        a = alpha[unit.name].expand(-1, unit.channels)
+        for full in unit.full_names():
+            mod = modules[unit.module]
+            stacked = torch.stack([p[full].detach() for p in params])  # (N, *shape)
+            merged = torch.zeros_like(stacked[0])
+            if unit.whole:
+                merged = (a[:, 0].view(-1, *[1] * (stacked.dim() - 1)) * stacked).sum(0)
+            elif isinstance(mod, nn.modules.conv._ConvTransposeNd) and stacked.dim() > 2:
+                g = mod.groups
+                cin_g, cout_g = mod.in_channels // g, mod.out_channels // g
+                for i in range(mod.in_channels):
+                    for j in range(cout_g):
+                        c = (i // cin_g) * cout_g + j
+                        merged[i, j] = sum(a[n, c] * stacked[n, i, j] for n in range(len(sources)))
+            else:
+                for c in range(stacked.shape[1]):
+                    merged[c] = sum(a[n, c] * stacked[n, c] for n in range(len(sources)))
+            out[full] = merged
+    return out
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_merge_equals_collapse(arch, dims):
+    torch.manual_seed(0)
+    sources = _sources(arch, dims)
+    merge = KernelMerge(sources, head=ARCHS[arch][1], out_channels=5, anchor=1)
+    with torch.no_grad():
+        merge.merge_logits.normal_(0.0, 1.0)
+    # norm statistics of the merged weights, as the workflow would set them
+    recalibrate_norm(merge, [_input(arch, dims, seed=s) for s in range(2)])
+    merge.eval()
+    x = _input(arch, dims, seed=7)
+    with torch.no_grad():
+        expected = merge(x)
+        plain = merge.collapse()
+        got = plain(x)
+    assert type(plain) is type(sources[0])
+    assert not plain.training
+    assert got.shape == (x.shape[0], 5)
+    scale = expected.abs().max().item()
+    assert scale > 0
+    assert (got - expected).abs().max().item() <= 1e-5 * scale
+    # the collapsed state dict has exactly the sources' keys, with the new head's shape
+    keys = list(sources[0].state_dict())
+    assert list(plain.state_dict()) == keys
+    head_w = plain.get_submodule(ARCHS[arch][1]).weight
+    assert head_w.shape[0] == 5
+
+
+@pytest.mark.parametrize("granularity", ["kernel", "layer", "model"])
+def test_collapse_matches_independent_reference(granularity):
+    sources = _sources("tinynet", 2, classes=(3, 3, 3))
+    merge = KernelMerge(sources, granularity=granularity)
+    with torch.no_grad():
+        merge.merge_logits.normal_(0.0, 1.0)
+    reference = _naive_merge(sources, merge.coefficients(), merge)
+    plain = merge.collapse()
+    params = dict(plain.named_parameters())
+    assert set(reference) == set(params)
+    for name, value in reference.items():
+        torch.testing.assert_close(params[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    # a coefficient that is not uniform must actually differ from the plain average somewhere
+    average = {k: torch.stack([dict(s.named_parameters())[k] for s in sources]).mean(0) for k in reference}
+    assert any(not torch.allclose(params[k], average[k], atol=1e-4) for k in reference)
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_one_hot_collapse_is_source(index):
+    sources = _sources("resnet18", 2, classes=(3, 7, 4))
+    merge = KernelMerge(sources, head="fc", out_channels=5)
+    one_hot = [0.0, 0.0, 0.0]
+    one_hot[index] = 1.0
+    merge.set_coefficients(one_hot)
+    plain = merge.collapse()
+    body = {k: v for k, v in plain.named_parameters() if not k.startswith("fc.")}
+    source = dict(sources[index].named_parameters())
+    assert len(body) == len(source) - 2
+    for name, value in body.items():
+        assert torch.equal(value, source[name]), name
+
+
+def test_training_changes_only_coefficients_and_head():
+    sources = _sources("tinynet", 2)
+    before = [{k: v.clone() for k, v in s.state_dict().items()} for s in sources]
+    merge = KernelMerge(sources, head="fc", out_channels=4, anchor=0)
+    trainable = {n for n, p in merge.named_parameters() if p.requires_grad}
+    assert trainable == {"merge_logits", "network.fc.weight", "network.fc.bias"}
+    stacks = {k: v.clone() for k, v in merge.named_buffers() if "_stack" in k}
+    logits0, head0 = merge.merge_logits.detach().clone(), merge.network.fc.weight.detach().clone()
+    opt = torch.optim.Adam(merge.parameters(), lr=1e-2)
+    merge.train()
+    for step in range(3):
+        x = _input("tinynet", 2, batch=8, seed=step)
+        loss = nn.functional.cross_entropy(merge(x), torch.arange(8) % 4)
+        opt.zero_grad()
+        loss.backward()
+        assert merge.merge_logits.grad.abs().sum() > 0
+        opt.step()
+    assert not torch.equal(merge.merge_logits, logits0)
+    assert not torch.equal(merge.network.fc.weight, head0)
+    for s, ref in zip(sources, before, strict=True):
+        for k, v in s.state_dict().items():
+            assert torch.equal(v, ref[k]), k
+    for k, v in merge.named_buffers():
+        if "_stack" in k:
+            assert torch.equal(v, stacks[k]), k
+
+
+def test_coefficient_counts_resnet18():
+    # MONAI resnet18 without its head: conv1+bn1, 8 basic blocks of 2 conv+bn pairs, 3 downsample conv+bn pairs:
+    # 40 units; their output channels add up to 2*64 + 4*(4*64) + 6*128+4*128 + 6*256+4*256 + 6*512+4*512 = 9600.
+    sources = _sources("resnet18", 2, classes=(3, 7))
+    counts = {g: KernelMerge(sources, head="fc", out_channels=5, granularity=g).merge_logits.numel() for g in
+              ("kernel", "layer", "model")}
+    assert counts == {"kernel": 2 * 9600, "layer": 2 * 40, "model": 2}
+    merge = KernelMerge(sources, head="fc", out_channels=5)
+    coefficients = merge.coefficients()
+    assert len(coefficients) == 40
+    assert coefficients["conv1"].shape == (2, 64) and coefficients["layer4.1.bn2"].shape == (2, 512)
+    assert sum(c.shape[1] for c in coefficients.values()) == 9600
+    layer = KernelMerge(sources, head="fc", out_channels=5, granularity="layer").coefficients()
+    assert all(c.shape == (2, 1) for c in layer.values())
+    # heads merged too: the head is a 41st unit with one coefficient per class
+    same_heads = _sources("resnet18", 2, classes=(3, 3))
+    merged_heads = KernelMerge(same_heads, granularity="kernel")
+    assert merged_heads.merge_logits.numel() == 2 * (9600 + 3)
+    assert merged_heads.coefficients()["fc"].shape == (2, 3)
+
+
+def test_anchor_initial_coefficients():
+    sources = _sources("tinynet", 2, classes=(3, 3, 3))
+    for alpha in KernelMerge(sources, anchor=2, anchor_weight=0.8).coefficients().values():
+        torch.testing.assert_close(alpha[:, 0], torch.tensor([0.1, 0.1, 0.8]))
+    for alpha in KernelMerge(sources, anchor=1).coefficients().values():
+        torch.testing.assert_close(alpha[:, 0], torch.tensor([0.05, 0.9, 0.05]))
+    for alpha in KernelMerge(sources).coefficients().values():
+        torch.testing.assert_close(alpha, torch.full_like(alpha, 1 / 3))
+    # the anchor's buffers are the merged network's buffers
+    merge = KernelMerge(sources, anchor=2)
+    torch.testing.assert_close(merge.network.features[1].running_mean, sources[2].features[1].running_mean)
+
+
+def test_state_dict_round_trip_resumes():
+    sources = _sources("tinynet", 2)
+    merge = KernelMerge(sources, head="fc", out_channels=4, anchor=1)
+    opt = torch.optim.Adam(merge.parameters(), lr=1e-2)
+    merge.train()
+    for step in range(2):
+        loss = nn.functional.cross_entropy(merge(_input("tinynet", 2, 8, step)), torch.arange(8) % 4)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    state = merge.state_dict()
+    assert "merge_logits" in state and not any("_stack" in k for k in state)
+    torch.manual_seed(123)  # a different head initialisation, overwritten by the load
+    resumed = KernelMerge(sources, head="fc", out_channels=4, anchor=1)
+    resumed.load_state_dict(state)
+    merge.eval()
+    resumed.eval()
+    x = _input("tinynet", 2, 4, 99)
+    with torch.no_grad():
+        assert torch.equal(merge(x), resumed(x))
+    for k, v in merge.coefficients().items():
+        assert torch.equal(v, resumed.coefficients()[k])
+
+
+def test_heads_of_different_sizes_merge():
+    sources = _sources("densenet121", 2, classes=(3, 7))
+    merge = KernelMerge(sources, head="class_layers.out", out_channels=4)
+    assert merge(_input("densenet121", 2)).shape == (4, 4)
+    with pytest.raises(ValueError, match="class_layers.out.weight"):
+        KernelMerge(sources)
+
+
+def _bad(msg_pattern, *args, **kwargs):
+    with pytest.raises(ValueError, match=msg_pattern):
+        KernelMerge(*args, **kwargs)
+
+
+def test_bad_sources_are_named():
+    tiny = functools.partial(TinyNet, 2, 1)
+    a, b = tiny(3), tiny(3)
+    _bad("at least 2", [a])
+    _bad("ResNet", [a, resnet18(spatial_dims=2, n_input_channels=1, num_classes=3)])
+    extra = tiny(3)
+    extra.extra = nn.Linear(2, 2)
+    _bad("extra.weight", [a, extra])
+    missing = tiny(3)
+    missing.fc.bias = None
+    _bad("fc.bias", [a, missing])
+    wide = tiny(3)
+    wide.fc = nn.Linear(16, 9)
+    _bad("fc.weight", [a, wide])
+    for bad_value in (float("nan"), float("inf")):
+        broken = tiny(3)
+        with torch.no_grad():
+            broken.features[3].weight[0, 0, 0, 0] = bad_value
+        _bad(r"source 1.*features\.3\.weight|features\.3\.weight.*source 1", [a, broken])
+    _bad("'classifier'", [a, b], head="classifier", out_channels=2)
+    _bad("without head", [a, b], out_channels=2)
+    _bad("anchor", [a, b], anchor=5)
+    _bad("anchor_weight", [a, b], anchor=0, anchor_weight=1.0)
+    _bad("granularity|kernel", [a, b], granularity="channel")
+
+
+def test_forward_runs_one_network():
+    # one merged forward runs each conv of the template once, not once per source
+    sources = _sources("tinynet", 2, classes=(3, 3, 3, 3))
+    merge = KernelMerge(sources)
+    calls = []
+    for m in merge.network.modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            m.register_forward_hook(lambda *_: calls.append(1))
+    merge(_input("tinynet", 2))
+    assert len(calls) == sum(isinstance(m, nn.modules.conv._ConvNd) for m in sources[0].modules())

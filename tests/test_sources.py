@@ -1,0 +1,466 @@
+"""Tests for monai_medmerge.sources: compatibility checks, safe checkpoint loading, bundles and atomic saving."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import pathlib
+import pickle
+import re
+
+import pytest
+import safetensors.torch
+import torch
+import torch.nn as nn
+import yaml
+from monai.networks.nets import resnet18
+
+from monai_medmerge.sources import check_compatible, load_checkpoint, load_source, save_checkpoint
+
+RESNET_CONFIG = {"_target_": "monai.networks.nets.resnet18", "spatial_dims": 2, "n_input_channels": 1, "num_classes": 3}
+
+
+class TinyConvNet(nn.Module):
+    """A small CNN whose ``n_extra`` flag adds layers, giving one class with different state-dict keys."""
+
+    def __init__(self, n_extra: int = 0) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.norm = nn.BatchNorm2d(4)
+        if n_extra:
+            self.extra = nn.Sequential(*[nn.Conv2d(4, 4, 1) for _ in range(n_extra)])
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(self.conv(x))
+        if hasattr(self, "extra"):
+            x = self.extra(x)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+class TouchOnUnpickle:
+    """Unpickling this object creates the file ``marker``: a stand-in for a checkpoint that runs code."""
+
+    def __init__(self, marker: pathlib.Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def _resnet(num_classes: int = 3, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return resnet18(spatial_dims=2, n_input_channels=1, num_classes=num_classes)
+
+
+def _assert_same_state(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    # safetensors files store keys sorted, so only the set of keys is compared.
+    assert sorted(actual) == sorted(expected)
+    for k, v in expected.items():
+        assert actual[k].shape == v.shape, k
+        assert torch.equal(actual[k], v), k
+
+
+def _class_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+# check_compatible
+
+
+def test_compatible_sources_pass():
+    assert check_compatible([_resnet(seed=0), _resnet(seed=1)]) is None
+    assert check_compatible([TinyConvNet(), TinyConvNet(), TinyConvNet()]) is None
+
+
+def test_fewer_than_two_sources():
+    with pytest.raises(ValueError, match="need at least 2 sources, got 1"):
+        check_compatible([_resnet()])
+    with pytest.raises(ValueError, match="need at least 2 sources, got 0"):
+        check_compatible([])
+
+
+def test_source_not_a_module():
+    with pytest.raises(ValueError, match=r"source 1 is not a torch\.nn\.Module, got builtins\.dict"):
+        check_compatible([TinyConvNet(), dict(TinyConvNet().state_dict())])
+
+
+def test_different_classes():
+    expected = f"source 1 is {_class_name(TinyConvNet)}, source 0 is monai.networks.nets.resnet.ResNet"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        check_compatible([_resnet(), TinyConvNet()])
+
+
+def test_extra_and_missing_keys():
+    torch.manual_seed(0)
+    plain, extended = TinyConvNet(), TinyConvNet(n_extra=1)
+    with pytest.raises(
+        ValueError, match=re.escape("source 1 has 2 key(s) that source 0 lacks: extra.0.weight, extra.0.bias")
+    ):
+        check_compatible([plain, extended])
+    with pytest.raises(
+        ValueError, match=re.escape("source 2 lacks 2 key(s) that source 0 has: extra.0.weight, extra.0.bias")
+    ):
+        check_compatible([extended, TinyConvNet(n_extra=1), plain])
+    # Leaving the differing module out makes them comparable.
+    check_compatible([plain, extended], exclude=["extra"])
+
+
+def test_many_differing_keys_are_summarised():
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "8 key(s) that source 0 lacks: "
+            "extra.0.weight, extra.0.bias, extra.1.weight, extra.1.bias, extra.2.weight (and 3 more)"
+        ),
+    ):
+        check_compatible([TinyConvNet(), TinyConvNet(n_extra=4)])
+
+
+def test_shape_mismatch_names_tensor_and_shapes():
+    three, seven = _resnet(num_classes=3), _resnet(num_classes=7)
+    with pytest.raises(ValueError, match=re.escape("fc.weight (7, 512) vs (3, 512), fc.bias (7,) vs (3,)")):
+        check_compatible([three, seven])
+    check_compatible([three, seven], exclude=["fc"])
+    check_compatible([three, seven], exclude="fc")
+    # Excluding is by whole dotted names: "f" is not a prefix of the module "fc".
+    with pytest.raises(ValueError, match="fc.weight"):
+        check_compatible([three, seven], exclude=["f"])
+
+
+def test_nan_and_inf_named_by_source_and_tensor():
+    a = _resnet(seed=0)
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        b.layer1[0].conv1.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(
+        ValueError, match=re.escape("source 1 tensor layer1.0.conv1.weight has 1 non-finite value(s) (1 NaN, 0 Inf)")
+    ):
+        check_compatible([a, b])
+
+    c = copy.deepcopy(a)
+    with torch.no_grad():
+        c.conv1.weight[0, 0, :2, 0] = float("inf")
+        c.conv1.weight[1, 0, 0, 0] = float("-inf")
+    with pytest.raises(
+        ValueError, match=re.escape("source 0 tensor conv1.weight has 3 non-finite value(s) (0 NaN, 3 Inf)")
+    ):
+        check_compatible([c, a])
+
+
+def test_nan_in_buffer_is_found_and_excluded_head_is_ignored():
+    torch.manual_seed(0)
+    a = TinyConvNet()
+    b = copy.deepcopy(a)
+    b.norm.running_var[3] = float("nan")
+    with pytest.raises(ValueError, match=re.escape("source 1 tensor norm.running_var has 1 non-finite value(s)")):
+        check_compatible([a, b])
+
+    d = copy.deepcopy(a)
+    with torch.no_grad():
+        d.head.weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match=re.escape("source 1 tensor head.weight has 8 non-finite value(s) (8 NaN")):
+        check_compatible([a, d])
+    check_compatible([a, d], exclude=["head"])
+
+
+# load_checkpoint and load_source from files
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".ckpt", ".safetensors"])
+def test_save_load_round_trip(tmp_path, suffix):
+    net = _resnet()
+    path = tmp_path / f"source{suffix}"
+    save_checkpoint(net, path)
+    _assert_same_state(load_checkpoint(path), net.state_dict())
+
+    loaded = load_source(path, RESNET_CONFIG)
+    assert type(loaded) is type(net)
+    assert not loaded.training
+    _assert_same_state(loaded.state_dict(), net.state_dict())
+
+
+def test_load_files_written_by_other_tools(tmp_path):
+    net = _resnet()
+    torch.save(net.state_dict(), tmp_path / "plain.pt")
+    safetensors.torch.save_file(net.state_dict(), tmp_path / "plain.safetensors")
+    for name in ["plain.pt", "plain.safetensors"]:
+        _assert_same_state(load_checkpoint(tmp_path / name), net.state_dict())
+
+
+def test_network_def_forms(tmp_path):
+    net = _resnet(seed=1)
+    path = tmp_path / "source.pt"
+    save_checkpoint(net, path)
+
+    target = _resnet(seed=2).train()
+    loaded = load_source(path, target)
+    assert loaded is target
+    assert not target.training
+    _assert_same_state(target.state_dict(), net.state_dict())
+
+    loaded = load_source(str(path), functools.partial(resnet18, spatial_dims=2, n_input_channels=1, num_classes=3))
+    _assert_same_state(loaded.state_dict(), net.state_dict())
+
+    with pytest.raises(ValueError, match=re.escape(f"network_def is required to load checkpoint file {path}")):
+        load_source(path)
+    with pytest.raises(ValueError, match="without '_target_'"):
+        load_source(path, {"spatial_dims": 2})
+    with pytest.raises(ValueError, match=r"built a builtins\.str, not a torch\.nn\.Module"):
+        load_source(path, lambda: "not a network")
+
+
+def test_ddp_prefix_stripped_only_when_on_every_key(tmp_path):
+    torch.manual_seed(0)
+    sd = TinyConvNet().state_dict()
+    torch.save({f"module.{k}": v for k, v in sd.items()}, tmp_path / "ddp.pt")
+    _assert_same_state(load_checkpoint(tmp_path / "ddp.pt"), sd)
+    _assert_same_state(load_source(tmp_path / "ddp.pt", TinyConvNet).state_dict(), sd)
+
+    partial = {"module.a": torch.zeros(1), "b": torch.ones(1)}
+    torch.save(partial, tmp_path / "partial.pt")
+    assert list(load_checkpoint(tmp_path / "partial.pt")) == ["module.a", "b"]
+
+
+def test_containers_unwrapped(tmp_path):
+    sd = _resnet(seed=0).state_dict()
+    torch.manual_seed(1)
+    other = TinyConvNet().state_dict()
+    torch.save({"state_dict": sd, "epoch": 3, "best_metric": 0.9}, tmp_path / "nested.ckpt")
+    _assert_same_state(load_checkpoint(tmp_path / "nested.ckpt"), sd)
+    _assert_same_state(load_source(tmp_path / "nested.ckpt", RESNET_CONFIG).state_dict(), sd)
+
+    # "state_dict" comes before "model" in the search order; an explicit key overrides the search.
+    torch.save({"model": other, "state_dict": sd, "ema": other}, tmp_path / "both.pt")
+    _assert_same_state(load_checkpoint(tmp_path / "both.pt"), sd)
+    _assert_same_state(load_checkpoint(tmp_path / "both.pt", key="ema"), other)
+    _assert_same_state(load_source(tmp_path / "both.pt", TinyConvNet, key="ema").state_dict(), other)
+
+    torch.save({"model_state_dict": {f"module.{k}": v for k, v in sd.items()}, "optimizer": {}}, tmp_path / "m.pt")
+    _assert_same_state(load_checkpoint(tmp_path / "m.pt"), sd)
+
+    with pytest.raises(ValueError, match=r"both\.pt has no key 'weights'; available keys: model, state_dict, ema"):
+        load_checkpoint(tmp_path / "both.pt", key="weights")
+
+    torch.save({"epoch": 3, "weights": sd}, tmp_path / "unknown.pt")
+    with pytest.raises(ValueError, match=r"unknown\.pt holds no state dict.*available keys: epoch, weights"):
+        load_checkpoint(tmp_path / "unknown.pt")
+    _assert_same_state(load_checkpoint(tmp_path / "unknown.pt", key="weights"), sd)
+
+
+def test_bad_paths_and_files(tmp_path):
+    missing = tmp_path / "nowhere.pt"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        load_checkpoint(missing)
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        load_source(missing, RESNET_CONFIG)
+
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"suffix '\.bin'.*allowed: \.pt, \.pth, \.ckpt, \.safetensors"):
+        load_checkpoint(tmp_path / "weights.bin")
+
+    (tmp_path / "garbage.pt").write_bytes(b"this is not a checkpoint")
+    with pytest.raises(ValueError, match=r"garbage\.pt"):
+        load_checkpoint(tmp_path / "garbage.pt")
+    (tmp_path / "garbage.safetensors").write_bytes(b"this is not a checkpoint")
+    with pytest.raises(ValueError, match=r"garbage\.safetensors"):
+        load_checkpoint(tmp_path / "garbage.safetensors")
+
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    with pytest.raises(ValueError, match=r"tensor\.pt is a torch\.Tensor, not a state dict"):
+        load_checkpoint(tmp_path / "tensor.pt")
+
+
+def test_mismatched_weights_name_file_and_keys(tmp_path):
+    path = tmp_path / "three_classes.pt"
+    sd = _resnet(num_classes=3).state_dict()
+    save_checkpoint(sd, path)
+
+    target = _resnet(num_classes=7, seed=5)
+    before = copy.deepcopy(target.state_dict())
+    with pytest.raises(ValueError, match=r"three_classes\.pt.*fc\.weight \(3, 512\) in checkpoint vs \(7, 512\)"):
+        load_source(path, target)
+    # The check runs before any copy, so the passed-in network is left untouched.
+    _assert_same_state(target.state_dict(), before)
+    # Shapes are an error even when keys need not match.
+    with pytest.raises(ValueError, match="fc.bias"):
+        load_source(path, target, strict=False)
+
+    del sd["fc.bias"]
+    sd["extra.weight"] = torch.zeros(1)
+    save_checkpoint(sd, path)
+    with pytest.raises(ValueError, match=r"1 missing key\(s\): fc\.bias; 1 unexpected key\(s\): extra\.weight"):
+        load_source(path, RESNET_CONFIG)
+    loaded = load_source(path, RESNET_CONFIG, strict=False)
+    assert torch.equal(loaded.fc.weight, sd["fc.weight"])
+
+
+# malicious checkpoints
+
+
+# pickle.dump writes protocol 4, which makes torch warn before it refuses the file.
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    evil_marker = tmp_path / "pwned"
+    control_marker = tmp_path / "control"
+
+    # The crafted object really does run code when unpickled unsafely; the test would otherwise pass vacuously.
+    torch.save({"weight": torch.zeros(2), "payload": TouchOnUnpickle(control_marker)}, tmp_path / "control.pt")
+    torch.load(tmp_path / "control.pt", weights_only=False)
+    assert control_marker.exists()
+    control_marker.unlink()
+    pickle.loads(pickle.dumps(TouchOnUnpickle(control_marker)))
+    assert control_marker.exists()
+
+    torch.save({"weight": torch.zeros(2), "payload": TouchOnUnpickle(evil_marker)}, tmp_path / "evil.pt")
+    with open(tmp_path / "evil_legacy.pt", "wb") as f:
+        pickle.dump({"weight": torch.zeros(2), "payload": TouchOnUnpickle(evil_marker)}, f)
+
+    refused = "refused to load checkpoint .*{}: it contains objects other than tensors and plain containers"
+    for name in ["evil.pt", "evil_legacy.pt"]:
+        with pytest.raises(ValueError, match=refused.format(re.escape(name))) as info:
+            load_checkpoint(tmp_path / name)
+        assert isinstance(info.value.__cause__, pickle.UnpicklingError)
+        with pytest.raises(ValueError, match=refused.format(re.escape(name))):
+            load_source(tmp_path / name, RESNET_CONFIG)
+
+    bundle = _make_bundle(tmp_path / "evil_bundle", {"num_classes": 3, "network_def": RESNET_CONFIG})
+    (bundle / "models" / "model.pt").write_bytes((tmp_path / "evil.pt").read_bytes())
+    with pytest.raises(ValueError, match=refused.format(re.escape("model.pt"))):
+        load_source(bundle)
+
+    assert not evil_marker.exists()
+
+
+# MONAI bundle folders
+
+
+def _make_bundle(folder: pathlib.Path, config: dict, config_name: str = "inference.json") -> pathlib.Path:
+    (folder / "configs").mkdir(parents=True)
+    (folder / "models").mkdir()
+    dump = yaml.safe_dump if config_name.endswith((".yaml", ".yml")) else json.dumps
+    (folder / "configs" / config_name).write_text(dump(config))
+    return folder
+
+
+BUNDLE_CONFIG = {
+    "bundle_root": ".",
+    "device": "$torch.device('cpu')",
+    "num_classes": 3,
+    "network_def": {
+        "_target_": "monai.networks.nets.resnet18",
+        "spatial_dims": 2,
+        "n_input_channels": 1,
+        "num_classes": "@num_classes",
+    },
+    "network": "$@network_def.to(@device)",
+}
+
+
+def test_bundle_folder(tmp_path):
+    net = _resnet(seed=3)
+    bundle = _make_bundle(tmp_path / "bundle", BUNDLE_CONFIG)
+    torch.save(net.state_dict(), bundle / "models" / "model.pt")
+
+    loaded = load_source(bundle)
+    assert type(loaded) is type(net)
+    assert loaded.fc.out_features == 3
+    assert not loaded.training
+    _assert_same_state(loaded.state_dict(), net.state_dict())
+
+    # The network_def argument overrides the bundle's config.
+    with pytest.raises(ValueError, match=r"model\.pt.*fc\.weight \(3, 512\) in checkpoint vs \(5, 512\)"):
+        load_source(str(bundle), {**RESNET_CONFIG, "num_classes": 5})
+
+    # models/model.safetensors is preferred over models/model.pt.
+    other = _resnet(seed=4)
+    save_checkpoint(other, bundle / "models" / "model.safetensors")
+    _assert_same_state(load_source(bundle).state_dict(), other.state_dict())
+
+
+def test_bundle_train_yaml_fallback(tmp_path):
+    net = _resnet(seed=3)
+    bundle = _make_bundle(tmp_path / "bundle", BUNDLE_CONFIG, config_name="train.yaml")
+    save_checkpoint(net, bundle / "models" / "model.pt")
+    _assert_same_state(load_source(bundle).state_dict(), net.state_dict())
+
+
+def test_bundle_errors_name_missing_file_or_id(tmp_path):
+    bundle = _make_bundle(tmp_path / "bundle", BUNDLE_CONFIG)
+    with pytest.raises(
+        ValueError, match=re.escape(f"bundle folder {bundle} has neither models/model.safetensors nor models/model.pt")
+    ):
+        load_source(bundle)
+
+    save_checkpoint(_resnet(), bundle / "models" / "model.pt")
+    (bundle / "configs" / "inference.json").unlink()
+    with pytest.raises(
+        ValueError, match=r"has no configs/inference\.json\|yaml\|yml or configs/train\.json\|yaml\|yml"
+    ):
+        load_source(bundle)
+    # With an explicit network_def the config is not needed.
+    assert load_source(bundle, RESNET_CONFIG).fc.out_features == 3
+
+    (bundle / "configs" / "inference.json").write_text(json.dumps({"num_classes": 3}))
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"bundle folder {bundle}: configs/inference.json has no id 'network_def'"),
+    ):
+        load_source(bundle)
+
+
+# save_checkpoint
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_save_is_atomic_and_leaves_no_temp_files(tmp_path, suffix, monkeypatch):
+    path = tmp_path / f"merged{suffix}"
+    first, second = _resnet(seed=0), _resnet(seed=1)
+    save_checkpoint(first, path)
+    assert os.listdir(tmp_path) == [path.name]
+    save_checkpoint(second.state_dict(), path)
+    assert os.listdir(tmp_path) == [path.name]
+    _assert_same_state(load_checkpoint(path), second.state_dict())
+
+    def fail_mid_write(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    def fail_fsync(fd):
+        raise OSError("disk full")
+
+    # A failure before the rename keeps the previous complete file and removes the partial one.
+    if suffix == ".pt":
+        monkeypatch.setattr(torch, "save", fail_mid_write)
+    else:
+        monkeypatch.setattr(os, "fsync", fail_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(first, path)
+    assert os.listdir(tmp_path) == [path.name]
+    _assert_same_state(load_checkpoint(path), second.state_dict())
+
+
+def test_save_safetensors_shared_and_non_contiguous(tmp_path):
+    torch.manual_seed(0)
+    w = torch.randn(4, 6)
+    sd = {"tied_a": w, "tied_b": w, "transposed": w.t(), "rows": w[1:3]}
+    # safetensors alone refuses this state dict, so the saver must do real work.
+    with pytest.raises(RuntimeError):
+        safetensors.torch.save_file(sd, tmp_path / "raw.safetensors")
+    save_checkpoint(sd, tmp_path / "fixed.safetensors")
+    loaded = load_checkpoint(tmp_path / "fixed.safetensors")
+    assert set(loaded) == set(sd)
+    for k, v in sd.items():
+        assert torch.equal(loaded[k], v), k
+
+
+def test_save_rejects_bad_input(tmp_path):
+    with pytest.raises(ValueError, match=r"suffix '\.bin'"):
+        save_checkpoint({"a": torch.zeros(1)}, tmp_path / "x.bin")
+    with pytest.raises(ValueError, match="1 entry.*not tensors.*: epoch"):
+        save_checkpoint({"a": torch.zeros(1), "epoch": 3}, tmp_path / "x.pt")
+    with pytest.raises(FileNotFoundError, match="missing_folder"):
+        save_checkpoint({"a": torch.zeros(1)}, tmp_path / "missing_folder" / "x.pt")
+    assert os.listdir(tmp_path) == []
