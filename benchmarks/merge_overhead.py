@@ -3,7 +3,8 @@
 For each architecture and number of sources N, one process alternates a coefficient-learning step of
 :class:`~monai_medmerge.networks.KernelMerge` with a plain fine-tuning step of one network of the same architecture
 and batch (both with Adam, cross-entropy, training mode), and reports median step times and their ratio. Peak memory
-of each is measured in a fresh subprocess (max resident set size on CPU, max allocated on CUDA). Inference of the
+of each is measured in a fresh subprocess (peak resident set size above the post-import baseline on CPU, max
+allocated on CUDA). Inference of the
 collapsed network is timed against a plain network of the same class, alternating, in eval mode without gradients.
 
 Usage::
@@ -163,21 +164,30 @@ def inference_times(arch: str, n: int, reps: int, warmup: int, device: torch.dev
     return {"median_s": med, "ratio_of_medians": med["collapsed"] / med["plain"], "reps": reps}
 
 
-def peak_memory_child(arch: str, mode: str, n: int, steps: int, device: str, seed: int) -> None:
-    """Run in a fresh process: print peak memory (MiB) of building and training ``steps`` steps."""
-    import resource
+def _rss_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
+
+def peak_memory_child(arch: str, mode: str, n: int, steps: int, device: str, seed: int) -> None:
+    """Run in a fresh process: print the peak memory (MiB) that building and training ``steps`` steps add.
+
+    On CPU: the peak resident set size (VmHWM) above the resident size after imports, with the peak reset first
+    (``/proc/self/clear_refs``) so that import-time peaks do not count. On CUDA: max allocated device memory.
+    """
     dev = torch.device(device)
-    net, opt = build(arch, mode, n, dev, seed)
-    x, y = make_batch(arch, dev, seed)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
+        base = _rss_mib("VmRSS")
+    net, opt = build(arch, mode, n, dev, seed)
+    x, y = make_batch(arch, dev, seed)
     for _ in range(steps):
         step(net, opt, x, y)
-    if dev.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else _rss_mib("VmHWM") - base
     print(json.dumps({"peak_mib": peak}))
 
 
@@ -203,7 +213,9 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
 
     device = torch.device(args.device)
-    archs, sizes, reps, warmup = (["resnet18"], [2], 5, 1) if args.quick else (list(CONFIGS), [2, 4], args.reps, args.warmup)
+    archs, sizes, reps, warmup = (
+        (["resnet18"], [2], 5, 1) if args.quick else (list(CONFIGS), [2, 4], args.reps, args.warmup)
+    )
     results = []
     for arch in archs:
         for n in sizes:
@@ -233,7 +245,10 @@ def main(argv: list[str] | None = None) -> dict:
         "device": str(device),
         "seed": args.seed,
         "machine": machine(),
-        "targets": {"step_ratio": {str(k): v for k, v in TARGETS["step_ratio"].items()}, "inference_ratio": TARGETS["inference_ratio"]},
+        "targets": {
+            "step_ratio": {str(k): v for k, v in TARGETS["step_ratio"].items()},
+            "inference_ratio": TARGETS["inference_ratio"],
+        },
         "results": results,
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -26,10 +26,13 @@ def test_statistics_are_the_cumulative_average_of_the_data():
     assert int(net[1].num_batches_tracked) == 4
     # the second norm saw dropout in eval mode: its statistics are those of the deterministic path
     with torch.no_grad():
-        second = [net[3](nn.functional.batch_norm(f, net[1].running_mean, net[1].running_var, net[1].weight,
-                                                  net[1].bias)) for f in feats]
-    torch.testing.assert_close(net[4].running_mean, torch.stack([s.mean((0, 2, 3)) for s in second]).mean(0),
-                               rtol=1e-4, atol=1e-5)
+        second = [
+            net[3](nn.functional.batch_norm(f, net[1].running_mean, net[1].running_var, net[1].weight, net[1].bias))
+            for f in feats
+        ]
+    torch.testing.assert_close(
+        net[4].running_mean, torch.stack([s.mean((0, 2, 3)) for s in second]).mean(0), rtol=1e-4, atol=1e-5
+    )
     assert net.training and net[1].training and not net[2].training
     assert net[1].momentum == momentum
 

@@ -14,13 +14,17 @@ from monai_medmerge.networks import KernelMerge
 # (constructor taking spatial_dims and num_classes, head name, input side for 2-D, input side for 3-D)
 ARCHS = {
     "resnet18": (
-        lambda spatial_dims, num_classes: resnet18(spatial_dims=spatial_dims, n_input_channels=1, num_classes=num_classes),
+        lambda spatial_dims, num_classes: resnet18(
+            spatial_dims=spatial_dims, n_input_channels=1, num_classes=num_classes
+        ),
         "fc",
         32,
         32,
     ),
     "densenet121": (
-        lambda spatial_dims, num_classes: DenseNet121(spatial_dims=spatial_dims, in_channels=1, out_channels=num_classes),
+        lambda spatial_dims, num_classes: DenseNet121(
+            spatial_dims=spatial_dims, in_channels=1, out_channels=num_classes
+        ),
         "class_layers.out",
         32,
         32,
@@ -45,7 +49,9 @@ def _input(arch: str, dims: int, batch: int = 4, seed: int = 0) -> torch.Tensor:
     return torch.randn((batch, 1) + (side,) * dims, generator=torch.Generator().manual_seed(seed))
 
 
-def _naive_merge(sources: list[nn.Module], alpha: dict[str, torch.Tensor], merge: KernelMerge) -> dict[str, torch.Tensor]:
+def _naive_merge(
+    sources: list[nn.Module], alpha: dict[str, torch.Tensor], merge: KernelMerge
+) -> dict[str, torch.Tensor]:
     """Reference merge written independently of the library: loops over output channels, one tensor at a time."""
     out = {}
     params = [dict(s.named_parameters()) for s in sources]
@@ -164,8 +170,10 @@ def test_coefficient_counts_resnet18():
     # MONAI resnet18 without its head: conv1+bn1, 8 basic blocks of 2 conv+bn pairs, 3 downsample conv+bn pairs:
     # 40 units; their output channels add up to 2*64 + 4*(4*64) + 6*128+4*128 + 6*256+4*256 + 6*512+4*512 = 9600.
     sources = _sources("resnet18", 2, classes=(3, 7))
-    counts = {g: KernelMerge(sources, head="fc", out_channels=5, granularity=g).merge_logits.numel() for g in
-              ("kernel", "layer", "model")}
+    counts = {
+        g: KernelMerge(sources, head="fc", out_channels=5, granularity=g).merge_logits.numel()
+        for g in ("kernel", "layer", "model")
+    }
     assert counts == {"kernel": 2 * 9600, "layer": 2 * 40, "model": 2}
     merge = KernelMerge(sources, head="fc", out_channels=5)
     coefficients = merge.coefficients()
@@ -267,3 +275,22 @@ def test_forward_runs_one_network():
             m.register_forward_hook(lambda *_: calls.append(1))
     merge(_input("tinynet", 2))
     assert len(calls) == sum(isinstance(m, nn.modules.conv._ConvNd) for m in sources[0].modules())
+
+
+def test_resume_onto_other_sources_is_refused():
+    sources = _sources("tinynet", 2)
+    state = KernelMerge(sources, head="fc", out_channels=4).state_dict()
+    swapped = KernelMerge(sources[::-1], head="fc", out_channels=4)
+    with pytest.raises(RuntimeError, match=r"other sources.*\[0, 1\]"):
+        swapped.load_state_dict(state)
+    other = KernelMerge([sources[0], _sources("tinynet", 2, seed=5)[1]], head="fc", out_channels=4)
+    with pytest.raises(RuntimeError, match=r"source\(s\) \[1\] differ"):
+        other.load_state_dict(state)
+
+
+def test_head_sizes_must_agree_without_out_channels():
+    sources = _sources("tinynet", 2, classes=(3, 7))
+    with pytest.raises(ValueError, match=r"different sizes \[3, 7\]; give out_channels"):
+        KernelMerge(sources, head="fc")
+    same = KernelMerge(_sources("tinynet", 2, classes=(3, 3)), head="fc")
+    assert same.network.fc.out_features == 3

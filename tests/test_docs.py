@@ -1,0 +1,30 @@
+"""The Python examples of the README and docs/ run as written."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = ["README.md", "docs/api.md"]
+
+
+def _blocks(page: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (ROOT / page).read_text(), flags=re.S)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_examples_run(page, tmp_path):
+    blocks = _blocks(page)
+    assert blocks, f"{page} has no python example"
+    namespace: dict = {"__name__": "__docs__"}
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # examples that write files write them here
+    try:
+        for i, code in enumerate(blocks):
+            exec(compile(code, f"{page}[block {i}]", "exec"), namespace)
+    finally:
+        os.chdir(cwd)
