@@ -18,12 +18,36 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--shots", type=int, default=16, help="labelled target images per class")
     q.add_argument("--no-progress", action="store_true")
     sub.add_parser("methods", help="list the registered merge methods and their settings (JSON)")
+    b = sub.add_parser("benchmark", help="compare MedMerge with transfer baselines on an offline task, over seeds")
+    b.add_argument("--task", choices=["brain", "fashion"], default="brain")
+    b.add_argument("--k", type=int, default=50, help="labelled target examples per class")
+    b.add_argument("--seeds", type=int, default=5, help="number of seeds (0, 1, ...)")
+    b.add_argument("--methods", nargs="+", default=None, help="subset of methods (default: all)")
+    b.add_argument("--out", default="benchmarks/results", help="output folder")
+    b.add_argument("--name", default=None, help="file stem of the results (default <task>_k<k>)")
+    b.add_argument("--quick", action="store_true", help="a short profile: fewer epochs (for CI; numbers not kept)")
+    b.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
     if args.command == "quickstart":
         from monai_medmerge.quickstart import run_quickstart
 
         run_quickstart(args.out, seed=args.seed, shots=args.shots, progress=not args.no_progress)
+    elif args.command == "benchmark":
+        from monai_medmerge.workflows.comparison import run_comparison
+        from monai_medmerge.workflows.transfer import METHODS, Recipe
+
+        recipe = Recipe(source_epochs=1, coef_epochs=2, ft_epochs=2, lp_epochs=1) if args.quick else Recipe()
+        run_comparison(
+            args.task,
+            args.k,
+            list(range(args.seeds)),
+            args.out,
+            methods=args.methods or METHODS,
+            recipe=recipe,
+            progress=not args.no_progress,
+            name=args.name,
+        )
     elif args.command == "methods":
         from monai_medmerge.merging import list_methods
 

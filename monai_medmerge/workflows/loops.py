@@ -177,7 +177,7 @@ def learn_coefficients(
         progress=progress,
     )
     if recalibrate:
-        recalibrate_norm(merge, ((x for x, _ in map(split_batch, train_loader))), device=device)
+        recalibrate_norm(merge, train_loader, device=device)
     return merge.collapse(), history
 
 

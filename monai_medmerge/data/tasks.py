@@ -1,0 +1,165 @@
+"""The offline real-data benchmark: two source tasks and one few-shot target task, on real images, with no download.
+
+Each benchmark gives two source tasks (to pretrain the networks that are merged) and a target task with ``k``
+labelled images per class, a fixed validation set and a fixed test set. ``seed`` draws only the target's ``k``-shot
+training subset: everything else is the same for every seed and every ``k``, so runs with different seeds are paired
+and differ only in which few target images were labelled.
+
+- ``"brain"``: 32 x 32 patches of brain MRI templates on one MNI grid (see :mod:`monai_medmerge.data.brain`).
+- ``"fashion"``: Fashion-MNIST, a non-medical control (see :mod:`monai_medmerge.data.fashion`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+__all__ = [
+    "BENCHMARKS",
+    "BenchmarkTasks",
+    "TaskData",
+    "cache_dir",
+    "k_shot_indices",
+    "load_benchmark_tasks",
+    "make_tensor_dataset",
+]
+
+BENCHMARKS = ("brain", "fashion")
+PATCH_SIZE = 32
+CACHE_ENV = "MONAI_MEDMERGE_CACHE"
+
+
+@dataclass
+class TaskData:
+    """One labelled task: inputs ``x`` float32 of shape ``(n, 1, 32, 32)`` and labels ``y`` int64 in each split.
+
+    Args:
+        name: a short name, e.g. ``"brain/tissue"``.
+        train: the training split.
+        val: the validation split (early stopping, model selection).
+        test: the test split, or None for source tasks (they are only pretrained on).
+        class_names: one name per class; label ``i`` is ``class_names[i]``.
+    """
+
+    name: str
+    train: TensorDataset
+    val: TensorDataset
+    test: TensorDataset | None
+    class_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+@dataclass
+class BenchmarkTasks:
+    """The tasks of one benchmark: two sources to pretrain on and a few-shot target.
+
+    Args:
+        name: the benchmark, ``"brain"`` or ``"fashion"``.
+        source_a: the first source task.
+        source_b: the second source task.
+        target: the target task: ``k`` training images per class, validation and test.
+        notes: what the labels are and where they fall short.
+    """
+
+    name: str
+    source_a: TaskData
+    source_b: TaskData
+    target: TaskData
+    notes: str
+
+
+def cache_dir() -> Path:
+    """The folder for derived data: ``$MONAI_MEDMERGE_CACHE`` if set, else ``~/.cache/monai_medmerge``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "monai_medmerge")
+
+
+def make_tensor_dataset(x: np.ndarray, y: np.ndarray) -> TensorDataset:
+    """A :class:`TensorDataset` of float32 images ``(n, 1, H, W)`` and int64 labels, copied from ``x`` and ``y``.
+
+    Args:
+        x: images of shape ``(n, H, W)`` or ``(n, 1, H, W)``.
+        y: labels of shape ``(n,)``.
+
+    Raises:
+        ValueError: when ``x`` and ``y`` hold different numbers of items.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 3:
+        x = x[:, None]
+    y = np.asarray(y, dtype=np.int64)
+    if len(x) != len(y) or x.ndim != 4 or y.ndim != 1:
+        raise ValueError(f"expected x (n, 1, H, W) and y (n,), got {x.shape} and {y.shape}.")
+    # copies: the callers' cached arrays must not be changed through the tensors handed out
+    return TensorDataset(torch.tensor(x), torch.tensor(y))
+
+
+def k_shot_indices(labels: np.ndarray, k: int, seed: int, num_classes: int) -> np.ndarray:
+    """Indices into ``labels`` of ``k`` items per class, drawn at random with ``seed``, in shuffled order.
+
+    The subsets are nested in ``k``: with one seed, the ``k=10`` subset lies inside the ``k=50`` one.
+
+    Args:
+        labels: the class of each item of the pool.
+        k: items per class.
+        seed: seed of the draw.
+        num_classes: classes ``0 .. num_classes - 1`` are drawn.
+
+    Raises:
+        ValueError: when ``k`` < 1 or a class has fewer than ``k`` items.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}.")
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in range(num_classes):
+        members = np.flatnonzero(labels == c)
+        if len(members) < k:
+            raise ValueError(f"class {c} has {len(members)} items in the training pool, fewer than k={k}.")
+        # a permutation of the whole class, then its first k: the same seed gives nested subsets for every k
+        chosen.append(rng.permutation(members)[:k])
+    picked = np.concatenate(chosen)
+    return picked[rng.permutation(len(picked))]
+
+
+def report_progress(progress: bool, message: str) -> None:
+    """Print ``message`` to stderr when ``progress`` is set."""
+    if progress:
+        print(f"[monai_medmerge.data] {message}", file=sys.stderr, flush=True)
+
+
+def load_benchmark_tasks(task: str, k: int, seed: int, progress: bool = True) -> BenchmarkTasks:
+    """The source and target tasks of one offline benchmark.
+
+    Args:
+        task: ``"brain"`` or ``"fashion"``.
+        k: labelled target training images per class.
+        seed: seed of the target's ``k``-shot draw; sources, target validation and test do not depend on it.
+        progress: print what is being built, and how long it took, to stderr.
+
+    Returns:
+        A :class:`BenchmarkTasks`; its target has ``k * num_classes`` training images.
+
+    Raises:
+        ValueError: for an unknown task or a ``k`` the training pool cannot serve.
+        FileNotFoundError: when the data package is not installed (the message says what to install).
+        RuntimeError: when a Python package the task needs is missing (the message says what to install).
+    """
+    # imported here, not at the top: both loaders import TaskData and BenchmarkTasks from this module
+    if task == "brain":
+        from monai_medmerge.data.brain import load_brain_tasks
+
+        return load_brain_tasks(k, seed, progress=progress)
+    if task == "fashion":
+        from monai_medmerge.data.fashion import load_fashion_tasks
+
+        return load_fashion_tasks(k, seed, progress=progress)
+    raise ValueError(f"unknown benchmark task {task!r}; choose one of {', '.join(BENCHMARKS)}.")

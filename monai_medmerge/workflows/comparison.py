@@ -1,0 +1,165 @@
+"""Run the comparison of :mod:`monai_medmerge.workflows.transfer` over seeds and write its results and pictures."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import monai
+import torch
+
+import monai_medmerge
+from monai_medmerge.workflows.plots import plot_coefficients, plot_curves, plot_scores
+from monai_medmerge.workflows.transfer import METHOD_LABELS, METHODS, Recipe, pretrain_sources, run_seed, summarize
+
+__all__ = ["run_comparison", "machine_description"]
+
+
+def machine_description() -> dict:
+    """The machine and versions, recorded beside every result."""
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "monai_medmerge": monai_medmerge.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def run_comparison(
+    task: str,
+    k: int,
+    seeds: Sequence[int],
+    out_dir: str | Path,
+    methods: Sequence[str] = METHODS,
+    recipe: Recipe | None = None,
+    progress: bool = True,
+    name: str | None = None,
+) -> dict:
+    """Pretrain (or load cached) sources, run every method for every seed, write results and pictures.
+
+    Args:
+        task: ``"brain"`` or ``"fashion"`` (see :func:`monai_medmerge.data.tasks.load_benchmark_tasks`).
+        k: labelled target training examples per class.
+        seeds: each seed draws the k-shot subset and the new heads' initialisation.
+        out_dir: folder for ``<name>.json``, ``<name>_per_seed.csv`` and the PNG pictures.
+        methods: subset of :data:`~monai_medmerge.workflows.transfer.METHODS`.
+        recipe: training settings (defaults of :class:`Recipe`).
+        progress: progress bars.
+        name: file stem (default ``<task>_k<k>``).
+
+    Returns:
+        the written report (also in ``<name>.json``).
+    """
+    from monai_medmerge.data.tasks import load_benchmark_tasks
+
+    recipe = recipe or Recipe()
+    name = name or f"{task}_k{k}"
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    tasks = load_benchmark_tasks(task, k=k, seed=seeds[0], progress=progress)
+    sources, source_info = pretrain_sources(tasks, recipe, progress=progress)
+    results = []
+    for seed in seeds:
+        print(f"[medmerge] {task} k={k}: seed {seed}", flush=True)
+        tasks = load_benchmark_tasks(task, k=k, seed=seed, progress=progress)
+        res = run_seed(tasks, sources, recipe, seed, methods, progress=progress)
+        results.append(res)
+        line = ", ".join(f"{m} {r['test']['macro_f1']:.3f}" for m, r in res.records.items())
+        print(f"[medmerge]   test macro-F1: {line}", flush=True)
+    summary = summarize(results)
+    report = {
+        "benchmark": "transfer",
+        "task": task,
+        "k": k,
+        "seeds": list(seeds),
+        "methods": {m: METHOD_LABELS[m] for m in summary["methods"]},
+        "recipe": asdict(recipe),
+        "data": {
+            "source_a": {
+                "name": tasks.source_a.name,
+                "classes": tasks.source_a.class_names,
+                "train": len(tasks.source_a.train),
+                "val": len(tasks.source_a.val),
+            },
+            "source_b": {
+                "name": tasks.source_b.name,
+                "classes": tasks.source_b.class_names,
+                "train": len(tasks.source_b.train),
+                "val": len(tasks.source_b.val),
+            },
+            "target": {
+                "name": tasks.target.name,
+                "classes": tasks.target.class_names,
+                "train": len(tasks.target.train),
+                "val": len(tasks.target.val),
+                "test": len(tasks.target.test),
+            },
+            "notes": tasks.notes,
+        },
+        "sources": source_info,
+        "summary": summary,
+        "per_seed": [{"seed": r.seed, "anchor": "ab"[r.anchor], "records": r.records} for r in results],
+        "coefficients_seed0": results[0].coefficients,
+        "machine": machine_description(),
+        "seconds": round(time.time() - t0, 1),
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    _write_json(out / f"{name}.json", report)
+    with open(out / f"{name}_per_seed.csv.tmp", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["seed", "method", "split", "macro_f1", "accuracy", "balanced_accuracy", "auroc"])
+        for r in results:
+            for m, rec in r.records.items():
+                for split in ("val", "test"):
+                    s = rec[split]
+                    w.writerow([r.seed, m, split, s["macro_f1"], s["accuracy"], s["balanced_accuracy"], s["auroc"]])
+    os.replace(out / f"{name}_per_seed.csv.tmp", out / f"{name}_per_seed.csv")
+    title = f"{task}, k = {k}, {len(seeds)} seed(s)"
+    pictures = [plot_scores(summary, METHOD_LABELS, out / f"{name}_macro_f1.png", title)]
+    if results[0].coefficients:
+        names = [f"A: {tasks.source_a.name}", f"B: {tasks.source_b.name}"]
+        pictures.append(
+            plot_coefficients(
+                results[0].coefficients,
+                names,
+                out / f"{name}_coefficients.png",
+                f"MedMerge coefficients per layer ({task}, seed {seeds[0]})",
+            )
+        )
+    curves = {}
+    for m, rec in results[0].records.items():
+        if "curve_phase1" in rec:
+            curves[f"{METHOD_LABELS[m]}: phase 1"] = rec["curve_phase1"]
+        if "curve" in rec:
+            curves[METHOD_LABELS[m]] = rec["curve"]
+    if curves:
+        pictures.append(plot_curves(curves, out / f"{name}_curves.png", f"validation curves ({task}, seed {seeds[0]})"))
+    report["pictures"] = [p.name for p in pictures]
+    _write_json(out / f"{name}.json", report)
+    return report

@@ -1,0 +1,368 @@
+"""Compare MedMerge with transfer baselines on one target task, with the same code and budget for every method.
+
+Methods (the names used in results):
+
+- ``scratch``: a fresh network, fine-tuned on the target.
+- ``ft_a`` / ``ft_b``: fine-tuning from source A / B (body loaded, fresh head).
+- ``lpft_a`` / ``lpft_b``: linear probing of a fresh head on the frozen source body, then full fine-tuning.
+- ``average_ft``: uniform weight average of the sources (fresh head, norm statistics recomputed), fine-tuned.
+- ``layer_ft``: learned layer-level merge, collapsed, fine-tuned.
+- ``medmerge``: learned kernel-level merge (MedMerge) without fine-tuning, collapsed.
+- ``medmerge_ft``: the same, fine-tuned.
+- ``ensemble``: mean probabilities of ``ft_a`` and ``ft_b``, an upper bound that costs N networks at inference.
+
+Every choice (the anchor source, the best epoch, the best single-source baseline) is made on validation data; the
+test split is only evaluated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.networks.nets import ResNet
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from monai_medmerge.merging import get_method, recalibrate_norm
+from monai_medmerge.networks import KernelMerge
+from monai_medmerge.sources import load_checkpoint, save_checkpoint
+from monai_medmerge.workflows.loops import fine_tune, fit, learn_coefficients, predict
+from monai_medmerge.workflows.metrics import classification_metrics
+
+__all__ = ["Recipe", "METHODS", "build_network", "pretrain_sources", "run_seed", "summarize", "HEAD"]
+
+HEAD = "fc"
+METHODS = (
+    "scratch",
+    "ft_a",
+    "ft_b",
+    "lpft_a",
+    "lpft_b",
+    "average_ft",
+    "layer_ft",
+    "medmerge",
+    "medmerge_ft",
+    "ensemble",
+)
+METHOD_LABELS = {
+    "scratch": "scratch",
+    "ft_a": "fine-tune from A",
+    "ft_b": "fine-tune from B",
+    "lpft_a": "LP-FT from A",
+    "lpft_b": "LP-FT from B",
+    "average_ft": "uniform average + FT",
+    "layer_ft": "learned layer merge + FT",
+    "medmerge": "MedMerge, collapsed (no FT)",
+    "medmerge_ft": "MedMerge + FT",
+    "ensemble": "ensemble of FT A and B (2x cost)",
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every setting of a comparison run. ``source_key()`` names the cached sources it pretrains.
+
+    Args:
+        widths: channels of the four stages of the MONAI ``ResNet`` (basic blocks, one per stage).
+        batch_size: training batch size of every phase.
+        source_epochs, source_lr, source_seeds: pretraining of sources A and B, each from its own initialisation.
+        coef_epochs, coef_lr, head_lr: phase 1 (coefficients and new head).
+        anchor_weight: starting share of the anchor source (chosen on validation per seed).
+        ft_epochs, ft_lr, patience: every fine-tuning (phase 2 and the baselines), early stopping on validation.
+        lp_epochs, lp_lr: the linear-probing stage of LP-FT.
+    """
+
+    widths: tuple[int, ...] = (16, 32, 64, 128)
+    batch_size: int = 32
+    source_epochs: int = 4
+    source_lr: float = 1e-3
+    source_seeds: tuple[int, int] = (1, 2)
+    coef_epochs: int = 15
+    coef_lr: float = 1e-2
+    head_lr: float = 1e-3
+    anchor_weight: float = 0.9
+    ft_epochs: int = 30
+    ft_lr: float = 1e-3
+    patience: int = 8
+    lp_epochs: int = 10
+    lp_lr: float = 1e-2
+
+    def source_key(self, task: str, data_version: str = "") -> str:
+        fields = {k: v for k, v in asdict(self).items() if k.startswith("source") or k in ("widths", "batch_size")}
+        blob = json.dumps({"task": task, "data": data_version, **fields}, sort_keys=True)
+        return f"{task}-{hashlib.sha1(blob.encode()).hexdigest()[:12]}"
+
+
+def build_network(num_classes: int, recipe: Recipe) -> nn.Module:
+    """The benchmark's architecture: a small 2-D MONAI ``ResNet`` for 1x32x32 patches (about 0.3 M parameters)."""
+    return ResNet(
+        block="basic",
+        layers=[1, 1, 1, 1],
+        block_inplanes=list(recipe.widths),
+        spatial_dims=2,
+        n_input_channels=1,
+        conv1_t_size=3,
+        conv1_t_stride=1,
+        no_max_pool=True,
+        num_classes=num_classes,
+    )
+
+
+def _loader(ds: TensorDataset, shuffle: bool, seed: int, batch_size: int) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(seed))
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("MONAI_MEDMERGE_CACHE", Path.home() / ".cache" / "monai_medmerge"))
+
+
+def pretrain_sources(
+    tasks, recipe: Recipe, cache: bool = True, progress: bool = True, data_version: str = ""
+) -> tuple[list[nn.Module], dict]:
+    """Pretrain source A and source B from different random initialisations, or load them from the cache.
+
+    Returns:
+        ``([source_a, source_b], info)`` with each source's best validation metrics and whether it was cached.
+    """
+    key = recipe.source_key(tasks.name, data_version)
+    folder = _cache_root() / "sources" / key
+    sources, info = [], {"key": key, "sources": {}}
+    for tag, data, seed in (
+        ("a", tasks.source_a, recipe.source_seeds[0]),
+        ("b", tasks.source_b, recipe.source_seeds[1]),
+    ):
+        path = folder / f"source_{tag}.safetensors"
+        meta_path = folder / f"source_{tag}.json"
+        torch.manual_seed(seed)
+        net = build_network(data.num_classes, recipe)
+        if cache and path.exists() and meta_path.exists():
+            net.load_state_dict(load_checkpoint(path))
+            meta = json.loads(meta_path.read_text()) | {"cached": True}
+        else:
+            train = _loader(data.train, True, seed, recipe.batch_size)
+            val = _loader(data.val, False, seed, 256)
+            hist = fit(
+                net,
+                train,
+                val,
+                [{"params": net.parameters(), "lr": recipe.source_lr}],
+                recipe.source_epochs,
+                desc=f"pretrain source {tag.upper()} ({data.name})",
+                progress=progress,
+            )
+            meta = {"task": data.name, "seed": seed, "val": hist.val[hist.best_epoch], "epochs": recipe.source_epochs}
+            if cache:
+                folder.mkdir(parents=True, exist_ok=True)
+                save_checkpoint(net, path)
+                tmp = meta_path.with_suffix(".json.tmp")
+                tmp.write_text(json.dumps(meta))
+                os.replace(tmp, meta_path)
+            meta |= {"cached": False}
+        info["sources"][tag] = meta
+        sources.append(net.eval())
+    return sources, info
+
+
+def _from_source(source: nn.Module, num_classes: int, recipe: Recipe) -> nn.Module:
+    net = build_network(num_classes, recipe)
+    body = {k: v for k, v in source.state_dict().items() if not k.startswith(HEAD + ".")}
+    missing, unexpected = net.load_state_dict(body, strict=False)
+    assert not unexpected and all(k.startswith(HEAD + ".") for k in missing), (missing, unexpected)
+    return net
+
+
+def _record(model: nn.Module, val_loader, test_loader, history=None) -> dict:
+    vp, vy = predict(model, val_loader)
+    tp, ty = predict(model, test_loader)
+    rec = {"val": classification_metrics(vy, vp), "test": classification_metrics(ty, tp), "_test_probs": tp}
+    if history is not None:
+        rec["curve"] = [v["macro_f1"] for v in history.val]
+    return rec
+
+
+@dataclass
+class SeedResult:
+    """Per-method records of one seed: validation and test metrics, learning curves, and merge details."""
+
+    seed: int
+    records: dict[str, dict] = field(default_factory=dict)
+    anchor: int = 0
+    coefficients: dict[str, list[float]] = field(default_factory=dict)
+
+
+def run_seed(
+    tasks,
+    sources: Sequence[nn.Module],
+    recipe: Recipe,
+    seed: int,
+    methods: Sequence[str] = METHODS,
+    progress: bool = True,
+) -> SeedResult:
+    """Run the chosen methods for one seed (``tasks.target`` already holds this seed's k-shot subset).
+
+    ``ensemble`` needs ``ft_a`` and ``ft_b``; MedMerge's anchor is the source whose fine-tuning validated better
+    (``ft_a``/``ft_b`` are run for that even when not asked for).
+    """
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}.")
+    target = tasks.target
+    k = target.num_classes
+    train = _loader(target.train, True, seed, recipe.batch_size)
+    val = _loader(target.val, False, seed, 256)
+    test = _loader(target.test, False, seed, 256)
+    ft = {"epochs": recipe.ft_epochs, "lr": recipe.ft_lr, "patience": recipe.patience, "progress": progress}
+    out = SeedResult(seed)
+    recs = out.records
+
+    def finetuned(net: nn.Module, name: str) -> nn.Module:
+        net, hist = fine_tune(net, train, val, **ft)
+        recs[name] = _record(net, val, test, hist)
+        return net
+
+    if "scratch" in methods:
+        torch.manual_seed(seed)
+        finetuned(build_network(k, recipe), "scratch")
+    ft_models = {}
+    need_ft = {"ft_a", "ft_b", "ensemble", "layer_ft", "medmerge", "medmerge_ft"} & set(methods)
+    for i, tag in enumerate(("a", "b")):
+        if need_ft:
+            torch.manual_seed(seed)
+            ft_models[tag] = finetuned(_from_source(sources[i], k, recipe), f"ft_{tag}")
+        if f"lpft_{tag}" in methods:
+            torch.manual_seed(seed)
+            net = _from_source(sources[i], k, recipe)
+            head = net.get_submodule(HEAD)
+            for p in net.parameters():
+                p.requires_grad_(False)
+            for p in head.parameters():
+                p.requires_grad_(True)
+            # the probe trains on frozen features: the body stays in eval mode so its norm statistics do not move
+            fit(
+                _Probe(net, head),
+                train,
+                val,
+                [{"params": head.parameters(), "lr": recipe.lp_lr}],
+                recipe.lp_epochs,
+                patience=recipe.patience,
+                desc=f"linear probe {tag.upper()}",
+                progress=progress,
+            )
+            finetuned(net, f"lpft_{tag}")
+    if ft_models:
+        out.anchor = int(recs["ft_b"]["val"]["macro_f1"] > recs["ft_a"]["val"]["macro_f1"])
+    if "average_ft" in methods:
+        torch.manual_seed(seed)
+        merge = get_method("average").build(list(sources), head=HEAD, out_channels=k)
+        recalibrate_norm(merge, train)
+        finetuned(merge.collapse(), "average_ft")
+    for name, granularity in (("layer_ft", "layer"), ("medmerge_ft", "kernel")):
+        if name not in methods and not (granularity == "kernel" and "medmerge" in methods):
+            continue
+        torch.manual_seed(seed)
+        merge = KernelMerge(
+            list(sources),
+            head=HEAD,
+            out_channels=k,
+            granularity=granularity,
+            anchor=out.anchor,
+            anchor_weight=recipe.anchor_weight,
+        )
+        plain, hist1 = learn_coefficients(
+            merge,
+            train,
+            val,
+            epochs=recipe.coef_epochs,
+            lr=recipe.coef_lr,
+            head_lr=recipe.head_lr,
+            patience=recipe.patience,
+            progress=progress,
+        )
+        if granularity == "kernel":
+            recs["medmerge"] = _record(plain, val, test, hist1)
+            out.coefficients = {u: a.mean(1).tolist() for u, a in merge.coefficients().items()}
+            if name not in methods:
+                continue
+        net, hist2 = fine_tune(plain, train, val, **ft)
+        recs[name] = _record(net, val, test, hist2)
+        recs[name]["curve_phase1"] = [v["macro_f1"] for v in hist1.val]
+    if "ensemble" in methods:
+        probs = (recs["ft_a"]["_test_probs"] + recs["ft_b"]["_test_probs"]) / 2
+        vp = [predict(m, val)[0] for m in ft_models.values()]
+        recs["ensemble"] = {
+            "val": classification_metrics(target.val.tensors[1].numpy(), sum(vp) / 2),
+            "test": classification_metrics(target.test.tensors[1].numpy(), probs),
+            "inference_cost": "2 networks (2x parameters and compute of one)",
+        }
+    for name in [m for m in recs if m not in methods]:
+        del recs[name]
+    for rec in recs.values():
+        rec.pop("_test_probs", None)
+    return out
+
+
+class _Probe(nn.Module):
+    """Runs the network with its body in eval mode and only the head trainable, for linear probing."""
+
+    def __init__(self, net: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.net, self.head = net, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.net.eval()
+        self.head.train(self.training)
+        return self.net(x)
+
+
+def summarize(
+    results: Sequence[SeedResult], metrics: Sequence[str] = ("macro_f1", "accuracy", "balanced_accuracy", "auroc")
+) -> dict:
+    """Mean and standard deviation per method and metric, and MedMerge + FT paired against the best single source.
+
+    The best single-source fine-tuning is the one of ``ft_a``/``ft_b`` with the higher mean VALIDATION macro-F1.
+    The paired comparison gives per-seed test macro-F1 differences, their mean, a paired t-test and (with at least
+    5 seeds) a Wilcoxon signed-rank test.
+    """
+    methods = [m for m in METHODS if all(m in r.records for r in results)]
+    table = {}
+    for m in methods:
+        table[m] = {}
+        for split in ("val", "test"):
+            for metric in metrics:
+                vals = np.array([r.records[m][split][metric] for r in results], dtype=float)
+                table[m][f"{split}_{metric}"] = {
+                    "mean": float(np.nanmean(vals)),
+                    "std": float(np.nanstd(vals, ddof=1)) if len(vals) > 1 else 0.0,
+                    "values": vals.tolist(),
+                }
+    summary = {"methods": table, "seeds": [r.seed for r in results]}
+    if {"ft_a", "ft_b", "medmerge_ft"} <= set(methods):
+        best = max(("ft_a", "ft_b"), key=lambda m: table[m]["val_macro_f1"]["mean"])
+        diffs = np.array(table["medmerge_ft"]["test_macro_f1"]["values"]) - np.array(
+            table[best]["test_macro_f1"]["values"]
+        )
+        paired = {
+            "baseline": best,
+            "chosen_on": "mean validation macro-F1",
+            "differences": diffs.tolist(),
+            "mean_difference": float(diffs.mean()),
+        }
+        if len(diffs) > 1:
+            from scipy import stats
+
+            paired["t_test_p"] = float(
+                stats.ttest_rel(
+                    table["medmerge_ft"]["test_macro_f1"]["values"], table[best]["test_macro_f1"]["values"]
+                ).pvalue
+            )
+            if len(diffs) >= 5 and np.any(diffs != 0):
+                paired["wilcoxon_p"] = float(stats.wilcoxon(diffs).pvalue)
+        summary["medmerge_ft_vs_best_single_source"] = paired
+    return summary
