@@ -17,6 +17,12 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--shots", type=int, default=16, help="labelled target images per class")
     q.add_argument("--no-progress", action="store_true")
+    d = sub.add_parser("demo", help="the main job: offline brain-MRI merge, comparison, report and bundle (CPU)")
+    d.add_argument("--out", default="medmerge_out/demo", help="output folder")
+    d.add_argument("--task", choices=["brain", "fashion"], default="brain")
+    d.add_argument("--k", type=int, default=50, help="labelled target examples per class")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--no-progress", action="store_true")
     sub.add_parser("methods", help="list the registered merge methods and their settings (JSON)")
     b = sub.add_parser("benchmark", help="compare MedMerge with transfer baselines on an offline task, over seeds")
     b.add_argument("--task", choices=["brain", "fashion"], default="brain")
@@ -33,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         from monai_medmerge.quickstart import run_quickstart
 
         run_quickstart(args.out, seed=args.seed, shots=args.shots, progress=not args.no_progress)
+    elif args.command == "demo":
+        from monai_medmerge.demo import run_demo
+
+        run_demo(args.out, task=args.task, k=args.k, seed=args.seed, progress=not args.no_progress)
     elif args.command == "benchmark":
         from monai_medmerge.workflows.comparison import run_comparison
         from monai_medmerge.workflows.transfer import METHODS, Recipe

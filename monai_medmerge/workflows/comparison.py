@@ -59,7 +59,8 @@ def run_comparison(
     recipe: Recipe | None = None,
     progress: bool = True,
     name: str | None = None,
-) -> dict:
+    return_results: bool = False,
+):
     """Pretrain (or load cached) sources, run every method for every seed, write results and pictures.
 
     Args:
@@ -71,9 +72,10 @@ def run_comparison(
         recipe: training settings (defaults of :class:`Recipe`).
         progress: progress bars.
         name: file stem (default ``<task>_k<k>``).
+        return_results: also return the per-seed results (with the fine-tuned MedMerge networks).
 
     Returns:
-        the written report (also in ``<name>.json``).
+        the written report (also in ``<name>.json``), or ``(report, results, tasks)`` with ``return_results``.
     """
     from monai_medmerge.data.tasks import load_benchmark_tasks
 
@@ -162,4 +164,4 @@ def run_comparison(
         pictures.append(plot_curves(curves, out / f"{name}_curves.png", f"validation curves ({task}, seed {seeds[0]})"))
     report["pictures"] = [p.name for p in pictures]
     _write_json(out / f"{name}.json", report)
-    return report
+    return (report, results, tasks) if return_results else report

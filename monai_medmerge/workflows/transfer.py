@@ -22,7 +22,6 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,13 +29,14 @@ from monai.networks.nets import ResNet
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from monai_medmerge.data.tasks import cache_dir
 from monai_medmerge.merging import get_method, recalibrate_norm
 from monai_medmerge.networks import KernelMerge
 from monai_medmerge.sources import load_checkpoint, save_checkpoint
 from monai_medmerge.workflows.loops import fine_tune, fit, learn_coefficients, predict
 from monai_medmerge.workflows.metrics import classification_metrics
 
-__all__ = ["Recipe", "METHODS", "build_network", "pretrain_sources", "run_seed", "summarize", "HEAD"]
+__all__ = ["Recipe", "METHODS", "build_network", "network_def", "pretrain_sources", "run_seed", "summarize", "HEAD"]
 
 HEAD = "fc"
 METHODS = (
@@ -100,27 +100,31 @@ class Recipe:
         return f"{task}-{hashlib.sha1(blob.encode()).hexdigest()[:12]}"
 
 
+def network_def(num_classes: int, recipe: Recipe) -> dict:
+    """MONAI config (``_target_`` and arguments) of :func:`build_network`, for bundles."""
+    return {
+        "_target_": "monai.networks.nets.ResNet",
+        "block": "basic",
+        "layers": [1, 1, 1, 1],
+        "block_inplanes": list(recipe.widths),
+        "spatial_dims": 2,
+        "n_input_channels": 1,
+        "conv1_t_size": 3,
+        "conv1_t_stride": 1,
+        "no_max_pool": True,
+        "num_classes": num_classes,
+    }
+
+
 def build_network(num_classes: int, recipe: Recipe) -> nn.Module:
     """The benchmark's architecture: a small 2-D MONAI ``ResNet`` for 1x32x32 patches (about 0.3 M parameters)."""
-    return ResNet(
-        block="basic",
-        layers=[1, 1, 1, 1],
-        block_inplanes=list(recipe.widths),
-        spatial_dims=2,
-        n_input_channels=1,
-        conv1_t_size=3,
-        conv1_t_stride=1,
-        no_max_pool=True,
-        num_classes=num_classes,
-    )
+    kwargs = network_def(num_classes, recipe)
+    del kwargs["_target_"]
+    return ResNet(**kwargs)
 
 
 def _loader(ds: TensorDataset, shuffle: bool, seed: int, batch_size: int) -> DataLoader:
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(seed))
-
-
-def _cache_root() -> Path:
-    return Path(os.environ.get("MONAI_MEDMERGE_CACHE", Path.home() / ".cache" / "monai_medmerge"))
 
 
 def pretrain_sources(
@@ -128,11 +132,21 @@ def pretrain_sources(
 ) -> tuple[list[nn.Module], dict]:
     """Pretrain source A and source B from different random initialisations, or load them from the cache.
 
+    The cache key covers the recipe's source settings and a digest of the sources' training data (or
+    ``data_version`` when given).
+
     Returns:
         ``([source_a, source_b], info)`` with each source's best validation metrics and whether it was cached.
     """
+    if not data_version:
+        # the sources depend on their training data: a change of the data builder must not reuse stale sources
+        digest = hashlib.sha1()
+        for data in (tasks.source_a, tasks.source_b):
+            for t in data.train.tensors:
+                digest.update(t.numpy().tobytes())
+        data_version = digest.hexdigest()[:16]
     key = recipe.source_key(tasks.name, data_version)
-    folder = _cache_root() / "sources" / key
+    folder = cache_dir() / "sources" / key
     sources, info = [], {"key": key, "sources": {}}
     for tag, data, seed in (
         ("a", tasks.source_a, recipe.source_seeds[0]),
@@ -195,6 +209,7 @@ class SeedResult:
     records: dict[str, dict] = field(default_factory=dict)
     anchor: int = 0
     coefficients: dict[str, list[float]] = field(default_factory=dict)
+    models: dict[str, nn.Module] = field(default_factory=dict, repr=False)
 
 
 def run_seed(
@@ -292,6 +307,7 @@ def run_seed(
                 continue
         net, hist2 = fine_tune(plain, train, val, **ft)
         recs[name] = _record(net, val, test, hist2)
+        out.models[name] = net
         recs[name]["curve_phase1"] = [v["macro_f1"] for v in hist1.val]
     if "ensemble" in methods:
         probs = (recs["ft_a"]["_test_probs"] + recs["ft_b"]["_test_probs"]) / 2

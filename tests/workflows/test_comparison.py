@@ -1,0 +1,67 @@
+"""Quick profile of the comparison and of the demo on the real offline brain task (short training: a smoke test
+with sanity bounds; the accuracy claims belong to benchmarks/results, not to tests)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from monai_medmerge.workflows.transfer import METHODS, Recipe
+
+# narrow networks and one or two epochs per phase: minutes on 2 CPU cores for the whole pipeline
+QUICK = Recipe(widths=(8, 16, 16, 32), source_epochs=1, coef_epochs=2, ft_epochs=2, lp_epochs=1, patience=2)
+
+
+@pytest.fixture(scope="module")
+def brain_available(tmp_path_factory):
+    from monai_medmerge.data.tasks import load_benchmark_tasks
+
+    try:
+        load_benchmark_tasks("brain", k=10, seed=0, progress=False)
+    except (FileNotFoundError, RuntimeError, ImportError) as e:
+        pytest.skip(f"brain task data not installed: {e}")
+    # one source cache for the module: the demo test reuses the sources the comparison test pretrained
+    return tmp_path_factory.mktemp("cache")
+
+
+def test_quick_comparison_completes_with_sane_metrics(brain_available, tmp_path, monkeypatch):
+    from monai_medmerge.workflows.comparison import run_comparison
+
+    monkeypatch.setenv("MONAI_MEDMERGE_CACHE", str(brain_available))
+    report = run_comparison("brain", 10, [0, 1], tmp_path, recipe=QUICK, progress=False)
+    assert set(report["summary"]["methods"]) == set(METHODS)
+    for name, table in report["summary"]["methods"].items():
+        for key in ("test_macro_f1", "test_accuracy", "test_balanced_accuracy"):
+            assert all(0.0 <= v <= 1.0 for v in table[key]["values"]), (name, key)
+        auroc = table["test_auroc"]["mean"]
+        assert math.isnan(auroc) or 0.0 <= auroc <= 1.0
+    # fine-tuning from the anatomy source must learn something even in two epochs: above chance (1/7)
+    assert report["summary"]["methods"]["ft_b"]["test_accuracy"]["mean"] > 1 / 7
+    paired = report["summary"]["medmerge_ft_vs_best_single_source"]
+    assert paired["baseline"] in ("ft_a", "ft_b") and len(paired["differences"]) == 2
+    written = json.loads((tmp_path / "brain_k10.json").read_text())
+    assert written["machine"]["torch"] == torch.__version__ and written["seeds"] == [0, 1]
+    rows = (tmp_path / "brain_k10_per_seed.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * len(METHODS) * 2
+    for picture in ("brain_k10_macro_f1.png", "brain_k10_coefficients.png", "brain_k10_curves.png"):
+        assert (tmp_path / picture).read_bytes()[:4] == b"\x89PNG"
+    # the second run reuses the cached sources
+    again = run_comparison("brain", 10, [0], tmp_path / "again", methods=["ft_a"], recipe=QUICK, progress=False)
+    assert all(s["cached"] for s in again["sources"]["sources"].values())
+
+
+def test_quick_demo_writes_report_and_plain_bundle(brain_available, tmp_path, monkeypatch):
+    from monai_medmerge.demo import run_demo
+
+    monkeypatch.setenv("MONAI_MEDMERGE_CACHE", str(brain_available))
+    report = run_demo(tmp_path / "demo", k=10, recipe=QUICK, progress=False)
+    md = (tmp_path / "demo" / "report.md").read_text()
+    assert "MedMerge + FT" in md and "fine-tune from A" in md
+    bundle = tmp_path / "demo" / "bundle"
+    inference = json.loads((bundle / "configs" / "inference.json").read_text())
+    assert inference["network_def"]["_target_"] == "monai.networks.nets.ResNet"
+    state = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    assert state["fc.weight"].shape[0] == len(report["data"]["target"]["classes"]) == 7
