@@ -55,6 +55,64 @@ def merge_overhead_section(r: dict) -> str:
     return "\n".join(lines)
 
 
+def transfer_section(r: dict) -> str:
+    s = r["summary"]
+    lines = [
+        f"## MedMerge against transfer baselines: {r['task']}, k = {r['k']} (`medmerge benchmark`)",
+        "",
+        f"Target: {r['data']['target']['name']} ({len(r['data']['target']['classes'])} classes), "
+        f"{r['data']['target']['train']} training / {r['data']['target']['val']} validation / "
+        f"{r['data']['target']['test']} test examples. Sources: A = {r['data']['source_a']['name']} "
+        f"(validation macro-F1 {r['sources']['sources']['a']['val']['macro_f1']:.3f}), "
+        f"B = {r['data']['source_b']['name']} "
+        f"(validation macro-F1 {r['sources']['sources']['b']['val']['macro_f1']:.3f}), each pretrained from its own "
+        f"random initialisation. Seeds {r['seeds']} (each draws the k-shot subset and the new heads). "
+        f"Test metrics, mean +- std over seeds; every choice was made on validation.",
+        "",
+        "| method | macro-F1 | accuracy | balanced accuracy | AUROC | validation macro-F1 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m, label in r["methods"].items():
+        t = s["methods"][m]
+
+        def f(key, t=t):
+            return f"{100 * t[key]['mean']:.1f} +- {100 * t[key]['std']:.1f}"
+
+        lines.append(
+            f"| {label} | {f('test_macro_f1')} | {f('test_accuracy')} | {f('test_balanced_accuracy')} | "
+            f"{f('test_auroc')} | {f('val_macro_f1')} |"
+        )
+    paired = s.get("medmerge_ft_vs_best_single_source")
+    if paired:
+        diffs = ", ".join(f"{100 * d:+.1f}" for d in paired["differences"])
+        tests = []
+        if "t_test_p" in paired:
+            tests.append(f"paired t-test p = {paired['t_test_p']:.3g}")
+        if "wilcoxon_p" in paired:
+            tests.append(f"Wilcoxon p = {paired['wilcoxon_p']:.3g}")
+        lines += [
+            "",
+            f"MedMerge + FT minus the best single-source fine-tuning ({r['methods'][paired['baseline']]}, chosen by "
+            f"mean validation macro-F1): {100 * paired['mean_difference']:+.1f} macro-F1 points on average; per seed "
+            f"{diffs}; {'; '.join(tests) or 'one seed: no test'}.",
+        ]
+    anchors = ", ".join(f"seed {p['seed']}: {p['anchor'].upper()}" for p in r["per_seed"])
+    rec = r["recipe"]
+    lines += [
+        "",
+        f"Anchor chosen on validation per seed: {anchors}. Recipe: MONAI ResNet (basic blocks, widths "
+        f"{rec['widths']}), batch {rec['batch_size']}; sources {rec['source_epochs']} epochs; phase 1 up to "
+        f"{rec['coef_epochs']} epochs (coefficients lr {rec['coef_lr']}, head lr {rec['head_lr']}, anchor weight "
+        f"{rec['anchor_weight']}); every fine-tuning up to {rec['ft_epochs']} epochs at lr {rec['ft_lr']}, "
+        f"patience {rec['patience']}; LP {rec['lp_epochs']} epochs at lr {rec['lp_lr']}. "
+        f"Machine: {_machine(r['machine'])}; {r['seconds']:.0f} s; written {r['written']}.",
+        "",
+    ]
+    lines += [f"![{p}](../benchmarks/results/{p})" for p in r.get("pictures", [])]
+    lines += ["", f"Per-seed numbers: `benchmarks/results/{r['task']}_k{r['k']}_per_seed.csv`.", ""]
+    return "\n".join(lines)
+
+
 SECTIONS = {"merge_overhead": merge_overhead_section}
 
 
@@ -76,6 +134,13 @@ def main(argv: list[str] | None = None) -> None:
             parts.append(section(json.loads(path.read_text())))
         else:
             parts.append(f"## {name}\n\nNot run yet: `python benchmarks/{name}.py`.\n")
+    for path in sorted(args.results.glob("*_k*.json")):
+        data = json.loads(path.read_text())
+        if data.get("benchmark") == "transfer":
+            parts.append(transfer_section(data))
+    notes = HERE / "results" / "NOTES.md"
+    if notes.exists():
+        parts.append(notes.read_text())
     tmp = args.out.with_suffix(".md.tmp")
     tmp.write_text("\n".join(parts))
     os.replace(tmp, args.out)

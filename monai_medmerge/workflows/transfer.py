@@ -128,7 +128,7 @@ def _loader(ds: TensorDataset, shuffle: bool, seed: int, batch_size: int) -> Dat
 
 
 def pretrain_sources(
-    tasks, recipe: Recipe, cache: bool = True, progress: bool = True, data_version: str = ""
+    tasks, recipe: Recipe, cache: bool = True, progress: bool = True, data_version: str | None = None
 ) -> tuple[list[nn.Module], dict]:
     """Pretrain source A and source B from different random initialisations, or load them from the cache.
 
@@ -138,7 +138,7 @@ def pretrain_sources(
     Returns:
         ``([source_a, source_b], info)`` with each source's best validation metrics and whether it was cached.
     """
-    if not data_version:
+    if data_version is None:
         # the sources depend on their training data: a change of the data builder must not reuse stale sources
         digest = hashlib.sha1()
         for data in (tasks.source_a, tasks.source_b):
