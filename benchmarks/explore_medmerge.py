@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 
 from monai_medmerge.data.tasks import load_benchmark_tasks
-from monai_medmerge.networks import KernelMerge
 from monai_medmerge.workflows.comparison import machine_description
-from monai_medmerge.workflows.loops import fine_tune, learn_coefficients
-from monai_medmerge.workflows.transfer import HEAD, Recipe, _loader, _record, pretrain_sources
+from monai_medmerge.workflows.loops import fine_tune
+from monai_medmerge.workflows.transfer import Recipe, _loader, _record, learned_merge, pretrain_sources
 
 # name -> (recipe changes, KernelMerge changes); "default" is the recipe of the benchmark
 VARIANTS = {
@@ -67,23 +66,16 @@ def main(argv: list[str] | None = None) -> None:
             changes, options = VARIANTS[name]
             recipe = dataclasses.replace(base, **changes)
             torch.manual_seed(seed)
-            merge = KernelMerge(
-                list(sources),
-                head=HEAD,
-                out_channels=target.num_classes,
-                anchor=anchor,
-                anchor_weight=recipe.anchor_weight,
-            )
-            plain, h1 = learn_coefficients(
-                merge,
+            merge, plain, h1 = learned_merge(
+                sources,
+                target.num_classes,
                 train,
                 val,
-                epochs=recipe.coef_epochs,
-                lr=recipe.coef_lr,
-                head_lr=recipe.head_lr,
-                patience=recipe.patience,
-                progress=False,
-                recalibrate=options.get("recalibrate", True),
+                recipe,
+                "kernel",
+                anchor,
+                False,
+                options.get("recalibrate", True),
             )
             collapsed = _record(plain, val, test)
             net, h2 = fine_tune(
@@ -104,27 +96,34 @@ def main(argv: list[str] | None = None) -> None:
                     "phase2_epochs": len(h2.val),
                 }
             )
+            _write(args, base, info, rows, t0)
             print(
                 f"seed {seed} {name:18s} val {final['val']['macro_f1']:.3f} test {final['test']['macro_f1']:.3f} "
                 f"(collapsed val {collapsed['val']['macro_f1']:.3f}) anchor share {alpha.mean():.3f}",
                 flush=True,
             )
+    print(json.dumps(_write(args, base, info, rows, t0)["mean_macro_f1"], indent=2))
+
+
+def _write(args, base: Recipe, info: dict, rows: list[dict], t0: float) -> dict:
+    """Write the rows so far (a long run keeps what it measured if it is stopped)."""
     summary = {}
-    for name in args.variants:
+    for name in dict.fromkeys(r["variant"] for r in rows):
         sel = [r for r in rows if r["variant"] == name]
-        summary[name] = {
-            split: sum(r["fine_tuned"][split]["macro_f1"] for r in sel) / len(sel) for split in ("val", "test")
-        }
+        summary[name] = {s: sum(r["fine_tuned"][s]["macro_f1"] for r in sel) / len(sel) for s in ("val", "test")}
+        summary[name]["seeds"] = [r["seed"] for r in sel]
     report = {
         "benchmark": "explore_medmerge",
         "task": args.task,
         "k": args.k,
         "seeds": args.seeds,
+        "variants": args.variants,
         "base_recipe": dataclasses.asdict(base),
         "sources": info,
         "rows": rows,
         "mean_macro_f1": summary,
         "chosen_on_validation": max(summary, key=lambda n: summary[n]["val"]),
+        "complete": len(rows) == len(args.seeds) * len(args.variants),
         "machine": machine_description(),
         "seconds": round(time.time() - t0, 1),
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -132,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     tmp = args.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, args.out)
-    print(json.dumps(summary, indent=2))
+    return report
 
 
 if __name__ == "__main__":

@@ -18,20 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import monai
 import torch
 from monai.networks.nets import DenseNet121, resnet18
 from torch import nn
 
-import monai_medmerge
 from monai_medmerge.networks import KernelMerge
+from monai_medmerge.workflows.comparison import machine_description
 
 CONFIGS = {
     "resnet18": {
@@ -49,28 +47,6 @@ CONFIGS = {
 }
 TARGET_CLASSES = 7
 TARGETS = {"step_ratio": {2: 1.10, 4: 1.20}, "inference_ratio": (0.97, 1.03)}
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "monai": monai.__version__,
-        "monai_medmerge": monai_medmerge.__version__,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
 
 
 def build(arch: str, mode: str, n: int, device: torch.device, seed: int):
@@ -244,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
         "quick": args.quick,
         "device": str(device),
         "seed": args.seed,
-        "machine": machine(),
+        "machine": machine_description(),
         "targets": {
             "step_ratio": {str(k): v for k, v in TARGETS["step_ratio"].items()},
             "inference_ratio": TARGETS["inference_ratio"],

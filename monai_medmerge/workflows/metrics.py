@@ -13,11 +13,10 @@ def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
     y_pred = np.asarray(y_pred, dtype=np.int64).ravel()
     if y_true.shape != y_pred.shape:
         raise ValueError(f"y_true has {y_true.size} labels but y_pred has {y_pred.size}.")
-    bad = (y_true < 0) | (y_true >= num_classes) | (y_pred < 0) | (y_pred >= num_classes)
-    if bad.any():
-        raise ValueError(
-            f"labels must lie in [0, {num_classes - 1}]; found {sorted(set(y_true[bad]) | set(y_pred[bad]))}."
-        )
+    values = np.concatenate([y_true, y_pred])
+    bad = sorted({int(v) for v in values[(values < 0) | (values >= num_classes)]})
+    if bad:
+        raise ValueError(f"labels must lie in [0, {num_classes - 1}]; found {bad}.")
     return np.bincount(y_true * num_classes + y_pred, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 

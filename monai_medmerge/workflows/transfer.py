@@ -36,7 +36,17 @@ from monai_medmerge.sources import load_checkpoint, save_checkpoint
 from monai_medmerge.workflows.loops import fine_tune, fit, learn_coefficients, predict
 from monai_medmerge.workflows.metrics import classification_metrics
 
-__all__ = ["Recipe", "METHODS", "build_network", "network_def", "pretrain_sources", "run_seed", "summarize", "HEAD"]
+__all__ = [
+    "Recipe",
+    "METHODS",
+    "build_network",
+    "network_def",
+    "learned_merge",
+    "pretrain_sources",
+    "run_seed",
+    "summarize",
+    "HEAD",
+]
 
 HEAD = "fc"
 METHODS = (
@@ -282,24 +292,7 @@ def run_seed(
         if name not in methods and not (granularity == "kernel" and "medmerge" in methods):
             continue
         torch.manual_seed(seed)
-        merge = KernelMerge(
-            list(sources),
-            head=HEAD,
-            out_channels=k,
-            granularity=granularity,
-            anchor=out.anchor,
-            anchor_weight=recipe.anchor_weight,
-        )
-        plain, hist1 = learn_coefficients(
-            merge,
-            train,
-            val,
-            epochs=recipe.coef_epochs,
-            lr=recipe.coef_lr,
-            head_lr=recipe.head_lr,
-            patience=recipe.patience,
-            progress=progress,
-        )
+        merge, plain, hist1 = learned_merge(sources, k, train, val, recipe, granularity, out.anchor, progress)
         if granularity == "kernel":
             recs["medmerge"] = _record(plain, val, test, hist1)
             out.coefficients = {u: a.mean(1).tolist() for u, a in merge.coefficients().items()}
@@ -322,6 +315,40 @@ def run_seed(
     for rec in recs.values():
         rec.pop("_test_probs", None)
     return out
+
+
+def learned_merge(
+    sources: Sequence[nn.Module],
+    num_classes: int,
+    train,
+    val,
+    recipe: Recipe,
+    granularity: str = "kernel",
+    anchor: int | None = None,
+    progress: bool = True,
+    recalibrate: bool = True,
+):
+    """Phase 1 with the recipe's settings: returns ``(KernelMerge, collapsed plain network, History)``."""
+    merge = KernelMerge(
+        list(sources),
+        head=HEAD,
+        out_channels=num_classes,
+        granularity=granularity,
+        anchor=anchor,
+        anchor_weight=recipe.anchor_weight if anchor is not None else None,
+    )
+    plain, history = learn_coefficients(
+        merge,
+        train,
+        val,
+        epochs=recipe.coef_epochs,
+        lr=recipe.coef_lr,
+        head_lr=recipe.head_lr,
+        patience=recipe.patience,
+        progress=progress,
+        recalibrate=recalibrate,
+    )
+    return merge, plain, history
 
 
 class _Probe(nn.Module):
