@@ -29,6 +29,8 @@ VARIANTS = {
     "anchor_0.7": ({"anchor_weight": 0.7}, {}),
     "coef_lr_0.05": ({"coef_lr": 0.05}, {}),
     "no_recalibration": ({}, {"recalibrate": False}),
+    "anchor_0.97": ({"anchor_weight": 0.97}, {}),
+    "anchor_0.99_lr_0.05": ({"anchor_weight": 0.99, "coef_lr": 0.05}, {}),
 }
 
 

@@ -113,6 +113,33 @@ def transfer_section(r: dict) -> str:
     return "\n".join(lines)
 
 
+def explore_section(r: dict) -> str:
+    lines = [
+        f"## MedMerge settings studied on validation: {r['task']}, k = {r['k']} (`benchmarks/explore_medmerge.py`)",
+        "",
+        "Each variant changes phase 1 only and is followed by the same fine-tuning; the variant to keep is chosen "
+        "by validation macro-F1, test shown beside it for the record."
+        + ("" if r.get("complete", True) else " **Incomplete run**: only the rows below were measured."),
+        "",
+        "| seed | variant | anchor | val macro-F1 (collapsed) | val macro-F1 (+FT) | test macro-F1 (+FT) | "
+        "mean anchor share |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in r["rows"]:
+        lines.append(
+            f"| {row['seed']} | {row['variant']} | {row.get('anchor', 'b').upper()} | "
+            f"{100 * row['collapsed']['val']['macro_f1']:.1f} | {100 * row['fine_tuned']['val']['macro_f1']:.1f} | "
+            f"{100 * row['fine_tuned']['test']['macro_f1']:.1f} | {row['anchor_share']['mean']:.3f} |"
+        )
+    lines += [
+        "",
+        f"Chosen on validation: `{r['chosen_on_validation']}`. Machine: {_machine(r['machine'])}; "
+        f"{r['seconds']:.0f} s; written {r['written']}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 SECTIONS = {"merge_overhead": merge_overhead_section}
 
 
@@ -138,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
         data = json.loads(path.read_text())
         if data.get("benchmark") == "transfer":
             parts.append(transfer_section(data))
+    for path in sorted(args.results.glob("explore_*.json")):
+        parts.append(explore_section(json.loads(path.read_text())))
     notes = HERE / "results" / "NOTES.md"
     if notes.exists():
         parts.append(notes.read_text())

@@ -32,6 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", default="benchmarks/results", help="output folder")
     b.add_argument("--name", default=None, help="file stem of the results (default <task>_k<k>)")
     b.add_argument("--quick", action="store_true", help="a short profile: fewer epochs (for CI; numbers not kept)")
+    b.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="change recipe settings, e.g. --set anchor_weight=0.99 coef_lr=0.05",
+    )
     b.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -48,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         from monai_medmerge.workflows.transfer import METHODS, Recipe
 
         recipe = Recipe(source_epochs=1, coef_epochs=2, ft_epochs=2, lp_epochs=1) if args.quick else Recipe()
+        recipe = _with_settings(recipe, args.set)
         run_comparison(
             args.task,
             args.k,
@@ -64,6 +72,24 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(list_methods(), sys.stdout, indent=2)
         print()
     return 0
+
+
+def _with_settings(recipe, settings: list[str]):
+    """``Recipe`` with ``FIELD=VALUE`` changes, each value parsed as the field's current type."""
+    import dataclasses
+
+    fields = {f.name: getattr(recipe, f.name) for f in dataclasses.fields(recipe)}
+    changes = {}
+    for item in settings:
+        name, sep, value = item.partition("=")
+        if not sep or name not in fields:
+            raise SystemExit(f"medmerge: --set expects FIELD=VALUE with FIELD one of {sorted(fields)}, got {item!r}")
+        current = fields[name]
+        if isinstance(current, tuple):
+            changes[name] = tuple(type(current[0])(v) for v in value.split(","))
+        else:
+            changes[name] = type(current)(value)
+    return dataclasses.replace(recipe, **changes)
 
 
 if __name__ == "__main__":

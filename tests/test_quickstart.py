@@ -33,3 +33,15 @@ def test_methods_command_lists_registry(capsys):
     assert main(["methods"]) == 0
     names = [m["name"] for m in json.loads(capsys.readouterr().out)]
     assert names[:5] == ["average", "interpolate", "model", "layer", "kernel"]
+
+
+def test_recipe_settings_from_the_command_line():
+    import pytest
+
+    from monai_medmerge.cli import _with_settings
+    from monai_medmerge.workflows.transfer import Recipe
+
+    r = _with_settings(Recipe(), ["anchor_weight=0.99", "coef_lr=0.05", "widths=8,16,16,32", "ft_epochs=3"])
+    assert (r.anchor_weight, r.coef_lr, r.widths, r.ft_epochs) == (0.99, 0.05, (8, 16, 16, 32), 3)
+    with pytest.raises(SystemExit, match="FIELD=VALUE"):
+        _with_settings(Recipe(), ["anchor=1"])
