@@ -58,7 +58,11 @@ def main(argv: list[str] | None = None) -> None:
     for seed in args.seeds:
         tasks = load_benchmark_tasks(args.task, k=args.k, seed=seed, progress=False)
         target = tasks.target
-        train = _loader(target.train, True, seed, base.batch_size)
+
+        def train(seed=seed, target=target):
+            # a fresh loader per phase and variant: every variant sees the same shuffled batches
+            return _loader(target.train, True, seed, base.batch_size)
+
         val = _loader(target.val, False, seed, 256)
         test = _loader(target.test, False, seed, 256)
         # the anchor as in the benchmark: the source whose plain fine-tuning validated better for this seed, read
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
             merge, plain, h1 = learned_merge(
                 sources,
                 target.num_classes,
-                train,
+                train(),
                 val,
                 recipe,
                 "kernel",
@@ -81,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             collapsed = _record(plain, val, test)
             net, h2 = fine_tune(
-                plain, train, val, epochs=recipe.ft_epochs, lr=recipe.ft_lr, patience=recipe.patience, progress=False
+                plain, train(), val, epochs=recipe.ft_epochs, lr=recipe.ft_lr, patience=recipe.patience, progress=False
             )
             final = _record(net, val, test)
             alpha = torch.cat([a[anchor] for a in merge.coefficients().values()])

@@ -240,7 +240,11 @@ def run_seed(
         raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}.")
     target = tasks.target
     k = target.num_classes
-    train = _loader(target.train, True, seed, recipe.batch_size)
+
+    def train() -> DataLoader:
+        # a fresh loader per method: every method sees the same sequence of shuffled batches (paired methods)
+        return _loader(target.train, True, seed, recipe.batch_size)
+
     val = _loader(target.val, False, seed, 256)
     test = _loader(target.test, False, seed, 256)
     ft = {"epochs": recipe.ft_epochs, "lr": recipe.ft_lr, "patience": recipe.patience, "progress": progress}
@@ -248,7 +252,7 @@ def run_seed(
     recs = out.records
 
     def finetuned(net: nn.Module, name: str) -> nn.Module:
-        net, hist = fine_tune(net, train, val, **ft)
+        net, hist = fine_tune(net, train(), val, **ft)
         recs[name] = _record(net, val, test, hist)
         return net
 
@@ -272,7 +276,7 @@ def run_seed(
             # the probe trains on frozen features: the body stays in eval mode so its norm statistics do not move
             fit(
                 _Probe(net, head),
-                train,
+                train(),
                 val,
                 [{"params": head.parameters(), "lr": recipe.lp_lr}],
                 recipe.lp_epochs,
@@ -286,19 +290,19 @@ def run_seed(
     if "average_ft" in methods:
         torch.manual_seed(seed)
         merge = get_method("average").build(list(sources), head=HEAD, out_channels=k)
-        recalibrate_norm(merge, train)
+        recalibrate_norm(merge, train())
         finetuned(merge.collapse(), "average_ft")
     for name, granularity in (("layer_ft", "layer"), ("medmerge_ft", "kernel")):
         if name not in methods and not (granularity == "kernel" and "medmerge" in methods):
             continue
         torch.manual_seed(seed)
-        merge, plain, hist1 = learned_merge(sources, k, train, val, recipe, granularity, out.anchor, progress)
+        merge, plain, hist1 = learned_merge(sources, k, train(), val, recipe, granularity, out.anchor, progress)
         if granularity == "kernel":
             recs["medmerge"] = _record(plain, val, test, hist1)
             out.coefficients = {u: a.mean(1).tolist() for u, a in merge.coefficients().items()}
             if name not in methods:
                 continue
-        net, hist2 = fine_tune(plain, train, val, **ft)
+        net, hist2 = fine_tune(plain, train(), val, **ft)
         recs[name] = _record(net, val, test, hist2)
         out.models[name] = net
         recs[name]["curve_phase1"] = [v["macro_f1"] for v in hist1.val]
