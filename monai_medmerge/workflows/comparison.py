@@ -41,7 +41,29 @@ def machine_description() -> dict:
         "monai": monai.__version__,
         "monai_medmerge": monai_medmerge.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "code": _git_revision(),
     }
+
+
+def _git_revision() -> str | None:
+    """The commit of the package's checkout (with ``+dirty`` for uncommitted changes), or None outside git."""
+    import subprocess
+
+    root = Path(monai_medmerge.__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev + ("+dirty" if dirty else "")
 
 
 def _write_json(path: Path, data: dict) -> None:
