@@ -11,8 +11,8 @@ import torch
 
 from monai_medmerge.workflows.transfer import METHODS, Recipe
 
-# narrow networks and one or two epochs per phase: minutes on 2 CPU cores for the whole pipeline
-QUICK = Recipe(widths=(8, 16, 16, 32), source_epochs=1, coef_epochs=2, ft_epochs=2, lp_epochs=1, patience=2)
+# the benchmark's network with one or two epochs per phase: a couple of minutes on 2 CPU cores for the pipeline
+QUICK = Recipe(source_epochs=1, coef_epochs=2, ft_epochs=2, lp_epochs=1, patience=2)
 
 
 @pytest.fixture(scope="module")
