@@ -159,19 +159,17 @@ class KernelMerge(nn.Module):
             self._groups.append((names, [m[1] for m in members], [m[2][0].shape[0] for m in members]))
         del groups, source_params
 
-        for full in self._shapes:
+        # (owning module, attribute, placeholder) per merged tensor, in merged_parameters() order
+        self._slots = []
+        for full, shape in self._shapes.items():
             mod_name, _, local = full.rpartition(".")
             owner = template.get_submodule(mod_name)
             del owner._parameters[local]
             # a shape-only placeholder keeps repr() and attribute checks working; forward swaps the real tensor in
-            object.__setattr__(owner, local, torch.empty(self._shapes[full], device="meta", dtype=dtype))
+            placeholder = torch.empty(shape, device="meta", dtype=dtype)
+            object.__setattr__(owner, local, placeholder)
+            self._slots.append((owner, local, placeholder))
         self.network = template
-        # (owning module, attribute, placeholder) per merged tensor, in merged_parameters() order
-        self._slots = []
-        for full in self._shapes:
-            owner = template.get_submodule(full.rpartition(".")[0])
-            local = full.rpartition(".")[2]
-            self._slots.append((owner, local, owner.__dict__[local]))
 
         self.merge_logits = nn.Parameter(_initial_logits(n, total, anchor, anchor_weight, dtype))
         # identifies the sources and their order, so that a checkpoint is never resumed onto other sources

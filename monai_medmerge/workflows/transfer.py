@@ -205,7 +205,7 @@ def _from_source(source: nn.Module, num_classes: int, recipe: Recipe) -> nn.Modu
 def _record(model: nn.Module, val_loader, test_loader, history=None) -> dict:
     vp, vy = predict(model, val_loader)
     tp, ty = predict(model, test_loader)
-    rec = {"val": classification_metrics(vy, vp), "test": classification_metrics(ty, tp), "_test_probs": tp}
+    rec = {"val": classification_metrics(vy, vp), "test": classification_metrics(ty, tp), "_probs": (vp, tp)}
     if history is not None:
         rec["curve"] = [v["macro_f1"] for v in history.val]
     return rec
@@ -259,12 +259,11 @@ def run_seed(
     if "scratch" in methods:
         torch.manual_seed(seed)
         finetuned(build_network(k, recipe), "scratch")
-    ft_models = {}
     need_ft = {"ft_a", "ft_b", "ensemble", "layer_ft", "medmerge", "medmerge_ft"} & set(methods)
     for i, tag in enumerate(("a", "b")):
         if need_ft:
             torch.manual_seed(seed)
-            ft_models[tag] = finetuned(_from_source(sources[i], k, recipe), f"ft_{tag}")
+            finetuned(_from_source(sources[i], k, recipe), f"ft_{tag}")
         if f"lpft_{tag}" in methods:
             torch.manual_seed(seed)
             net = _from_source(sources[i], k, recipe)
@@ -285,7 +284,7 @@ def run_seed(
                 progress=progress,
             )
             finetuned(net, f"lpft_{tag}")
-    if ft_models:
+    if need_ft:
         out.anchor = int(recs["ft_b"]["val"]["macro_f1"] > recs["ft_a"]["val"]["macro_f1"])
     if "average_ft" in methods:
         torch.manual_seed(seed)
@@ -307,17 +306,17 @@ def run_seed(
         out.models[name] = net
         recs[name]["curve_phase1"] = [v["macro_f1"] for v in hist1.val]
     if "ensemble" in methods:
-        probs = (recs["ft_a"]["_test_probs"] + recs["ft_b"]["_test_probs"]) / 2
-        vp = [predict(m, val)[0] for m in ft_models.values()]
+        (va, ta), (vb, tb) = recs["ft_a"]["_probs"], recs["ft_b"]["_probs"]
+        probs = (ta + tb) / 2
         recs["ensemble"] = {
-            "val": classification_metrics(target.val.tensors[1].numpy(), sum(vp) / 2),
+            "val": classification_metrics(target.val.tensors[1].numpy(), (va + vb) / 2),
             "test": classification_metrics(target.test.tensors[1].numpy(), probs),
             "inference_cost": "2 networks (2x parameters and compute of one)",
         }
     for name in [m for m in recs if m not in methods]:
         del recs[name]
     for rec in recs.values():
-        rec.pop("_test_probs", None)
+        rec.pop("_probs", None)
     return out
 
 
