@@ -1,4 +1,4 @@
-"""Merge methods and their registry, and norm-statistics recalibration.
+"""Merge methods and their registry, alignment (weight matching) and norm-statistics recalibration.
 
 Every method is a small class registered by name; ``get_method("kernel", anchor=1)`` builds one, and
 ``list_methods()`` describes them all. See :mod:`monai_medmerge.merging.base` for the interface.
@@ -6,10 +6,12 @@ Every method is a small class registered by name; ``get_method("kernel", anchor=
 
 from __future__ import annotations
 
+from monai_medmerge.merging.alignment import align_sources, apply_permutation, weight_matching
 from monai_medmerge.merging.base import METHODS, MergeMethod, MethodParameter, get_method, list_methods, register_method
 from monai_medmerge.merging.fixed import Average, Interpolate
 from monai_medmerge.merging.learned import LearnedKernelMerge, LearnedLayerMerge, LearnedModelMerge
 from monai_medmerge.merging.norm import norm_layers, recalibrate_norm
+from monai_medmerge.merging.permutation import PermutationSpec, UnsupportedOperationError, permutation_spec
 
 __all__ = [
     "METHODS",
@@ -22,7 +24,13 @@ __all__ = [
     "MethodParameter",
     "get_method",
     "list_methods",
+    "PermutationSpec",
+    "UnsupportedOperationError",
+    "align_sources",
+    "apply_permutation",
     "norm_layers",
+    "permutation_spec",
     "recalibrate_norm",
     "register_method",
+    "weight_matching",
 ]

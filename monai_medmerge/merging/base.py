@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from monai_medmerge.merging.alignment import align_sources
 from monai_medmerge.networks import KernelMerge
 
 __all__ = ["MergeMethod", "MethodParameter", "register_method", "get_method", "list_methods", "METHODS"]
@@ -21,6 +22,11 @@ class MethodParameter:
     name: str
     default: Any
     doc: str
+
+
+COMMON_PARAMETERS = (
+    MethodParameter("align", False, "permute each source's channels onto the anchor's first (weight matching)"),
+)
 
 
 class MergeMethod(ABC):
@@ -42,7 +48,7 @@ class MergeMethod(ABC):
     parameters: ClassVar[tuple[MethodParameter, ...]] = ()
 
     def __init__(self, **settings: Any) -> None:
-        known = {p.name: p.default for p in self.parameters}
+        known = {p.name: p.default for p in (*self.parameters, *COMMON_PARAMETERS)}
         unknown = sorted(set(settings) - set(known))
         if unknown:
             raise ValueError(
@@ -50,11 +56,22 @@ class MergeMethod(ABC):
             )
         self.settings: dict[str, Any] = {**known, **settings}
 
-    @abstractmethod
     def build(
         self, sources: Sequence[nn.Module], head: str | None = None, out_channels: int | None = None
     ) -> KernelMerge:
-        """Wrap ``sources`` in a :class:`KernelMerge` set up for this method (``head``/``out_channels`` as there)."""
+        """Wrap ``sources`` in a :class:`KernelMerge` set up for this method (``head``/``out_channels`` as there).
+
+        With ``align=True`` the sources are first aligned onto the anchor (or source 0) by weight matching
+        (:func:`~monai_medmerge.merging.alignment.align_sources`); the given modules are not modified.
+        """
+        if self.settings["align"]:
+            anchor = self.settings.get("anchor")
+            sources = align_sources(sources, anchor=0 if anchor is None else anchor)
+        return self._build(sources, head, out_channels)
+
+    @abstractmethod
+    def _build(self, sources: Sequence[nn.Module], head: str | None, out_channels: int | None) -> KernelMerge:
+        """The method's own :class:`KernelMerge` over (possibly aligned) ``sources``."""
 
     def merge(
         self, sources: Sequence[nn.Module], head: str | None = None, out_channels: int | None = None
@@ -109,7 +126,7 @@ def list_methods() -> list[dict[str, Any]]:
             "pretty_name": cls.pretty_name,
             "reference": cls.reference,
             "learned": cls.learned,
-            "parameters": {p.name: {"default": p.default, "doc": p.doc} for p in cls.parameters},
+            "parameters": {p.name: {"default": p.default, "doc": p.doc} for p in (*cls.parameters, *COMMON_PARAMETERS)},
         }
         for cls in METHODS.values()
     ]

@@ -20,9 +20,7 @@ class Average(MergeMethod):
     pretty_name = "Uniform weight average"
     reference = "https://arxiv.org/abs/2203.05482"
 
-    def build(
-        self, sources: Sequence[nn.Module], head: str | None = None, out_channels: int | None = None
-    ) -> KernelMerge:
+    def _build(self, sources: Sequence[nn.Module], head: str | None, out_channels: int | None) -> KernelMerge:
         merge = KernelMerge(sources, head=head, out_channels=out_channels, granularity="model")
         merge.merge_logits.requires_grad_(False)
         return merge
@@ -48,9 +46,7 @@ class Interpolate(MergeMethod):
         if t is not None and not 0.0 <= float(t) <= 1.0:
             raise ValueError(f"interpolate: t must lie in [0, 1], got {t!r}.")
 
-    def build(
-        self, sources: Sequence[nn.Module], head: str | None = None, out_channels: int | None = None
-    ) -> KernelMerge:
+    def _build(self, sources: Sequence[nn.Module], head: str | None, out_channels: int | None) -> KernelMerge:
         weights = self.settings["weights"]
         if weights is None:
             if len(sources) != 2:

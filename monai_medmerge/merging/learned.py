@@ -22,9 +22,7 @@ class _LearnedMerge(MergeMethod):
     parameters = _ANCHOR_PARAMETERS
     granularity = ""
 
-    def build(
-        self, sources: Sequence[nn.Module], head: str | None = None, out_channels: int | None = None
-    ) -> KernelMerge:
+    def _build(self, sources: Sequence[nn.Module], head: str | None, out_channels: int | None) -> KernelMerge:
         return KernelMerge(
             sources,
             head=head,

@@ -18,7 +18,8 @@ def test_registry_lists_the_documented_methods():
     assert records["kernel"]["learned"] is True and records["average"]["learned"] is False
     assert records["kernel"]["reference"].startswith("https://arxiv.org/abs/2403.11646")
     assert records["kernel"]["parameters"]["anchor"]["default"] is None
-    assert set(records["interpolate"]["parameters"]) == {"t", "weights"}
+    assert set(records["interpolate"]["parameters"]) == {"t", "weights", "align"}
+    assert all(r["parameters"]["align"]["default"] is False for r in records.values())
 
 
 def test_unknown_method_and_setting():
@@ -80,7 +81,7 @@ def test_register_a_new_method_in_one_class():
         pretty_name = "First source"
         reference = "https://example.org"
 
-        def build(self, sources, head=None, out_channels=None):
+        def _build(self, sources, head, out_channels):
             merge = KernelMerge(sources, head=head, out_channels=out_channels, granularity="model")
             merge.set_coefficients([1.0] + [0.0] * (len(sources) - 1))
             return merge
