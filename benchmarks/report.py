@@ -82,19 +82,31 @@ def transfer_section(r: dict) -> str:
             f"| {label} | {f('test_macro_f1')} | {f('test_accuracy')} | {f('test_balanced_accuracy')} | "
             f"{f('test_auroc')} | {f('val_macro_f1')} |"
         )
-    paired = s.get("medmerge_ft_vs_best_single_source")
-    if paired:
+    for key, what in (
+        ("medmerge_ft_vs_best_single_source", "the best single-source fine-tuning"),
+        ("aligned_medmerge_ft_vs_best_single_source", "the best single-source fine-tuning"),
+        ("aligned_medmerge_ft_vs_medmerge_ft", "MedMerge + FT without alignment"),
+        ("aligned_average_ft_vs_average_ft", "uniform average + FT without alignment"),
+    ):
+        paired = s.get(key)
+        if not paired:
+            continue
         diffs = ", ".join(f"{100 * d:+.1f}" for d in paired["differences"])
         tests = []
         if "t_test_p" in paired:
             tests.append(f"paired t-test p = {paired['t_test_p']:.3g}")
         if "wilcoxon_p" in paired:
             tests.append(f"Wilcoxon p = {paired['wilcoxon_p']:.3g}")
+        name = r["methods"].get(paired.get("method", "medmerge_ft"), "MedMerge + FT")
+        chosen = (
+            f" ({r['methods'][paired['baseline']]}, chosen by mean validation macro-F1)"
+            if "chosen_on" in paired
+            else ""
+        )
         lines += [
             "",
-            f"MedMerge + FT minus the best single-source fine-tuning ({r['methods'][paired['baseline']]}, chosen by "
-            f"mean validation macro-F1): {100 * paired['mean_difference']:+.1f} macro-F1 points on average; per seed "
-            f"{diffs}; {'; '.join(tests) or 'one seed: no test'}.",
+            f"{name} minus {what}{chosen}: {100 * paired['mean_difference']:+.1f} macro-F1 points on average; "
+            f"per seed {diffs}; {'; '.join(tests) or 'one seed: no test'}.",
         ]
     anchors = ", ".join(f"seed {p['seed']}: {p['anchor'].upper()}" for p in r["per_seed"])
     rec = r["recipe"]

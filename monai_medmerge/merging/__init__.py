@@ -6,7 +6,7 @@ Every method is a small class registered by name; ``get_method("kernel", anchor=
 
 from __future__ import annotations
 
-from monai_medmerge.merging.alignment import align_sources, apply_permutation, weight_matching
+from monai_medmerge.merging.alignment import activation_matching, align_sources, apply_permutation, weight_matching
 from monai_medmerge.merging.base import METHODS, MergeMethod, MethodParameter, get_method, list_methods, register_method
 from monai_medmerge.merging.fixed import Average, Interpolate
 from monai_medmerge.merging.learned import LearnedKernelMerge, LearnedLayerMerge, LearnedModelMerge
@@ -26,6 +26,7 @@ __all__ = [
     "list_methods",
     "PermutationSpec",
     "UnsupportedOperationError",
+    "activation_matching",
     "align_sources",
     "apply_permutation",
     "norm_layers",

@@ -15,18 +15,33 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
-from monai.utils import optional_import
+from monai.utils import look_up_option, optional_import
 from torch import nn
 
-from monai_medmerge.merging.permutation import AxisSlice, PermutationSpec, example_input_for, permutation_spec
+from monai_medmerge.merging.permutation import (
+    AxisSlice,
+    PermutationSpec,
+    example_input_for,
+    permutation_spec,
+    trace_activations,
+)
 
 linear_sum_assignment, has_scipy = optional_import("scipy.optimize", name="linear_sum_assignment")
 
-__all__ = ["apply_permutation", "weight_matching", "align_sources", "AlignmentReport"]
+__all__ = [
+    "AlignmentReport",
+    "MATCHING",
+    "activation_matching",
+    "align_sources",
+    "apply_permutation",
+    "weight_matching",
+]
+
+MATCHING = ("weights", "activations")
 
 Permutations = dict[str, torch.Tensor]
 
@@ -158,6 +173,69 @@ def weight_matching(
     return perms, {"passes": passes, "objective_start": start, "objective_end": objective()}
 
 
+def activation_matching(
+    spec: PermutationSpec, anchor: nn.Module, source: nn.Module, batches: Iterable
+) -> tuple[Permutations, dict]:
+    """Permutations of ``source``'s groups that best correlate its feature maps with ``anchor``'s on data.
+
+    For each group, the correlation between every anchor channel and every source channel is summed over all
+    feature maps the group appears in (convolution, norm and activation outputs, residual sums, slices of
+    concatenations) and over ``batches``; one linear assignment per group then gives the permutation. Needs data,
+    but no coordinate descent, and it tends to work better than weight matching for narrow networks.
+
+    Args:
+        spec: the permutation groups (of the anchor's architecture).
+        anchor: network to align onto.
+        source: network to permute.
+        batches: input tensors, or ``(input, label)`` / ``{"image": input}`` batches.
+
+    Returns:
+        ``(perms, info)`` with ``info["mean_correlation_start"]`` and ``["mean_correlation_end"]`` over the groups.
+    """
+    if not has_scipy:
+        raise ImportError("activation matching needs scipy: pip install 'monai_medmerge[bench]' (or scipy).")
+    corr = {g: torch.zeros(n, n, dtype=torch.float64) for g, n in spec.sizes.items()}
+    count = dict.fromkeys(spec.sizes, 0)
+    seen = 0
+    for batch in batches:
+        x = _batch_input(batch)
+        ra, rb = trace_activations(anchor, x), trace_activations(source, x)
+        if [seg for _, seg in ra] != [seg for _, seg in rb]:
+            raise ValueError("anchor and source trace to different graphs; they must share one architecture.")
+        for (ma, segments), (mb, _) in zip(ra, rb, strict=True):
+            for group, offset, length in segments:
+                if group not in corr:
+                    continue
+                a, b = _standardize(ma[:, offset : offset + length]), _standardize(mb[:, offset : offset + length])
+                corr[group] += (a.T @ b).double() / a.shape[0]
+                count[group] += 1
+        seen += 1
+    if not seen:
+        raise ValueError("activation matching needs at least one batch of inputs.")
+    perms: Permutations = {}
+    start, end = [], []
+    for g, c in corr.items():
+        c = (c / max(count[g], 1)).numpy()
+        rows = np.arange(c.shape[0])
+        _, cols = linear_sum_assignment(c, maximize=True)
+        perms[g] = torch.as_tensor(cols, dtype=torch.long)
+        start.append(float(c[rows, rows].mean()))
+        end.append(float(c[rows, cols].mean()))
+    return perms, {"mean_correlation_start": float(np.mean(start)), "mean_correlation_end": float(np.mean(end))}
+
+
+def _standardize(m: torch.Tensor) -> torch.Tensor:
+    return (m - m.mean(0)) / (m.std(0) + 1e-6)
+
+
+def _batch_input(batch) -> torch.Tensor:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, Mapping):
+        return batch["image"]
+    return batch[0]
+
+
 def _is_buffer_key(key: str) -> bool:
     return key.endswith(("running_mean", "running_var"))
 
@@ -175,6 +253,8 @@ def align_sources(
     check: bool = True,
     atol: float = 1e-4,
     report: AlignmentReport | None = None,
+    matching: str = "weights",
+    data: Iterable | None = None,
 ) -> list[nn.Module]:
     """Align every source onto ``sources[anchor]`` by weight matching; the anchor itself is returned unchanged.
 
@@ -189,12 +269,16 @@ def align_sources(
             outputs differ by more than ``atol`` relative to their scale.
         atol: tolerance of that check.
         report: a dict to fill with what was done per source index.
+        matching: ``"weights"`` (weight matching, needs no data) or ``"activations"`` (correlation of feature maps
+            on ``data``, often better for narrow networks).
+        data: batches of inputs for ``matching="activations"`` (tensors, ``(x, y)`` tuples or dicts with
+            ``"image"``); by default ``example_input``.
 
     Returns:
         new modules (deep copies); the inputs are not modified.
 
     Raises:
-        ValueError: for fewer than two sources or a bad anchor index.
+        ValueError: for fewer than two sources, a bad anchor index or an unknown ``matching``.
         UnsupportedOperationError: when the network uses an operation the tracer cannot reason about.
         RuntimeError: when ``check`` finds that an aligned source computes something else (a bug, please report).
     """
@@ -204,6 +288,7 @@ def align_sources(
     if not (isinstance(anchor, int) and -n <= anchor < n):
         raise ValueError(f"anchor must be a source index in [0, {n - 1}], got {anchor!r}.")
     anchor %= n
+    matching = look_up_option(matching, MATCHING)
     ref = sources[anchor]
     x = example_input_for(ref) if example_input is None else example_input
     spec = permutation_spec(ref, x)
@@ -214,7 +299,11 @@ def align_sources(
             aligned.append(copy.deepcopy(src))
             continue
         start = time.perf_counter()
-        perms, info = weight_matching(spec, anchor_sd, src.state_dict(), max_iter=max_iter, seed=seed)
+        if matching == "weights":
+            perms, info = weight_matching(spec, anchor_sd, src.state_dict(), max_iter=max_iter, seed=seed)
+        else:
+            perms, info = activation_matching(spec, ref, src, [x] if data is None else data)
+        info["matching"] = matching
         new = copy.deepcopy(src)
         new.load_state_dict(apply_permutation(spec, perms, src.state_dict()))
         info["seconds"] = time.perf_counter() - start

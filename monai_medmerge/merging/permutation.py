@@ -26,7 +26,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["AxisSlice", "PermutationSpec", "UnsupportedOperationError", "permutation_spec", "example_input_for"]
+__all__ = [
+    "AxisSlice",
+    "PermutationSpec",
+    "UnsupportedOperationError",
+    "example_input_for",
+    "permutation_spec",
+    "trace_activations",
+]
 
 
 class UnsupportedOperationError(ValueError):
@@ -594,16 +601,70 @@ def permutation_spec(model: nn.Module, example_input: torch.Tensor | None = None
 def _collect(tracer: _Tracer) -> PermutationSpec:
     groups = tracer.groups
     spec = PermutationSpec()
-    names: dict[int, str] = {}
+    names = _group_names(tracer)
     for key, uses in tracer.uses.items():
         for axis, offset, g, inner in uses:
             root = groups.find(g)
-            if groups.fixed[root]:
-                continue
-            if root not in names:
-                name = groups.name[root]
-                names[root] = name if name not in spec.sizes else f"{name}#{root}"
-                spec.sizes[names[root]] = groups.size[root]
-                spec.slices[names[root]] = []
-            spec.slices[names[root]].append(AxisSlice(key, axis, offset, groups.size[root], inner))
+            if root in names:
+                name = names[root]
+                spec.sizes[name] = groups.size[root]
+                spec.slices.setdefault(name, []).append(AxisSlice(key, axis, offset, groups.size[root], inner))
     return spec
+
+
+def _group_names(tracer: _Tracer) -> dict[int, str]:
+    """Root group id -> unique name, for the groups that may be permuted (deterministic for one architecture)."""
+    groups = tracer.groups
+    names: dict[int, str] = {}
+    for uses in tracer.uses.values():
+        for _, _, g, _ in uses:
+            root = groups.find(g)
+            if not groups.fixed[root] and root not in names:
+                name = groups.name[root]
+                names[root] = name if name not in names.values() else f"{name}#{root}"
+    return names
+
+
+def trace_activations(model: nn.Module, x: torch.Tensor) -> list[tuple[torch.Tensor, list[tuple[str, int, int]]]]:
+    """Every feature map of ``model``'s forward on ``x``, as ``(samples, channels)`` matrices with their groups.
+
+    Returns:
+        in forward order, ``(matrix, [(group, offset, length), ...])`` per feature map that carries a group that may
+        be permuted; ``matrix`` has one column per channel (batch and spatial positions are samples). The order and
+        the group names are the same for every network of one architecture, so two networks' lists pair up.
+
+    Raises:
+        UnsupportedOperationError: as :func:`permutation_spec`.
+    """
+    tracer = _Tracer(model)
+    was_training = model.training
+    model.eval()
+    try:
+        x = x.detach().clone()
+        with torch.no_grad(), tracer:
+            source = tracer.groups.new(x.shape[1] if x.dim() > 1 else 1, "input", fixed=True)
+            tracer.set_feat(x, _Feat(1 if x.dim() > 1 else 0, (source,)))
+            out = model(x)
+    finally:
+        tracer.remove_hooks()
+        model.train(was_training)
+    for o in _flat(list(out.values()) if isinstance(out, dict) else [out]):
+        tracer.fix_feat(tracer.feat(o))
+    names = _group_names(tracer)
+    records, seen = [], set()
+    for t in tracer.alive:
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        feat = tracer.feats[id(t)]
+        segments, offset = [], 0
+        for g in feat.segments:
+            root = tracer.groups.find(g)
+            if root in names:
+                segments.append((names[root], offset, tracer.groups.size[root]))
+            offset += tracer.groups.size[root]
+        if segments:
+            m = t.detach().float().movedim(feat.axis, -1)
+            m = m.reshape(-1, offset, feat.inner).transpose(1, 2).reshape(-1, offset)
+            records.append((m, segments))
+    return records

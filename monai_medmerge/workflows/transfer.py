@@ -9,6 +9,8 @@ Methods (the names used in results):
 - ``layer_ft``: learned layer-level merge, collapsed, fine-tuned.
 - ``medmerge``: learned kernel-level merge (MedMerge) without fine-tuning, collapsed.
 - ``medmerge_ft``: the same, fine-tuned.
+- ``aligned_average_ft`` / ``aligned_medmerge_ft``: the same after aligning the sources onto the anchor by weight
+  matching (:func:`~monai_medmerge.merging.align_sources`), which permutes channels without changing functions.
 - ``ensemble``: mean probabilities of ``ft_a`` and ``ft_b``, an upper bound that costs N networks at inference.
 
 Every choice (the anchor source, the best epoch, the best single-source baseline) is made on validation data; the
@@ -30,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from monai_medmerge.data.tasks import cache_dir
-from monai_medmerge.merging import get_method, recalibrate_norm
+from monai_medmerge.merging import align_sources, get_method, recalibrate_norm
 from monai_medmerge.networks import KernelMerge
 from monai_medmerge.sources import load_checkpoint, save_checkpoint
 from monai_medmerge.workflows.loops import fine_tune, fit, learn_coefficients, predict
@@ -59,6 +61,8 @@ METHODS = (
     "layer_ft",
     "medmerge",
     "medmerge_ft",
+    "aligned_average_ft",
+    "aligned_medmerge_ft",
     "ensemble",
 )
 METHOD_LABELS = {
@@ -71,6 +75,8 @@ METHOD_LABELS = {
     "layer_ft": "learned layer merge + FT",
     "medmerge": "MedMerge, collapsed (no FT)",
     "medmerge_ft": "MedMerge + FT",
+    "aligned_average_ft": "aligned average + FT",
+    "aligned_medmerge_ft": "aligned MedMerge + FT",
     "ensemble": "ensemble of FT A and B (2x cost)",
 }
 
@@ -87,6 +93,8 @@ class Recipe:
         anchor_weight: starting share of the anchor source (chosen on validation per seed).
         ft_epochs, ft_lr, patience: every fine-tuning (phase 2 and the baselines), early stopping on validation.
         lp_epochs, lp_lr: the linear-probing stage of LP-FT.
+        alignment: how the ``aligned_*`` methods align the sources: ``"activations"`` (feature correlations on the
+            target's training images) or ``"weights"`` (weight matching).
     """
 
     widths: tuple[int, ...] = (16, 32, 64, 128)
@@ -103,6 +111,7 @@ class Recipe:
     patience: int = 8
     lp_epochs: int = 10
     lp_lr: float = 1e-2
+    alignment: str = "activations"
 
     def source_key(self, task: str, data_version: str = "") -> str:
         fields = {k: v for k, v in asdict(self).items() if k.startswith("source") or k in ("widths", "batch_size")}
@@ -259,7 +268,7 @@ def run_seed(
     if "scratch" in methods:
         torch.manual_seed(seed)
         finetuned(build_network(k, recipe), "scratch")
-    need_ft = {"ft_a", "ft_b", "ensemble", "layer_ft", "medmerge", "medmerge_ft"} & set(methods)
+    need_ft = {"ft_a", "ft_b", "ensemble", "layer_ft", "medmerge", "medmerge_ft", "aligned_medmerge_ft"} & set(methods)
     for i, tag in enumerate(("a", "b")):
         if need_ft:
             torch.manual_seed(seed)
@@ -286,17 +295,33 @@ def run_seed(
             finetuned(net, f"lpft_{tag}")
     if need_ft:
         out.anchor = int(recs["ft_b"]["val"]["macro_f1"] > recs["ft_a"]["val"]["macro_f1"])
-    if "average_ft" in methods:
-        torch.manual_seed(seed)
-        merge = get_method("average").build(list(sources), head=HEAD, out_channels=k)
-        recalibrate_norm(merge, train())
-        finetuned(merge.collapse(), "average_ft")
-    for name, granularity in (("layer_ft", "layer"), ("medmerge_ft", "kernel")):
-        if name not in methods and not (granularity == "kernel" and "medmerge" in methods):
+    aligned: list[nn.Module] = []
+    if {"aligned_average_ft", "aligned_medmerge_ft"} & set(methods):
+        # channels permuted onto the anchor's; target images drive the tracing and the function check
+        aligned = align_sources(
+            list(sources),
+            anchor=out.anchor,
+            example_input=target.train.tensors[0][:16],
+            matching=recipe.alignment,
+            data=[target.train.tensors[0]],
+        )
+    for name, pool in (("average_ft", sources), ("aligned_average_ft", aligned)):
+        if name in methods:
+            torch.manual_seed(seed)
+            merge = get_method("average").build(list(pool), head=HEAD, out_channels=k)
+            recalibrate_norm(merge, train())
+            finetuned(merge.collapse(), name)
+    for name, granularity, pool in (
+        ("layer_ft", "layer", sources),
+        ("medmerge_ft", "kernel", sources),
+        ("aligned_medmerge_ft", "kernel", aligned),
+    ):
+        plain_medmerge = name == "medmerge_ft" and "medmerge" in methods
+        if name not in methods and not plain_medmerge:
             continue
         torch.manual_seed(seed)
-        merge, plain, hist1 = learned_merge(sources, k, train(), val, recipe, granularity, out.anchor, progress)
-        if granularity == "kernel":
+        merge, plain, hist1 = learned_merge(pool, k, train(), val, recipe, granularity, out.anchor, progress)
+        if name == "medmerge_ft":
             recs["medmerge"] = _record(plain, val, test, hist1)
             out.coefficients = {u: a.mean(1).tolist() for u, a in merge.coefficients().items()}
             if name not in methods:
@@ -389,26 +414,35 @@ def summarize(
                     "values": vals.tolist(),
                 }
     summary = {"methods": table, "seeds": [r.seed for r in results]}
-    if {"ft_a", "ft_b", "medmerge_ft"} <= set(methods):
+    if {"ft_a", "ft_b"} <= set(methods):
         best = max(("ft_a", "ft_b"), key=lambda m: table[m]["val_macro_f1"]["mean"])
-        diffs = np.array(table["medmerge_ft"]["test_macro_f1"]["values"]) - np.array(
-            table[best]["test_macro_f1"]["values"]
-        )
-        paired = {
-            "baseline": best,
-            "chosen_on": "mean validation macro-F1",
-            "differences": diffs.tolist(),
-            "mean_difference": float(diffs.mean()),
-        }
-        if len(diffs) > 1:
-            from scipy import stats
-
-            paired["t_test_p"] = float(
-                stats.ttest_rel(
-                    table["medmerge_ft"]["test_macro_f1"]["values"], table[best]["test_macro_f1"]["values"]
-                ).pvalue
-            )
-            if len(diffs) >= 5 and np.any(diffs != 0):
-                paired["wilcoxon_p"] = float(stats.wilcoxon(diffs).pvalue)
-        summary["medmerge_ft_vs_best_single_source"] = paired
+        for name, baseline, key in (
+            ("medmerge_ft", best, "medmerge_ft_vs_best_single_source"),
+            ("aligned_medmerge_ft", best, "aligned_medmerge_ft_vs_best_single_source"),
+        ):
+            if name in methods:
+                summary[key] = _paired(table, name, baseline) | {"chosen_on": "mean validation macro-F1"}
+    for name, baseline in (("aligned_medmerge_ft", "medmerge_ft"), ("aligned_average_ft", "average_ft")):
+        if {name, baseline} <= set(methods):
+            summary[f"{name}_vs_{baseline}"] = _paired(table, name, baseline)
     return summary
+
+
+def _paired(table: dict, name: str, baseline: str) -> dict:
+    """Per-seed test macro-F1 differences ``name - baseline``, their mean, a paired t-test and a Wilcoxon test."""
+    a = np.array(table[name]["test_macro_f1"]["values"])
+    b = np.array(table[baseline]["test_macro_f1"]["values"])
+    diffs = a - b
+    paired = {
+        "method": name,
+        "baseline": baseline,
+        "differences": diffs.tolist(),
+        "mean_difference": float(diffs.mean()),
+    }
+    if len(diffs) > 1:
+        from scipy import stats
+
+        paired["t_test_p"] = float(stats.ttest_rel(a, b).pvalue)
+        if len(diffs) >= 5 and np.any(diffs != 0):
+            paired["wilcoxon_p"] = float(stats.wilcoxon(diffs).pvalue)
+    return paired

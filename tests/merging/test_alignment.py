@@ -229,3 +229,35 @@ def test_align_sources_checks_arguments():
         align_sources([a])
     with pytest.raises(ValueError, match="anchor must be a source index"):
         align_sources([a, a], anchor=2)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "densenet121", "custom"])
+def test_activation_matching_recovers_a_shuffle_and_preserves_function(arch):
+    net = _source(arch, 2, 0)
+    x = _input(2, seed=2)
+    spec = permutation_spec(net, x)
+    g = torch.Generator().manual_seed(5)
+    shuffled = copy.deepcopy(net)
+    shuffled.load_state_dict(
+        apply_permutation(spec, {n: torch.randperm(k, generator=g) for n, k in spec.sizes.items()}, net.state_dict())
+    )
+    report = {}
+    data = [(_input(2, seed=s), torch.zeros(4)) for s in (10, 11)]
+    aligned = align_sources([net, shuffled], example_input=x, matching="activations", data=data, report=report)[1]
+    for key, value in net.state_dict().items():
+        assert torch.equal(aligned.state_dict()[key], value), key
+    # (dead or constant channels correlate with nothing, so the mean stays below 1)
+    assert report[1]["mean_correlation_end"] > report[1]["mean_correlation_start"] + 0.5
+
+    other = _trained(_source(arch, 2, 1, num_classes=6), 2)
+    moved = align_sources([net, other], example_input=x, matching="activations", data=[x])[1]
+    assert _changed(other, moved) > 0
+    assert torch.allclose(_out(moved, x), _out(other, x), rtol=1e-4, atol=1e-4)
+
+
+def test_activation_matching_needs_data_and_a_known_method():
+    a, b = _source("custom", 2, 0), _source("custom", 2, 1)
+    with pytest.raises(ValueError, match="at least one batch"):
+        align_sources([a, b], matching="activations", data=[])
+    with pytest.raises(ValueError, match="activation"):
+        align_sources([a, b], matching="correlation")

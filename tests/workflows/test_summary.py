@@ -33,6 +33,15 @@ def test_paired_comparison_uses_validation_to_pick_the_baseline():
     assert paired["mean_difference"] == pytest.approx(np.mean(np.subtract(mm, b)))
     assert paired["t_test_p"] == pytest.approx(stats.ttest_rel(mm, b).pvalue)
     assert paired["wilcoxon_p"] == pytest.approx(stats.wilcoxon(np.subtract(mm, b)).pvalue)
+    assert "aligned_medmerge_ft_vs_medmerge_ft" not in summary  # only rows that were run are compared
+
+    for r, aligned in zip(seeds, [0.56, 0.60, 0.50, 0.59, 0.60], strict=True):
+        r.records["aligned_medmerge_ft"] = _rec(0.47, aligned)
+    summary = summarize(seeds)
+    vs = summary["aligned_medmerge_ft_vs_medmerge_ft"]
+    np.testing.assert_allclose(vs["differences"], np.subtract([0.56, 0.60, 0.50, 0.59, 0.60], mm), atol=1e-12)
+    assert vs["baseline"] == "medmerge_ft" and vs["method"] == "aligned_medmerge_ft"
+    assert summary["aligned_medmerge_ft_vs_best_single_source"]["baseline"] == "ft_b"
     assert summary["methods"]["ft_a"]["test_macro_f1"]["std"] == pytest.approx(
         np.std([0.60, 0.62, 0.61, 0.63, 0.59], ddof=1)
     )
