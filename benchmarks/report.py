@@ -55,10 +55,10 @@ def merge_overhead_section(r: dict) -> str:
     return "\n".join(lines)
 
 
-def transfer_section(r: dict) -> str:
+def transfer_section(r: dict, stem: str) -> str:
     s = r["summary"]
     lines = [
-        f"## MedMerge against transfer baselines: {r['task']}, k = {r['k']} (`medmerge benchmark`)",
+        f"## MedMerge against transfer baselines: {r['task']}, k = {r['k']} (`{stem}.json`)",
         "",
         f"Target: {r['data']['target']['name']} ({len(r['data']['target']['classes'])} classes), "
         f"{r['data']['target']['train']} training / {r['data']['target']['val']} validation / "
@@ -121,7 +121,7 @@ def transfer_section(r: dict) -> str:
         "",
     ]
     lines += [f"![{p}](../benchmarks/results/{p})" for p in r.get("pictures", [])]
-    lines += ["", f"Per-seed numbers: `benchmarks/results/{r['task']}_k{r['k']}_per_seed.csv`.", ""]
+    lines += ["", f"Per-seed numbers: `benchmarks/results/{stem}_per_seed.csv`.", ""]
     return "\n".join(lines)
 
 
@@ -152,7 +152,57 @@ def explore_section(r: dict) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = {"merge_overhead": merge_overhead_section}
+def alignment_section(r: dict) -> str:
+    lp = r["linear_path"]
+    path = lp["path"]
+    labels = {"naive": "naive", "aligned_weights": "weight matching", "aligned_activations": "activation matching"}
+    lines = [
+        "## Alignment: the linear path between two models (`benchmarks/alignment.py`)",
+        "",
+        f"Two {lp['architecture']} models (widths {lp['widths']}) trained for {lp['training_epochs']} epochs on "
+        f"{lp['task']} from seeds {lp['seeds']}; the second is permuted onto the first (or not), then the weights "
+        f"are interpolated at {len(path['t'])} points, norm statistics {lp['norm_statistics']}. Validation loss "
+        "and accuracy at each point; the barrier is the midpoint loss minus the mean of the end-point losses.",
+        "",
+        "| t | " + " | ".join(f"loss {v} | acc {v}" for v in labels.values()) + " |",
+        "|---" * (1 + 2 * len(labels)) + "|",
+    ]
+    for i, t in enumerate(path["t"]):
+        cells = [f"{path[k]['val_loss'][i]:.3f} | {path[k]['val_accuracy'][i]:.3f}" for k in labels]
+        lines.append(f"| {t:.1f} | " + " | ".join(cells) + " |")
+    lines += ["", "| alignment | midpoint loss barrier | midpoint accuracy drop | seconds | max output change |"]
+    lines.append("|---|---|---|---|---|")
+    for k, v in labels.items():
+        info = lp["alignment"].get(k.replace("aligned_", ""), {})
+        secs = f"{info['seconds_total']:.2f}" if "seconds_total" in info else "-"
+        diff = f"{info['max_output_difference']:.1e}" if "max_output_difference" in info else "-"
+        lines.append(
+            f"| {v} | {path[k]['loss_barrier_midpoint']:.3f} | {path[k]['accuracy_drop_midpoint']:.3f} | "
+            f"{secs} | {diff} |"
+        )
+    lines += [
+        "",
+        f"Activation matching used {lp.get('activation_matching_data', 'training data')}.",
+        "",
+        "![alignment_path.png](../benchmarks/results/alignment_path.png)",
+        "",
+        "Time to align one source onto another (weight matching until no group improves, "
+        "including tracing, permuting and the function check), median of repeats:",
+        "",
+        "| network | input | median s | runs (s) | passes |",
+        "|---|---|---|---|---|",
+    ]
+    for name, t in r["alignment_time"].items():
+        runs = ", ".join(f"{x:.1f}" for x in t["seconds"])
+        lines.append(
+            f"| {name} | {'x'.join(map(str, t['input_shape']))} | {t['median_seconds']:.1f} | {runs} | "
+            f"{', '.join(map(str, t['passes']))} |"
+        )
+    lines += ["", f"Machine: {_machine(r['machine'])}.", ""]
+    return "\n".join(lines)
+
+
+SECTIONS = {"merge_overhead": merge_overhead_section, "alignment": alignment_section}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -176,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     for path in sorted(args.results.glob("*_k*.json")):
         data = json.loads(path.read_text())
         if data.get("benchmark") == "transfer":
-            parts.append(transfer_section(data))
+            parts.append(transfer_section(data, path.stem))
     for path in sorted(args.results.glob("explore_*.json")):
         parts.append(explore_section(json.loads(path.read_text())))
     notes = HERE / "results" / "NOTES.md"

@@ -92,16 +92,18 @@ def test_alignment_preserves_function_of_random_sources(arch, spatial_dims):
     assert report[1]["objective_end"] > report[1]["objective_start"]
 
 
-@pytest.mark.parametrize("arch", ["resnet10", "densenet121", "custom"])
-def test_alignment_preserves_function_of_trained_sources(arch):
-    a = _trained(_source(arch, 2, 0), 2)
-    b = _trained(_source(arch, 2, 1, num_classes=7), 2)
-    x = _input(2, seed=9)
+@pytest.mark.parametrize(
+    "arch,spatial_dims", [("resnet10", 2), ("resnet18", 3), ("densenet121", 2), ("seresnet50", 2), ("custom", 3)]
+)
+def test_alignment_preserves_function_of_trained_sources(arch, spatial_dims):
+    a = _trained(_source(arch, spatial_dims, 0), spatial_dims)
+    b = _trained(_source(arch, spatial_dims, 1, num_classes=7), spatial_dims)
+    x = _input(spatial_dims, seed=9)
     aligned = align_sources([a, b], anchor=0, example_input=x, max_iter=2)
     assert _changed(b, aligned[1]) > 0
     assert torch.allclose(_out(aligned[1], x), _out(b, x), rtol=1e-4, atol=1e-4)
     # the head's class axis is never permuted: its bias (one entry per class) is untouched
-    head = {"resnet10": "fc.bias", "densenet121": "class_layers.out.bias", "custom": "fc.bias"}[arch]
+    head = {"densenet121": "class_layers.out.bias", "seresnet50": "last_linear.bias"}.get(arch, "fc.bias")
     assert torch.equal(aligned[1].state_dict()[head], b.state_dict()[head])
 
 
