@@ -57,3 +57,14 @@ def make_source(ctor, seed: int, **kwargs) -> nn.Module:
             if p.dim() == 1:
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
     return net.eval()
+
+
+@pytest.fixture(scope="session")
+def example_workspace(tmp_path_factory):
+    """A tiny example workspace: NIfTI target images with a datalist, two pretrained source bundles."""
+    pytest.importorskip("nibabel")
+    pytest.importorskip("ignite")
+    from monai_medmerge.bundle.example import make_example
+
+    root = tmp_path_factory.mktemp("example") / "workspace"
+    return make_example(root, shots=8, test_per_class=5, source_epochs=1, widths=[8, 16, 16, 32], progress=False)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from monai_medmerge.merging.alignment import align_sources
@@ -26,6 +27,7 @@ class MethodParameter:
 
 COMMON_PARAMETERS = (
     MethodParameter("align", False, "permute each source's channels onto the anchor's first (weight matching)"),
+    MethodParameter("matching", "weights", "how to align: 'weights' (no data) or 'activations' (needs align_data)"),
 )
 
 
@@ -57,16 +59,29 @@ class MergeMethod(ABC):
         self.settings: dict[str, Any] = {**known, **settings}
 
     def build(
-        self, sources: Sequence[nn.Module], head: str | None = None, out_channels: int | None = None
+        self,
+        sources: Sequence[nn.Module],
+        head: str | None = None,
+        out_channels: int | None = None,
+        example_input: torch.Tensor | None = None,
+        align_data: Iterable | None = None,
     ) -> KernelMerge:
         """Wrap ``sources`` in a :class:`KernelMerge` set up for this method (``head``/``out_channels`` as there).
 
-        With ``align=True`` the sources are first aligned onto the anchor (or source 0) by weight matching
-        (:func:`~monai_medmerge.merging.alignment.align_sources`); the given modules are not modified.
+        With ``align=True`` the sources are first aligned onto the anchor (or source 0) by weight matching, or by
+        activation matching on ``align_data`` when ``matching="activations"``
+        (:func:`~monai_medmerge.merging.alignment.align_sources`, which also receives ``example_input``); the given
+        modules are not modified.
         """
         if self.settings["align"]:
             anchor = self.settings.get("anchor")
-            sources = align_sources(sources, anchor=0 if anchor is None else anchor)
+            sources = align_sources(
+                sources,
+                anchor=0 if anchor is None else anchor,
+                example_input=example_input,
+                matching=self.settings["matching"],
+                data=align_data,
+            )
         return self._build(sources, head, out_channels)
 
     @abstractmethod

@@ -1,0 +1,230 @@
+"""Datalists of labelled images in MONAI's decathlon style, and a check of every item before training.
+
+A datalist is a JSON file with ``"training"``, ``"validation"`` and ``"test"`` lists of
+``{"image": <file or DICOM series folder>, "label": <class index>}``, the format that
+``monai.data.load_decathlon_datalist`` reads. :func:`load_datalist` reads it with the same conventions and checks
+each item; :func:`check_items` loads every image once, so that a corrupt file stops the run before training, or is
+skipped and written to a report with ``skip_bad``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from monai_medmerge.data.transforms import BadImageError, CheckedLoadImaged, as_class_label
+
+__all__ = ["check_items", "load_datalist"]
+
+PathLike = str | os.PathLike[str]
+SECTIONS = ("training", "validation", "test")
+
+logger = logging.getLogger(__name__)
+
+
+def _num_classes(class_names: Sequence[str] | None, num_classes: int | None) -> int | None:
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)):
+        raise ValueError(f"num_classes must be a positive integer or None, got {num_classes!r}")
+    if num_classes is not None and num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer or None, got {num_classes!r}")
+    if class_names is None:
+        return num_classes
+    if isinstance(class_names, str) or not all(isinstance(c, str) for c in class_names):
+        raise ValueError(f"class_names must be a list of strings, got {class_names!r}")
+    if not class_names:
+        raise ValueError("class_names is empty")
+    if num_classes is not None and num_classes != len(class_names):
+        raise ValueError(f"num_classes is {num_classes} but class_names has {len(class_names)} names: {class_names}")
+    return len(class_names)
+
+
+def load_datalist(
+    path: PathLike,
+    base_dir: PathLike | None = None,
+    class_names: Sequence[str] | None = None,
+    num_classes: int | None = None,
+    sections: Sequence[str] = SECTIONS,
+    require_label: bool = True,
+) -> dict[str, list[dict]]:
+    """Read a decathlon-style datalist of labelled images and check every item's fields.
+
+    Each item is ``{"image": <file or DICOM series folder>, "label": <int>}``, possibly with more keys, which are
+    kept. As in ``monai.data.load_decathlon_datalist``, an item may also be a bare image path (usual in ``"test"``),
+    and relative image paths are resolved against ``base_dir``, by default the datalist's folder. A label given as a
+    whole float (``1.0``) is read as the integer. Images are not opened here (see :func:`check_items`).
+
+    Args:
+        path: the JSON file.
+        base_dir: folder that relative image paths start from; ``None`` for the datalist's folder.
+        class_names: the class names, label ``i`` being ``class_names[i]``; sets ``num_classes`` to their count.
+        num_classes: the number of classes; labels must lie in ``[0, num_classes)``. ``None`` with no
+            ``class_names`` checks only that labels are non-negative integers.
+        sections: the lists to read. A section missing from the file gives an empty list; the caller decides
+            whether that is acceptable (training usually needs ``"training"``).
+        require_label: whether every item needs a ``"label"``; False for lists of unlabelled images to classify.
+
+    Returns:
+        a dict from each section name to its list of items, with ``"image"`` an absolute, normalised path string
+        and ``"label"`` an ``int``.
+
+    Raises:
+        FileNotFoundError: when ``path`` does not exist.
+        ValueError: when the file is not valid JSON or not an object, a section is not a list, an item is not an
+            object or a path, ``"image"`` or (with ``require_label``) ``"label"`` is missing, a label is not an
+            integer or lies outside ``[0, num_classes)``, or an image path does not exist; also for inconsistent
+            ``class_names`` and ``num_classes``. The message names the datalist file, the section, the item's index
+            and the field.
+    """
+    path = Path(path).expanduser()
+    n_classes = _num_classes(class_names, num_classes)
+    if isinstance(sections, str):
+        sections = (sections,)
+    if not path.is_file():
+        raise FileNotFoundError(f"datalist {path} does not exist")
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"datalist {path} is not valid JSON: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"datalist {path} is not UTF-8 text: {e}") from e
+    if not isinstance(content, dict):
+        raise ValueError(f"datalist {path} must hold a JSON object with the sections, got a {type(content).__name__}")
+    base = Path(base_dir).expanduser() if base_dir is not None else path.parent
+    result: dict[str, list[dict]] = {}
+    for section in sections:
+        entries = content.get(section, [])
+        if not isinstance(entries, list):
+            raise ValueError(
+                f"datalist {path}, section {section!r}: expected a list of items, got a {type(entries).__name__}"
+            )
+        result[section] = [
+            _read_item(entry, path, section, index, base, n_classes, require_label)
+            for index, entry in enumerate(entries)
+        ]
+    return result
+
+
+def _read_item(
+    entry: Any, path: Path, section: str, index: int, base: Path, n_classes: int | None, require_label: bool
+) -> dict:
+    where = f"datalist {path}, section {section!r}, item {index}"
+    if isinstance(entry, str):
+        entry = {"image": entry}
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: expected an object with 'image' and 'label', got {entry!r}")
+    item = dict(entry)
+    if "image" not in item:
+        raise ValueError(f"{where}, field 'image': missing")
+    image = item["image"]
+    if not isinstance(image, str) or not image:
+        raise ValueError(f"{where}, field 'image': expected a file or folder path, got {image!r}")
+    resolved = Path(os.path.normpath(base / Path(image).expanduser()))
+    if not resolved.exists():
+        raise ValueError(f"{where}, field 'image': {resolved} does not exist")
+    item["image"] = str(resolved)
+    if "label" not in item:
+        if require_label:
+            raise ValueError(f"{where}, field 'label': missing")
+    else:
+        try:
+            item["label"] = as_class_label(item["label"], n_classes)
+        except ValueError as e:
+            raise ValueError(f"{where}, field 'label': {e}") from None
+    return item
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    try:
+        return as_class_label(value)
+    except ValueError:
+        return repr(value)
+
+
+def _write_report(report_path: PathLike, skipped: list[dict]) -> Path:
+    report = Path(report_path).expanduser()
+    report.parent.mkdir(parents=True, exist_ok=True)
+    tmp = report.with_name(f".{report.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_text(json.dumps(skipped, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, report)  # a reader of the report never sees half of it
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return report
+
+
+def check_items(
+    items: Sequence[Mapping[str, Any]],
+    reader: str,
+    skip_bad: bool = False,
+    report_path: PathLike | None = None,
+    num_classes: int | None = None,
+    progress: bool = False,
+    **loader_kwargs: Any,
+) -> list[dict]:
+    """Check every item before training: a valid label, and an image that loads with the chosen reader.
+
+    Each image is actually loaded with :class:`~monai_medmerge.data.transforms.CheckedLoadImaged` (and thrown
+    away), so a truncated or non-image file, an empty series folder, a series with a missing or corrupt slice, and
+    a file the reader cannot read are all found now instead of in the middle of an epoch. This costs one read of
+    every image.
+
+    Args:
+        items: dicts with ``"image"`` and, optionally, ``"label"``, as :func:`load_datalist` returns them.
+        reader: the one reader to load with, as for ``CheckedLoadImaged``.
+        skip_bad: False to raise at the first bad item; True to leave bad items out, log a warning for each and
+            write them to ``report_path``.
+        report_path: with ``skip_bad``, a JSON file that receives the list of skipped items as
+            ``{"image", "label", "reason"}`` (an empty list when none was skipped). Written to a temporary file and
+            renamed into place.
+        num_classes: when given, a label must lie in ``[0, num_classes)``.
+        progress: show a progress bar.
+        loader_kwargs: more arguments for ``CheckedLoadImaged`` (for example ``check_suffix`` or ``series_name``).
+
+    Returns:
+        the good items, the same dicts in the same order.
+
+    Raises:
+        BadImageError: without ``skip_bad``, for the first bad item; the message names the file and the problem.
+        ValueError: for an item that is not a dict with ``"image"``, an unknown reader, or, with ``skip_bad``,
+            when every item is bad.
+    """
+    loader = CheckedLoadImaged(keys="image", reader=reader, **loader_kwargs)
+    good: list[dict] = []
+    skipped: list[dict] = []
+    for index, item in enumerate(tqdm(items, desc="checking images", disable=not progress)):
+        if not isinstance(item, Mapping) or "image" not in item:
+            raise ValueError(f"item {index} must be a dict with an 'image' key, got {item!r}")
+        try:
+            if "label" in item:
+                try:
+                    as_class_label(item["label"], num_classes)
+                except ValueError as e:
+                    raise BadImageError(item["image"], f"label {e}") from None
+            loader({"image": item["image"]})
+        except BadImageError as e:
+            if not skip_bad:
+                raise
+            skipped.append({"image": str(item["image"]), "label": _jsonable(item.get("label")), "reason": e.reason})
+            logger.warning("skipping item %d: %s", index, e)
+        else:
+            good.append(item)  # type: ignore[arg-type]
+    if not skip_bad:
+        return good
+    report = _write_report(report_path, skipped) if report_path is not None else None
+    if skipped:
+        where = f"; the list is in {report}" if report is not None else ""
+        logger.warning("skipped %d of %d items as bad%s", len(skipped), len(items), where)
+    if skipped and not good:
+        where = f"; the skip list is in {report}" if report is not None else ""
+        raise ValueError(f"all {len(skipped)} items are bad, none is left (the first: {skipped[0]['reason']}){where}")
+    return good

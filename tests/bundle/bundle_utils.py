@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "medmerge_classification"
+WIDTHS = [8, 16, 16, 32]
+
+
+def bundle_copy(dst: Path) -> Path:
+    """A copy of bundles/medmerge_classification to train in (so the repository's folder stays clean)."""
+    shutil.copytree(BUNDLE, dst)
+    return dst
+
+
+def overrides(example: dict, bundle_root: Path, **more) -> list[str]:
+    """Command-line overrides that point the bundle at the example workspace, with small networks and epochs."""
+    values = {
+        "bundle_root": str(bundle_root),
+        "dataset_dir": str(Path(example["datalist"]).parent),
+        "sources": repr(example["sources"]),
+        "class_names": repr(example["class_names"]),
+        "network_args#block_inplanes": repr(WIDTHS),
+        "phase1_epochs": "2",
+        "phase2_epochs": "2",
+        "batch_size": "8",
+        "progress": "False",
+        **{k: str(v) for k, v in more.items()},
+    }
+    out = []
+    for k, v in values.items():
+        out += [f"--{k}", v]
+    return out
+
+
+def run_bundle(bundle_root: Path, configs: list[str], args: list[str], run_id: str | None = None, timeout=600):
+    """``python -m monai.bundle run`` in ``bundle_root``; returns the completed process (stdout+stderr in .stdout)."""
+    files = [str(bundle_root / "configs" / c) for c in configs]
+    cmd = [sys.executable, "-m", "monai.bundle", "run"]
+    if run_id:
+        cmd.append(run_id)
+    cmd += ["--config_file", repr(files), "--logging_file", str(bundle_root / "configs" / "logging.conf"), *args]
+    proc = subprocess.run(cmd, cwd=bundle_root, capture_output=True, text=True, timeout=timeout)
+    proc.stdout = proc.stdout + proc.stderr
+    return proc
