@@ -23,6 +23,16 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--k", type=int, default=50, help="labelled target examples per class")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--no-progress", action="store_true")
+    x = sub.add_parser(
+        "example",
+        help="write a small example workspace for bundles/medmerge_classification (NIfTI images, two sources)",
+    )
+    x.add_argument("--out", default="medmerge_out/example", help="the workspace folder to write")
+    x.add_argument("--shots", type=int, default=16, help="target training images per class")
+    x.add_argument("--source-epochs", type=int, default=3, help="pretraining epochs of each source")
+    x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    x.add_argument("--no-progress", action="store_true")
     sub.add_parser("methods", help="list the registered merge methods and their settings (JSON)")
     b = sub.add_parser("benchmark", help="compare MedMerge with transfer baselines on an offline task, over seeds")
     b.add_argument("--task", choices=["brain", "fashion"], default="brain")
@@ -40,6 +50,37 @@ def main(argv: list[str] | None = None) -> int:
         help="change recipe settings, e.g. --set anchor_weight=0.99 coef_lr=0.05",
     )
     b.add_argument("--no-progress", action="store_true")
+    e = sub.add_parser(
+        "export",
+        help="write a checkpoint as a standard MONAI bundle that runs without monai_medmerge",
+        description="Write a checkpoint as a MONAI bundle folder (configs/metadata.json, configs/inference.yaml, "
+        "models/model.pt, models/model.ts) that `python -m monai.bundle run` runs with MONAI and torch only.",
+    )
+    e.add_argument("--checkpoint", required=True, help="the network's weights (.pt, .pth, .ckpt or .safetensors)")
+    e.add_argument(
+        "--network-def",
+        required=True,
+        metavar="FILE",
+        help="JSON/YAML file: a '_target_' network config, or a bundle config with the id 'network_def'",
+    )
+    e.add_argument("--network-def-id", default="network_def", help="id of the network in a bundle config")
+    e.add_argument("--checkpoint-key", default=None, help="entry of the checkpoint that holds the state dict")
+    e.add_argument("--classes", nargs="+", required=True, metavar="NAME", help="class names, in output order")
+    e.add_argument(
+        "--spatial-size", nargs="+", type=int, required=True, metavar="N", help="network input size, e.g. 96 96 96"
+    )
+    e.add_argument("--out", required=True, help="the bundle folder to write")
+    e.add_argument("--in-channels", type=int, default=1)
+    e.add_argument("--modality", default="other", help="CT (window), MR (percentiles) or other (normalisation)")
+    e.add_argument("--window", nargs=2, type=float, default=(-1000.0, 1000.0), metavar=("LOW", "HIGH"))
+    e.add_argument("--percentiles", nargs=2, type=float, default=(1.0, 99.0), metavar=("LOW", "HIGH"))
+    e.add_argument("--pixdim", nargs="+", type=float, default=None, help="resample to this spacing first")
+    e.add_argument("--reader", default="ITKReader", help="MONAI image reader (ITKReader reads DICOM series folders)")
+    e.add_argument("--name", default="medmerge_classification", help="bundle name (metadata)")
+    e.add_argument("--description", default="", help="bundle description (metadata and README)")
+    e.add_argument("--version", default="0.1.0", help="bundle version")
+    e.add_argument("--no-torchscript", action="store_true", help="do not write models/model.ts")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     args = parser.parse_args(argv)
 
     if args.command == "quickstart":
@@ -66,11 +107,63 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
             name=args.name,
         )
+    elif args.command == "export":
+        return _export(args)
+    elif args.command == "example":
+        from monai_medmerge.bundle.example import make_example
+
+        try:
+            info = make_example(
+                args.out,
+                shots=args.shots,
+                source_epochs=args.source_epochs,
+                seed=args.seed,
+                overwrite=args.overwrite,
+                progress=not args.no_progress,
+            )
+        except FileExistsError as e:
+            print(f"medmerge example: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(info, indent=2))
     elif args.command == "methods":
         from monai_medmerge.merging import list_methods
 
         json.dump(list_methods(), sys.stdout, indent=2)
         print()
+    return 0
+
+
+def _export(args) -> int:
+    from monai_medmerge.bundle import export_from_checkpoint
+
+    try:
+        out = export_from_checkpoint(
+            args.checkpoint,
+            args.network_def,
+            args.out,
+            args.classes,
+            args.spatial_size,
+            checkpoint_key=args.checkpoint_key,
+            network_def_id=args.network_def_id,
+            in_channels=args.in_channels,
+            name=args.name,
+            description=args.description,
+            version=args.version,
+            torchscript=not args.no_torchscript,
+            overwrite=args.overwrite,
+            reader=args.reader,
+            modality=args.modality,
+            window=args.window,
+            percentiles=args.percentiles,
+            pixdim=args.pixdim,
+        )
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        raise SystemExit(f"medmerge export: {e}") from None
+    print(f"[medmerge export] bundle written to {out}")
+    print(
+        f"  run it: python -m monai.bundle run --config_file {out}/configs/inference.yaml --bundle_root {out} "
+        "--dataset_dir IMAGES --output_dir OUT"
+    )
     return 0
 
 

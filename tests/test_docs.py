@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ["README.md", "docs/api.md", "docs/data.md", "docs/method.md"]
+PAGES = ["README.md", "docs/api.md", "docs/data.md", "docs/method.md", "docs/pipelines.md", "docs/export.md"]
 
 
 def _blocks(page: str) -> list[str]:

@@ -1,7 +1,8 @@
-"""Export a collapsed network as a standard MONAI bundle that loads without this package."""
+"""Export a collapsed network as a standard MONAI bundle that loads and runs without this package."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -13,27 +14,63 @@ from typing import Any
 import monai
 import numpy as np
 import torch
+import yaml
 from monai.bundle import ConfigParser
 from torch import nn
 
 import monai_medmerge
+from monai_medmerge.bundle.inference import (
+    MODALITIES,
+    canonical_modality,
+    canonical_reader,
+    inference_config,
+    input_description,
+    required_packages,
+)
+from monai_medmerge.bundle.network_def import resolve_network_def
 
-__all__ = ["export_bundle", "SCHEMA_URL"]
+__all__ = ["export_bundle", "export_from_checkpoint", "SCHEMA_URL"]
 
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 
+LOGGING_CONF = """[loggers]
+keys=root
 
-def _check_network_def(network_def: Mapping[str, Any]) -> None:
+[handlers]
+keys=consoleHandler
+
+[formatters]
+keys=fullFormatter
+
+[logger_root]
+level=INFO
+handlers=consoleHandler
+
+[handler_consoleHandler]
+class=StreamHandler
+level=INFO
+formatter=fullFormatter
+args=(sys.stdout,)
+
+[formatter_fullFormatter]
+format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
+"""
+
+
+def _plain_network_def(network_def: Mapping[str, Any]) -> dict[str, Any]:
     target = network_def.get("_target_") if isinstance(network_def, Mapping) else None
-    if not isinstance(target, str) or "." not in target:
+    if not isinstance(target, str) or not target:
         raise ValueError(
             f"network_def needs a full dotted '_target_' (e.g. 'monai.networks.nets.ResNet'), got {network_def!r}."
         )
+    plain = resolve_network_def(network_def)
+    target = plain["_target_"]
     if target.split(".")[0] == "monai_medmerge":
         raise ValueError(
             f"network_def '_target_' is {target!r}: an exported bundle must build a plain MONAI or torch network, "
             "so that it loads where monai_medmerge is not installed. Export the collapsed network."
         )
+    return plain
 
 
 def export_bundle(
@@ -46,14 +83,25 @@ def export_bundle(
     name: str = "medmerge_classification",
     description: str = "",
     version: str = "0.1.0",
-    value_range: Sequence[float] = (-4.0, 4.0),
+    value_range: Sequence[float] | None = None,
     extra_metadata: Mapping[str, Any] | None = None,
     torchscript: bool = True,
     overwrite: bool = False,
+    *,
+    reader: str = "ITKReader",
+    modality: str = "other",
+    window: Sequence[float] = (-1000.0, 1000.0),
+    percentiles: Sequence[float] = (1.0, 99.0),
+    pixdim: Sequence[float] | None = None,
 ) -> Path:
-    """Write ``network`` as a MONAI bundle folder: ``configs/metadata.json``, ``configs/inference.json``,
+    """Write ``network`` as a MONAI bundle folder that needs MONAI and torch, not this package.
+
+    The folder holds ``configs/metadata.json`` (valid against MONAI's metadata schema, class names in
+    ``network_data_format``), ``configs/inference.yaml`` (a complete MONAI inference workflow: read images or DICOM
+    series from ``dataset_dir``, preprocess, classify, write ``predictions.csv``), ``configs/logging.conf``,
     ``models/model.pt`` (a state dict), ``models/model.ts`` (TorchScript, when the network scripts) and
-    ``docs/README.md``.
+    ``docs/README.md``. Run it with ``python -m monai.bundle run --config_file configs/inference.yaml
+    --bundle_root . --dataset_dir DIR --output_dir OUT``.
 
     The folder is assembled under a temporary name beside ``out_dir`` and renamed into place, so an interrupted
     export never leaves a half-written bundle. Before anything is written, ``network_def`` is instantiated and the
@@ -61,33 +109,52 @@ def export_bundle(
 
     Args:
         network: the plain network (e.g. ``KernelMerge.collapse()``), in any mode.
-        network_def: MONAI config of the network's class, e.g. ``{"_target_": "monai.networks.nets.ResNet", ...}``.
+        network_def: MONAI config of the network's class, e.g. ``{"_target_": "monai.networks.nets.ResNet", ...}``;
+            expressions are evaluated and a short ``_target_`` is expanded (see :func:`resolve_network_def`).
         out_dir: the bundle folder to create.
         class_names: one name per output class, in output order.
-        spatial_shape: input spatial shape (e.g. ``[32, 32]``).
+        spatial_shape: input spatial shape (e.g. ``[32, 32]``); inputs are resized to it.
         in_channels: input channels.
         name: bundle name (metadata ``name``).
         description: one paragraph for the metadata and README.
         version: bundle version.
-        value_range: expected input intensity range, for the metadata.
+        value_range: expected input intensity range for the metadata; ``None``: [0, 1] for CT and MR, [-4, 4] for
+            normalised intensities.
         extra_metadata: more metadata fields (e.g. how the merge was made), merged at the top level.
         torchscript: also write ``models/model.ts`` when ``torch.jit.script`` succeeds.
         overwrite: replace an existing ``out_dir``.
+        reader: the MONAI image reader of the inference pipeline, used strictly (no fallback to other readers):
+            ``"ITKReader"`` (files and DICOM series folders), ``"NibabelReader"``, ``"PydicomReader"``,
+            ``"PILReader"``, ``"NrrdReader"`` or ``"NumpyReader"``.
+        modality: the intensity preprocessing: ``"CT"`` (``window``), ``"MR"``/``"MRI"`` (``percentiles``) or
+            ``"other"`` (zero mean, unit variance).
+        window: CT window (low, high) in HU, scaled to [0, 1] and clipped.
+        percentiles: MR percentiles (low, high), scaled to [0, 1] and clipped.
+        pixdim: resample to this voxel spacing before resizing, or ``None`` to keep the image grid.
 
     Returns:
         the bundle folder.
 
     Raises:
         ValueError: when ``network_def`` is not a plain network config, does not match ``network``'s weights, or
-            the class count differs from ``len(class_names)``.
+            the class count differs from ``len(class_names)``; for an unknown ``reader`` or ``modality``, a bad
+            ``window``, ``percentiles`` or ``pixdim``.
         FileExistsError: when ``out_dir`` exists and ``overwrite`` is False.
     """
-    _check_network_def(network_def)
+    network_def = _plain_network_def(network_def)
+    reader = canonical_reader(reader)
+    modality = canonical_modality(modality)
+    # built first: it checks the preprocessing settings before any network is run or file written
+    config = inference_config(network_def, class_names, spatial_shape, reader, modality, window, percentiles, pixdim)
+    if value_range is None:
+        value_range = (-4.0, 4.0) if modality == "other" else (0.0, 1.0)
     out = Path(out_dir)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"bundle folder {out} exists; pass overwrite=True to replace it.")
+        raise FileExistsError(
+            f"bundle folder {out} exists; pass overwrite=True (medmerge export --overwrite) to replace it."
+        )
     state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
-    plain = ConfigParser({"network_def": dict(network_def)}).get_parsed_content("network_def")
+    plain = _build(network_def)
     try:
         plain.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -105,6 +172,16 @@ def export_bundle(
     if not torch.allclose(ref, got, rtol=1e-4, atol=1e-5):
         raise ValueError("network_def rebuilt a network whose outputs differ from the given network's.")
 
+    metadata = _metadata(name, version, description, class_names, spatial_shape, in_channels, value_range)
+    metadata["required_packages_version"] = required_packages(reader)
+    metadata["data_type"] = {"ITKReader": "dicom series or itk-readable files (e.g. nifti)"}.get(reader, reader)
+    metadata["image_classes"] = input_description(modality, window, percentiles, reader, pixdim)
+    metadata["pred_classes"] = "softmax probabilities of: " + ", ".join(class_names)
+    image = metadata["network_data_format"]["inputs"]["image"]
+    image["modality"], image["format"] = MODALITIES[modality.lower()]
+    if extra_metadata:
+        metadata.update(extra_metadata)
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -119,12 +196,10 @@ def export_bundle(
                 scripted = True
             except Exception as e:  # noqa: BLE001 - many architectures do not script; the state dict is enough
                 print(f"[export] TorchScript skipped: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-        metadata = _metadata(name, version, description, class_names, spatial_shape, in_channels, value_range)
-        if extra_metadata:
-            metadata.update(extra_metadata)
         (tmp / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
-        (tmp / "configs" / "inference.json").write_text(json.dumps(_inference_config(network_def), indent=2) + "\n")
-        (tmp / "docs" / "README.md").write_text(_readme(name, description, class_names, spatial_shape, scripted))
+        (tmp / "configs" / "inference.yaml").write_text(_yaml(config, metadata["name"]))
+        (tmp / "configs" / "logging.conf").write_text(LOGGING_CONF)
+        (tmp / "docs" / "README.md").write_text(_readme(metadata, reader, scripted))
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             if old.exists():
@@ -138,6 +213,121 @@ def export_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def export_from_checkpoint(
+    checkpoint: str | os.PathLike,
+    network_def: Mapping[str, Any] | str | os.PathLike | functools.partial,
+    out_dir: str | os.PathLike,
+    class_names: Sequence[str],
+    spatial_shape: Sequence[int],
+    *,
+    checkpoint_key: str | None = None,
+    network_def_id: str = "network_def",
+    **kwargs: Any,
+) -> Path:
+    """Export a saved network: build the plain network from ``network_def``, load ``checkpoint`` into it strictly,
+    and write the bundle with :func:`export_bundle`.
+
+    This is what ``medmerge export`` runs; a bundle can call it from its config, e.g. with the config file that
+    defines ``network_def`` (so that references such as ``@num_classes`` resolve):
+
+    .. code-block:: yaml
+
+        export:
+          _target_: monai_medmerge.bundle.export_from_checkpoint
+          checkpoint: "$@bundle_root + '/models/model.pt'"
+          network_def: "$@bundle_root + '/configs/train.yaml'"
+          out_dir: "$@bundle_root + '/exported'"
+          class_names: "@class_names"
+          spatial_shape: "@spatial_size"
+
+    Args:
+        checkpoint: a ``.pt``/``.pth``/``.ckpt``/``.safetensors`` file, read without running pickled code
+            (:func:`monai_medmerge.sources.load_checkpoint`).
+        network_def: the architecture: a ``_target_`` mapping (already resolved), a bundle config mapping, a
+            ``.json``/``.yaml`` file with either, or a ``functools.partial`` of the class (``_mode_: callable``);
+            see :func:`monai_medmerge.bundle.network_def.resolve_network_def`.
+        out_dir: the bundle folder to create.
+        class_names: one name per output class, in output order.
+        spatial_shape: the network's input spatial shape.
+        checkpoint_key: the checkpoint entry that holds the state dict (``None``: found automatically).
+        network_def_id: the id of the network in a whole bundle config.
+        kwargs: more arguments of :func:`export_bundle` (``in_channels``, ``name``, ``modality``, ``reader``, ...).
+
+    Returns:
+        the bundle folder.
+
+    Raises:
+        FileNotFoundError: when the checkpoint or a network_def file does not exist.
+        ValueError: when the checkpoint cannot be read or is refused, when ``network_def`` cannot be resolved or
+            built, when the checkpoint's keys or shapes do not fit the network (the message names the file and the
+            keys), and for the reasons of :func:`export_bundle`.
+    """
+    from monai_medmerge.sources import load_checkpoint
+
+    state = load_checkpoint(checkpoint, key=checkpoint_key)
+    plain_def = _plain_network_def(resolve_network_def(network_def, network_def_id))
+    network = _build(plain_def)
+    expected = network.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} in checkpoint vs {tuple(v.shape)} in network"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    problems = [
+        f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", mismatched))
+        if keys
+    ]
+    if problems:
+        raise ValueError(
+            f"checkpoint {checkpoint} does not fit network_def {plain_def['_target_']}: {'; '.join(problems)}"
+        )
+    network.load_state_dict(state, strict=True)
+    return export_bundle(network, plain_def, out_dir, class_names, spatial_shape, **kwargs)
+
+
+def _yaml(config: Mapping[str, Any], name: str) -> str:
+    header = (
+        f"# {name}: MONAI inference workflow; needs MONAI and torch only (not monai_medmerge).\n"
+        "#   python -m monai.bundle run --config_file configs/inference.yaml --bundle_root . \\\n"
+        "#       --dataset_dir /path/to/images --output_dir /path/to/predictions\n"
+        "# writes <output_dir>/predictions.csv: per input, its path and the class probabilities (see metadata.json).\n"
+    )
+    return header + yaml.dump(dict(config), Dumper=_Dumper, sort_keys=False, width=120)
+
+
+class _Dumper(yaml.SafeDumper):
+    """YAML as people write bundle configs: short lists and mappings of scalars on one line, the rest in blocks."""
+
+
+def _one_line(data: list | dict) -> bool:
+    values = data.values() if isinstance(data, dict) else data
+    return all(not isinstance(v, dict) for v in values) and len(json.dumps(data)) <= 100
+
+
+_Dumper.add_representer(
+    list, lambda d, data: d.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=_one_line(data))
+)
+_Dumper.add_representer(
+    dict, lambda d, data: d.represent_mapping("tag:yaml.org,2002:map", data, flow_style=_one_line(data))
+)
+
+
+def _build(network_def: Mapping[str, Any]) -> nn.Module:
+    try:
+        network = ConfigParser({"network_def": dict(network_def)}).get_parsed_content("network_def")
+    except Exception as e:
+        cause = e.__cause__ or e  # MONAI wraps the constructor's error in "Failed to instantiate ..."
+        raise ValueError(
+            f"could not build network_def {network_def['_target_']}: {type(cause).__name__}: {cause}"
+        ) from e
+    if not isinstance(network, nn.Module):
+        raise ValueError(f"network_def {network_def['_target_']} built a {type(network).__name__}, not a network")
+    return network
 
 
 def _metadata(name, version, description, class_names, spatial_shape, in_channels, value_range) -> dict:
@@ -163,9 +353,9 @@ def _metadata(name, version, description, class_names, spatial_shape, in_channel
                     "format": "magnitude",
                     "modality": "any",
                     "num_channels": in_channels,
-                    "spatial_shape": list(spatial_shape),
+                    "spatial_shape": [int(s) for s in spatial_shape],
                     "dtype": "float32",
-                    "value_range": list(value_range),
+                    "value_range": [float(v) for v in value_range],
                     "is_patch_data": False,
                     "channel_def": {str(i): f"channel {i}" for i in range(in_channels)},
                 }
@@ -187,47 +377,51 @@ def _metadata(name, version, description, class_names, spatial_shape, in_channel
     }
 
 
-def _inference_config(network_def: Mapping[str, Any]) -> dict:
-    return {
-        "imports": ["$import torch"],
-        "bundle_root": ".",
-        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
-        "network_def": dict(network_def),
-        "network": "$@network_def.to(@device)",
-        "checkpoint": "$@bundle_root + '/models/model.pt'",
-        "load_weights": "$@network.load_state_dict(torch.load(@checkpoint, map_location=@device, weights_only=True))",
-        "inferer": {"_target_": "SimpleInferer"},
-        "postprocessing": {
-            "_target_": "Compose",
-            "transforms": [{"_target_": "Activations", "softmax": True}],
-        },
-        "initialize": ["$@load_weights", "$@network.eval()"],
-        "run": [],
-    }
-
-
-def _readme(name, description, class_names, spatial_shape, scripted) -> str:
-    classes = "\n".join(f"{i}. {c}" for i, c in enumerate(class_names))
+def _readme(metadata: Mapping[str, Any], reader: str, scripted: bool) -> str:
+    image = metadata["network_data_format"]["inputs"]["image"]
+    classes = metadata["network_data_format"]["outputs"]["pred"]["channel_def"]
+    class_lines = "\n".join(f"{i}. {c}" for i, c in classes.items())
+    header = ",".join(["<image path>"] + [f"<p({c})>" for c in classes.values()])
+    packages = " ".join(f"{k}=={v}" if v != "*" else k for k, v in metadata["required_packages_version"].items())
     ts = "\n- `models/model.ts`: the same network as TorchScript." if scripted else ""
-    return f"""# {name}
+    return f"""# {metadata["name"]}
 
-{description or "A classification network merged from several pretrained sources with MedMerge."}
+{metadata["description"]}
 
-This bundle needs MONAI and PyTorch only: its `network_def` is a plain network class.
+This bundle needs MONAI and PyTorch, not monai_medmerge: its `network_def` is a plain network class.
 
-- `models/model.pt`: the network's state dict (load with `torch.load(..., weights_only=True)`).{ts}
-- Input: {len(spatial_shape)}-D images of spatial shape {list(spatial_shape)}.
+- `configs/inference.yaml`: the inference workflow (MONAI `SupervisedEvaluator`).
+- `configs/metadata.json`: input and output formats, class names, versions.
+- `models/model.pt`: the network's state dict (loaded with `torch.load(..., weights_only=True)`).{ts}
 
-Classes (output order):
+## Input
 
-{classes}
+{metadata["image_classes"]} Network input: {image["num_channels"]} channel(s) of spatial shape
+{image["spatial_shape"]}. Each input is a file or a DICOM series folder, read with MONAI's `{reader}` only: a file
+it cannot read is an error naming the file, never read by another reader.
 
-```python
-from monai.bundle import ConfigParser
-parser = ConfigParser()
-parser.read_config("configs/inference.json")
-parser["bundle_root"] = "."
-net = parser.get_parsed_content("network")
-parser.get_parsed_content("load_weights")
+## Run
+
+```bash
+pip install "torch=={metadata["pytorch_version"]}" "monai=={metadata["monai_version"]}" {packages}
+python -m monai.bundle run --config_file configs/inference.yaml --bundle_root . \\
+    --dataset_dir /path/to/images --output_dir /path/to/predictions
+```
+
+Every file and folder in `dataset_dir` is an input (`--image_glob '*.nii.gz'` narrows that); or give a list:
+`--datalist "[{{'image': '/data/a.nii.gz'}}, {{'image': '/data/series_1'}}]"`.
+
+`predictions.csv` in `output_dir` (MONAI's `ClassificationSaver`) has one row per input and no header:
+`{header}`, the softmax probabilities in the class order below.
+
+## Classes (output order)
+
+{class_lines}
+
+## Check
+
+```bash
+python -m monai.bundle verify_net_in_out network_def --meta_file configs/metadata.json \\
+    --config_file configs/inference.yaml
 ```
 """

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.handlers import CheckpointSaver
 from monai.utils import optional_import
 from torch import nn
 
@@ -33,6 +34,7 @@ reinit__is_reduced, _ = optional_import("ignite.metrics.metric", name="reinit__i
 
 __all__ = [
     "SCORES",
+    "AtomicCheckpointSaver",
     "ClassificationScore",
     "PhaseMarker",
     "ResumableCheckpoint",
@@ -67,10 +69,8 @@ def load_sources(specs: Sequence[str | os.PathLike | Mapping[str, Any]]) -> list
     """
     if isinstance(specs, (str, os.PathLike, Mapping)) or len(specs) < 2:
         raise ValueError(f"sources must be a list of at least two sources, got {specs!r}.")
-    out = []
-    for i, spec in enumerate(specs):
+    for i, spec in enumerate(specs):  # every entry is checked before any network is built
         if isinstance(spec, (str, os.PathLike)):
-            out.append(load_source(spec))
             continue
         if not isinstance(spec, Mapping):
             raise ValueError(f"sources[{i}] must be a bundle folder or a mapping, got {type(spec).__name__}.")
@@ -84,6 +84,11 @@ def load_sources(specs: Sequence[str | os.PathLike | Mapping[str, Any]]) -> list
             raise ValueError(f"sources[{i}] needs exactly one of 'bundle' or 'checkpoint', got fields {sorted(spec)}.")
         if "checkpoint" in spec and spec.get("network_def") is None:
             raise ValueError(f"sources[{i}]: checkpoint {spec['checkpoint']} needs a 'network_def'.")
+    out = []
+    for spec in specs:
+        if isinstance(spec, (str, os.PathLike)):
+            out.append(load_source(spec))
+            continue
         path = spec.get("bundle", spec.get("checkpoint"))
         out.append(
             load_source(path, spec.get("network_def"), key=spec.get("key"), strict=bool(spec.get("strict", True)))
@@ -306,6 +311,51 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str) -> Path | None:
     return max(found)[1] if found else None
 
 
+BaseSaveHandler, _ = optional_import("ignite.handlers.checkpoint", name="BaseSaveHandler", as_type="base")
+
+
+class _SaveBeforeRemove(BaseSaveHandler):
+    """Wraps an Ignite disk saver: write the new checkpoint atomically first, delete the old ones after.
+
+    Ignite's ``Checkpoint`` deletes the oldest file *before* it writes the new one, so with ``n_saved=1`` a process
+    killed while saving leaves no checkpoint at all; and MONAI's fixed-name saver deletes the very file it is about to
+    replace. Here removals wait until the new file is in place, and a fixed-name file is only ever replaced.
+    """
+
+    def __init__(self, handler) -> None:
+        self.handler = handler
+        self.handler._atomic = True
+        self.pending: list[str] = []
+
+    def __call__(self, checkpoint, filename: str, metadata=None) -> None:
+        self.handler(checkpoint, filename, metadata)
+        fixed = getattr(self.handler, "filename", None)
+        pending, self.pending = self.pending, []
+        if fixed is None:
+            for old in pending:
+                if old != filename:
+                    self.handler.remove(old)
+
+    def remove(self, filename: str) -> None:
+        self.pending.append(filename)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` (same arguments), made safe against a run killed while it saves.
+
+    Each file is written under a temporary name in the same folder and renamed into place, and older checkpoints
+    are deleted only after the new one is complete. MONAI's saver writes in place and Ignite deletes the previous
+    checkpoint before writing the next: the bundle's resume test, killing a run as the file appeared, found an
+    empty ``.pt``, and a kill inside a save could leave no checkpoint at all.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if ckpt is not None:
+                ckpt.save_handler = _SaveBeforeRemove(ckpt.save_handler)
+
+
 class ResumableCheckpoint:
     """Periodic checkpoints of a phase and, with ``resume``, continuing from the latest one.
 
@@ -345,13 +395,11 @@ class ResumableCheckpoint:
         self.loaded: Path | None = None
 
     def attach(self, engine) -> None:
-        from monai.handlers import CheckpointSaver
-
         objects = {**self.save_dict, "trainer": engine}
         engine.add_event_handler(Events.STARTED, self._restore, objects)
         dist = torch.distributed.is_available() and torch.distributed.is_initialized()
         if not dist or torch.distributed.get_rank() == 0:
-            CheckpointSaver(
+            AtomicCheckpointSaver(
                 save_dir=str(self.ckpt_dir),
                 save_dict=objects,
                 file_prefix=self.prefix,

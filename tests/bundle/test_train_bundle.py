@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from bundle_utils import BUNDLE, WIDTHS, bundle_copy, overrides, run_bundle
 
 from monai_medmerge.bundle.example import example_network_def
@@ -91,6 +94,34 @@ def test_train_evaluate_infer(example_workspace, tmp_path):
     assert sorted(got) == [p.name for p in images]
     for name, p in got.items():
         np.testing.assert_allclose(p, expected[name], atol=1e-5)
+
+    # the export id writes a plugin-free bundle whose own inference config gives the same probabilities
+    proc = run_bundle(root, ["train.yaml"], overrides(example, root), run_id="export")
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    exported = root / "exported"
+    config = yaml.safe_load((exported / "configs" / "inference.yaml").read_text())
+    assert "monai_medmerge" not in json.dumps(config)
+    out2 = tmp_path / "predictions_exported"
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        str(exported / "configs" / "inference.yaml"),
+        "--bundle_root",
+        str(exported),
+        "--dataset_dir",
+        str(folder),
+        "--output_dir",
+        str(out2),
+    ]
+    proc = subprocess.run(cmd, cwd=exported, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    got2 = {Path(r[0]).name: [float(v) for v in r[1:]] for r in csv.reader((out2 / "predictions.csv").open())}
+    assert sorted(got2) == sorted(got)
+    for name, p in got2.items():
+        np.testing.assert_allclose(p, got[name], atol=1e-4)
 
 
 def test_phases_run_alone(example_workspace, tmp_path):

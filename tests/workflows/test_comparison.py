@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+import yaml
 
 from monai_medmerge.workflows.transfer import METHODS, Recipe
 
@@ -61,7 +62,7 @@ def test_quick_demo_writes_report_and_plain_bundle(brain_available, tmp_path, mo
     md = (tmp_path / "demo" / "report.md").read_text()
     assert "MedMerge + FT" in md and "fine-tune from A" in md
     bundle = tmp_path / "demo" / "bundle"
-    inference = json.loads((bundle / "configs" / "inference.json").read_text())
+    inference = yaml.safe_load((bundle / "configs" / "inference.yaml").read_text())
     assert inference["network_def"]["_target_"] == "monai.networks.nets.ResNet"
     state = torch.load(bundle / "models" / "model.pt", weights_only=True)
     assert state["fc.weight"].shape[0] == len(report["data"]["target"]["classes"]) == 7

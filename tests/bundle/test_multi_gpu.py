@@ -1,0 +1,64 @@
+"""Both phases under torchrun with two processes (gloo on CPU) through configs/multi_gpu_train.yaml."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from bundle_utils import bundle_copy, overrides
+
+# written by every process at the end, so the test can compare what each one holds
+RANKS_OVERLAY = {
+    "finalize": [
+        "$torch.save(@merge_network.merge_logits.detach().cpu(),"
+        " os.path.join(@ckpt_dir, f'coefficients_rank{dist.get_rank()}.pt'))",
+        "$torch.save({k: v.detach().cpu() for k, v in @finetune#network.module.state_dict().items()},"
+        " os.path.join(@ckpt_dir, f'phase2_rank{dist.get_rank()}.pt'))",
+        "$dist.is_initialized() and dist.destroy_process_group()",
+    ]
+}
+
+
+def test_torchrun_two_processes_agree(example_workspace, tmp_path):
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available")
+    torchrun = shutil.which("torchrun")
+    launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    root = bundle_copy(tmp_path / "bundle")
+    (root / "configs" / "ranks.yaml").write_text(yaml.safe_dump(RANKS_OVERLAY, width=1000))
+    files = [str(root / "configs" / f) for f in ("train.yaml", "multi_gpu_train.yaml", "ranks.yaml")]
+    cmd = [
+        *launcher,
+        "--nproc_per_node=2",
+        "--standalone",
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        repr(files),
+        "--logging_file",
+        str(root / "configs" / "logging.conf"),
+        *overrides(example_workspace, root),
+    ]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    models = root / "models"
+    c0 = torch.load(models / "coefficients_rank0.pt", weights_only=True)
+    c1 = torch.load(models / "coefficients_rank1.pt", weights_only=True)
+    assert torch.equal(c0, c1)
+    # the coefficients were trained: they left their anchored start (0.9 on source 0 for every kernel)
+    start = torch.tensor([0.9, 0.1]).log()
+    assert not torch.allclose(c0 - c0.logsumexp(0, keepdim=True), start[:, None].expand_as(c0), atol=1e-4)
+    p0 = torch.load(models / "phase2_rank0.pt", weights_only=True)
+    p1 = torch.load(models / "phase2_rank1.pt", weights_only=True)
+    assert p0.keys() == p1.keys()
+    for k in p0:
+        torch.testing.assert_close(p0[k], p1[k], msg=f"phase-2 tensor {k} differs between the two processes")
+    # only process 0 writes checkpoints; the result is a plain state dict
+    state = torch.load(models / "model.pt", weights_only=True)
+    assert state.keys() == p0.keys()

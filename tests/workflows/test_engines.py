@@ -1,0 +1,198 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_source
+
+from monai_medmerge.networks import KernelMerge
+from monai_medmerge.sources import save_checkpoint
+from monai_medmerge.workflows.engines import (
+    AtomicCheckpointSaver,
+    ClassificationScore,
+    collapse_merge,
+    latest_checkpoint,
+    load_sources,
+    merge_parameter_groups,
+)
+from monai_medmerge.workflows.metrics import classification_metrics
+from monai_medmerge.workflows.transfer import Recipe, build_network
+
+pytest.importorskip("ignite")
+
+RECIPE = Recipe(widths=(8, 8, 16, 16))
+NET_DEF = {
+    "_target_": "monai.networks.nets.ResNet",
+    "block": "basic",
+    "layers": [1, 1, 1, 1],
+    "block_inplanes": [8, 8, 16, 16],
+    "spatial_dims": 2,
+    "n_input_channels": 1,
+    "conv1_t_size": 3,
+    "conv1_t_stride": 1,
+    "no_max_pool": True,
+}
+
+
+def _sources():
+    return [
+        make_source(lambda num_classes: build_network(num_classes, RECIPE), s, num_classes=c)
+        for s, c in ((0, 3), (1, 5))
+    ]
+
+
+def test_load_sources_from_checkpoints_and_bundles(tmp_path):
+    a, b = _sources()
+    save_checkpoint(a, tmp_path / "a.pt")
+    bundle = tmp_path / "b"
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "models").mkdir()
+    save_checkpoint(b, bundle / "models" / "model.pt")
+    (bundle / "configs" / "inference.json").write_text(
+        '{"network_def": ' + str({**NET_DEF, "num_classes": 5}).replace("'", '"').replace("True", "true") + "}"
+    )
+    loaded = load_sources([{"checkpoint": tmp_path / "a.pt", "network_def": {**NET_DEF, "num_classes": 3}}, bundle])
+    for got, want in zip(loaded, (a, b), strict=True):
+        for k, v in want.state_dict().items():
+            assert torch.equal(got.state_dict()[k], v)
+
+
+@pytest.mark.parametrize(
+    "specs, message",
+    [
+        (["only_one"], "at least two sources"),
+        ([{"bundle": "x", "checkpoint": "y"}, "z"], r"sources\[0\] needs exactly one of 'bundle' or 'checkpoint'"),
+        ([{"checkpoint": "x.pt"}, "z"], r"sources\[0\]: checkpoint x.pt needs a 'network_def'"),
+        (["z", {"bundle": "x", "weights": 1}], r"sources\[1\] has unknown field\(s\) \['weights'\]"),
+    ],
+)
+def test_load_sources_errors(specs, message):
+    with pytest.raises(ValueError, match=message):
+        load_sources(specs)
+
+
+def test_parameter_groups_split_coefficients_and_head():
+    merge = KernelMerge(_sources(), head="fc", out_channels=4, anchor=0)
+    groups = merge_parameter_groups(merge, coef_lr=0.01, head_lr=0.001)
+    assert [g["lr"] for g in groups] == [0.01, 0.001]
+    assert groups[0]["params"] == [merge.merge_logits]
+    head = {id(p) for p in merge.network.fc.parameters()}
+    assert {id(p) for p in groups[1]["params"]} == head
+    with pytest.raises(ValueError, match="no parameter named 'merge_logits'"):
+        merge_parameter_groups(_sources()[0], 0.01, 0.001)
+
+
+def test_collapse_merge_loads_the_phase1_checkpoint(tmp_path):
+    from monai.bundle import ConfigParser
+
+    trained = KernelMerge(_sources(), head="fc", out_channels=4, anchor=0)
+    with torch.no_grad():
+        trained.merge_logits.normal_()
+        trained.network.fc.weight.normal_()
+    save_checkpoint(trained.state_dict(), tmp_path / "phase1_best.pt")
+    fresh = KernelMerge(_sources(), head="fc", out_channels=4, anchor=0)
+    plain = ConfigParser({"n": {**NET_DEF, "num_classes": 4}}).get_parsed_content("n")
+    got = collapse_merge(fresh, tmp_path / "phase1_best.pt", network_def=plain)
+    assert got is plain
+    x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(got.eval()(x), trained.collapse().eval()(x))
+    with pytest.raises(FileNotFoundError, match="missing.pt not found: run phase 1 first"):
+        collapse_merge(fresh, tmp_path / "missing.pt")
+    wrong = ConfigParser({"n": {**NET_DEF, "num_classes": 6}}).get_parsed_content("n")
+    with pytest.raises(ValueError, match="does not fit network_def"):
+        collapse_merge(fresh, None, network_def=wrong)
+
+
+@pytest.mark.parametrize("score", ["macro_f1", "accuracy", "balanced_accuracy", "auroc"])
+def test_classification_score_equals_the_metrics_over_all_updates(score):
+    rng = np.random.default_rng(0)
+    probs = torch.softmax(torch.from_numpy(rng.normal(size=(50, 4))).float(), 1)
+    labels = torch.from_numpy(rng.integers(0, 4, 50))
+    metric = ClassificationScore(score, num_classes=4)
+    metric.reset()
+    for i in range(0, 50, 16):  # per-item lists as MONAI evaluators pass them; one batch with one-hot labels
+        p, y = list(probs[i : i + 16]), list(labels[i : i + 16])
+        if i == 16:
+            y = list(torch.nn.functional.one_hot(labels[i : i + 16], 4))
+        metric.update((p, y))
+    expected = classification_metrics(labels.numpy(), probs.numpy(), 4)[score]
+    assert metric.compute() == pytest.approx(expected)
+    with pytest.raises(ValueError, match="score must be one of"):
+        ClassificationScore("f2")
+
+
+def test_atomic_saver_keeps_the_last_checkpoint_when_a_save_dies(tmp_path, monkeypatch):
+    from ignite.engine import Engine
+
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    engine = Engine(lambda e, b: None)
+    AtomicCheckpointSaver(
+        save_dir=str(tmp_path), save_dict={"model": net, "optimizer": opt}, file_prefix="p", save_interval=1, n_saved=1
+    ).attach(engine)
+    engine.run([0], max_epochs=1)
+    assert latest_checkpoint(tmp_path, "p").name == "p_checkpoint_epoch=1.pt"
+    before = torch.load(tmp_path / "p_checkpoint_epoch=1.pt", weights_only=True)
+
+    real_save = torch.save
+
+    def dying_save(obj, f, *args, **kwargs):  # writes half a file, then the process "dies"
+        real_save(obj, f, *args, **kwargs)
+        if hasattr(f, "truncate"):
+            f.truncate(10)
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run([0], max_epochs=2)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p_checkpoint_epoch=1.pt"]
+    after = torch.load(tmp_path / "p_checkpoint_epoch=1.pt", weights_only=True)
+    assert torch.equal(after["model"]["weight"], before["model"]["weight"])
+    assert torch.equal(after["model"]["weight"], net.weight.detach())
+
+
+def test_latest_checkpoint_is_the_highest_epoch(tmp_path):
+    assert latest_checkpoint(tmp_path, "phase1") is None
+    for name in ("phase1_checkpoint_epoch=2.pt", "phase1_checkpoint_epoch=10.pt", "phase2_checkpoint_epoch=30.pt"):
+        (tmp_path / name).write_bytes(b"")
+    assert latest_checkpoint(tmp_path, "phase1").name == "phase1_checkpoint_epoch=10.pt"
+
+
+def test_atomic_saver_keeps_the_best_checkpoint_when_a_save_dies(tmp_path, monkeypatch):
+    from ignite.engine import Engine, Events
+
+    net = torch.nn.Linear(2, 2)
+    engine = Engine(lambda e, b: None)
+
+    @engine.on(Events.EPOCH_COMPLETED)
+    def _improve(e):  # a score that improves every epoch, so every epoch replaces best.pt
+        e.state.metrics["acc"] = float(e.state.epoch)
+        with torch.no_grad():
+            net.weight.add_(1.0)
+
+    AtomicCheckpointSaver(
+        save_dir=str(tmp_path),
+        save_dict={"model": net},
+        save_key_metric=True,
+        key_metric_name="acc",
+        key_metric_filename="best.pt",
+    ).attach(engine)
+    engine.run([0], max_epochs=2)
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert torch.equal(best["weight"], net.weight.detach())
+
+    real_save = torch.save
+
+    def dying_save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        f.truncate(10)
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run([0], max_epochs=3)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt"]
+    assert torch.equal(torch.load(tmp_path / "best.pt", weights_only=True)["weight"], best["weight"])
