@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
 
 def _machine(m: dict) -> str:
@@ -198,7 +200,11 @@ def alignment_section(r: dict) -> str:
             f"| {name} | {'x'.join(map(str, t['input_shape']))} | {t['median_seconds']:.1f} | {runs} | "
             f"{', '.join(map(str, t['passes']))} |"
         )
-    lines += ["", f"Machine: {_machine(r['machine'])}.", ""]
+    from alignment import checks  # the same targets the benchmark script evaluates
+
+    found = ", ".join(f"{k.replace('_', ' ')}: {'yes' if v else '**no**'}" for k, v in checks(r).items())
+    lines += ["", f"Targets (evaluated on the recorded numbers): {found}.", ""]
+    lines += [f"Machine: {_machine(r['machine'])}.", ""]
     return "\n".join(lines)
 
 
