@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ["README.md", "docs/api.md", "docs/data.md", "docs/method.md", "docs/pipelines.md", "docs/export.md"]
+PAGES = [
+    "README.md",
+    "docs/api.md",
+    "docs/data.md",
+    "docs/method.md",
+    "docs/pipelines.md",
+    "docs/export.md",
+    "docs/dicom_folders.md",
+]
 
 
 def _blocks(page: str) -> list[str]:

@@ -18,7 +18,8 @@ def test_registry_lists_the_documented_methods():
     assert records["kernel"]["learned"] is True and records["average"]["learned"] is False
     assert records["kernel"]["reference"].startswith("https://arxiv.org/abs/2403.11646")
     assert records["kernel"]["parameters"]["anchor"]["default"] is None
-    assert set(records["interpolate"]["parameters"]) == {"t", "weights", "align"}
+    assert set(records["interpolate"]["parameters"]) == {"t", "weights", "align", "matching"}
+    assert all(r["parameters"]["matching"]["default"] == "weights" for r in records.values())
     assert all(r["parameters"]["align"]["default"] is False for r in records.values())
 
 
