@@ -33,6 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     x.add_argument("--seed", type=int, default=0)
     x.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     x.add_argument("--no-progress", action="store_true")
+    f = sub.add_parser(
+        "dicom-datalist",
+        help="a MONAI datalist from a folder of DICOM studies and a labels CSV (reports what did not match)",
+    )
+    f.add_argument("root", help="the folder of DICOM studies (searched recursively)")
+    f.add_argument("--labels", required=True, help="CSV with a key column and a label column")
+    f.add_argument("--out", required=True, help="the datalist JSON to write (a <stem>_report.json goes beside it)")
+    _dicom_selection_args(f)
+    f.add_argument("--materialize-dir", default=None, help="folder for series that share a folder with other files")
+    f.add_argument("--no-progress", action="store_true")
     sub.add_parser("methods", help="list the registered merge methods and their settings (JSON)")
     b = sub.add_parser("benchmark", help="compare MedMerge with transfer baselines on an offline task, over seeds")
     b.add_argument("--task", choices=["brain", "fashion"], default="brain")
@@ -125,12 +135,63 @@ def main(argv: list[str] | None = None) -> int:
             print(f"medmerge example: {e}", file=sys.stderr)
             return 2
         print(json.dumps(info, indent=2))
+    elif args.command == "dicom-datalist":
+        from monai_medmerge.dicom.folders import datalist_from_folder
+
+        try:
+            report = datalist_from_folder(
+                args.root,
+                args.labels,
+                args.out,
+                materialize_dir=args.materialize_dir,
+                progress=not args.no_progress,
+                **_dicom_selection(args),
+            )
+        except (ValueError, FileNotFoundError, FileExistsError) as e:
+            print(f"medmerge dicom-datalist: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(_report_summary(report), indent=2))
     elif args.command == "methods":
         from monai_medmerge.merging import list_methods
 
         json.dump(list_methods(), sys.stdout, indent=2)
         print()
     return 0
+
+
+def _dicom_selection_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by the commands that pick labelled DICOM series (folders and DICOMweb)."""
+    p.add_argument("--key", default="StudyInstanceUID", help="StudyInstanceUID, AccessionNumber or PatientID")
+    p.add_argument("--label-column", default="label", help="CSV column of the labels (ints or class names)")
+    p.add_argument("--classes", nargs="+", default=None, metavar="NAME", help="class names, in label order")
+    p.add_argument("--modality", nargs="+", default=None, help="keep series of these modalities, e.g. CT MR")
+    p.add_argument("--series-description", default=None, help="keep series whose description matches this regex")
+    p.add_argument("--split", nargs=3, type=float, default=None, metavar=("TRAIN", "VAL", "TEST"))
+    p.add_argument("--seed", type=int, default=0, help="seed of the split")
+
+
+def _dicom_selection(args) -> dict:
+    modality = args.modality[0] if args.modality and len(args.modality) == 1 else args.modality
+    return {
+        "key": args.key,
+        "label_column": args.label_column,
+        "class_names": args.classes,
+        "modality": modality,
+        "series_description": args.series_description,
+        "split": args.split,
+        "seed": args.seed,
+    }
+
+
+def _report_summary(report: dict) -> dict:
+    """The counts of a datalist report (the full report, with UIDs, is written beside the datalist)."""
+    keep = ("matched", "written", "sections", "datalist", "report_path", "failed")
+    out = {k: report[k] for k in keep if k in report}
+    for k in ("labels_without_images", "studies_without_labels", "several_candidate_series"):
+        v = report.get(k)
+        if v is not None:
+            out[k] = v.get("count", len(v)) if isinstance(v, dict) else len(v)
+    return out
 
 
 def _export(args) -> int:
