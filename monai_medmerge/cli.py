@@ -43,6 +43,42 @@ def main(argv: list[str] | None = None) -> int:
     _dicom_selection_args(f)
     f.add_argument("--materialize-dir", default=None, help="folder for series that share a folder with other files")
     f.add_argument("--no-progress", action="store_true")
+    w = sub.add_parser(
+        "dicomweb-datalist",
+        help="a MONAI datalist from a DICOMweb server (QIDO-RS search, WADO-RS retrieval into a cache) and labels",
+        description="Search a DICOMweb server for the labelled studies, retrieve the matching series into a local "
+        "cache (a rerun fetches only what is missing) and write a MONAI datalist of the cached series folders. "
+        f"Credentials come from the environment, never the command line: {_USER_ENV} and {_PASSWORD_ENV} (basic) "
+        f"or {_TOKEN_ENV} (bearer token).",
+    )
+    w.add_argument("url", help="the DICOMweb base URL, e.g. http://127.0.0.1:8042/dicom-web")
+    w.add_argument("--labels", required=True, help="CSV with a key column and a label column")
+    w.add_argument("--out", required=True, help="the datalist JSON to write (a <stem>_report.json goes beside it)")
+    _dicom_selection_args(w)
+    _dicomweb_args(w)
+    c = sub.add_parser(
+        "dicomweb-classify",
+        help="classify studies on a DICOMweb server with an exported bundle (predictions.csv and .json)",
+        description="Retrieve one series per study from a DICOMweb server into a local cache and classify it with an "
+        "exported bundle; writes predictions.csv and predictions.json (UIDs, class, probabilities) into --out. "
+        f"Credentials come from the environment: {_USER_ENV} and {_PASSWORD_ENV}, or {_TOKEN_ENV}.",
+    )
+    c.add_argument("url", help="the DICOMweb base URL, e.g. http://127.0.0.1:8042/dicom-web")
+    c.add_argument("--bundle", required=True, help="an exported bundle folder (medmerge export)")
+    c.add_argument("--out", required=True, help="folder for predictions.csv and predictions.json")
+    c.add_argument("--study", nargs="+", default=None, metavar="UID", help="StudyInstanceUIDs to classify")
+    c.add_argument(
+        "--query",
+        nargs="+",
+        default=None,
+        metavar="KEYWORD=VALUE",
+        help="classify the studies this QIDO-RS search finds, e.g. StudyDate=20240101-20240131; "
+        "--query all classifies every study on the server",
+    )
+    c.add_argument("--modality", nargs="+", default=None, help="the modality of the series to classify, e.g. CT")
+    c.add_argument("--series-description", default=None, help="the series description must match this regex")
+    c.add_argument("--device", default=None, help="torch device for the bundle (default: the bundle's choice)")
+    _dicomweb_args(c)
     sub.add_parser("methods", help="list the registered merge methods and their settings (JSON)")
     b = sub.add_parser("benchmark", help="compare MedMerge with transfer baselines on an offline task, over seeds")
     b.add_argument("--task", choices=["brain", "fashion"], default="brain")
@@ -151,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"medmerge dicom-datalist: {e}", file=sys.stderr)
             return 2
         print(json.dumps(_report_summary(report), indent=2))
+    elif args.command in ("dicomweb-datalist", "dicomweb-classify"):
+        return _dicomweb(args)
     elif args.command == "methods":
         from monai_medmerge.merging import list_methods
 
@@ -181,6 +219,83 @@ def _dicom_selection(args) -> dict:
         "split": args.split,
         "seed": args.seed,
     }
+
+
+_USER_ENV, _PASSWORD_ENV, _TOKEN_ENV = "DICOMWEB_USER", "DICOMWEB_PASSWORD", "DICOMWEB_TOKEN"
+
+
+def _dicomweb_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", default=None, help="cache of retrieved series (default ~/.cache/monai_medmerge/...)")
+    p.add_argument("--retries", type=int, default=3, help="retries after a transient failure, with backoff")
+    p.add_argument("--timeout", type=float, default=30, help="seconds per request")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _dicomweb(args) -> int:
+    import os
+
+    from monai_medmerge.dicom.web import DICOMwebError, DICOMwebSource
+
+    prog = f"medmerge {args.command}"
+    user, password, token = (os.environ.get(v) or None for v in (_USER_ENV, _PASSWORD_ENV, _TOKEN_ENV))
+    try:
+        source = DICOMwebSource(
+            args.url,
+            username=user,
+            password=password,
+            token=token,
+            retries=args.retries,
+            timeout=args.timeout,
+            cache_dir=args.cache_dir,
+        )
+        if args.command == "dicomweb-datalist":
+            from monai_medmerge.dicom.web import datalist_from_dicomweb
+
+            report = datalist_from_dicomweb(
+                source, args.labels, args.out, progress=not args.no_progress, **_dicom_selection(args)
+            )
+            summary = _report_summary(report)
+            summary["fetched_instances"] = report["fetched_instances"]
+            summary["skipped_instances"] = len(report["skipped_instances"])
+            print(json.dumps(summary, indent=2))
+            return 0
+        from monai_medmerge.dicom.infer import classify_dicomweb
+
+        if args.study is None and args.query is None:
+            print(f"{prog}: give --study UID... or --query KEYWORD=VALUE... (or --query all)", file=sys.stderr)
+            return 2
+        query = None
+        if args.query is not None:
+            query = {}
+            for item in args.query:
+                if item == "all":
+                    continue
+                keyword, sep, value = item.partition("=")
+                if not sep or not keyword:
+                    print(f"{prog}: --query expects KEYWORD=VALUE or all, got {item!r}", file=sys.stderr)
+                    return 2
+                query[keyword] = value
+        modality = args.modality[0] if args.modality and len(args.modality) == 1 else args.modality
+        result = classify_dicomweb(
+            args.bundle,
+            source,
+            args.out,
+            study_uids=args.study,
+            query=query,
+            modality=modality,
+            series_description=args.series_description,
+            progress=not args.no_progress,
+            device=args.device,
+        )
+    except (DICOMwebError, ValueError, FileNotFoundError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    counts = {
+        k: len(result[k])
+        for k in ("predictions", "failed", "several_candidate_series", "studies_without_series", "skipped_instances")
+    }
+    print(json.dumps({"out": str(args.out), "studies": result["studies"], **counts}, indent=2))
+    return 1 if result["failed"] else 0
 
 
 def _report_summary(report: dict) -> dict:

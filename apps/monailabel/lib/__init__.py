@@ -1,0 +1,1 @@
+"""The app's tasks: classification inference, class labels, merge training."""

@@ -1,0 +1,287 @@
+"""MONAI Label infer task for classification bundles (such as a bundle exported by monai_medmerge).
+
+MONAI Label's stock ``BundleInferTask`` is built for segmentation: it restores the prediction onto the input image
+and writes a label file, and it loads ``models/model.pt`` into the network non-strictly, so a checkpoint whose keys
+do not match (for example one saved from a merge wrapper rather than the plain network) loads nothing and the
+network answers with its random initialisation, with only a warning in the log. :class:`ClassificationBundleInferTask`
+instead loads the weights strictly (an error names the missing and unexpected keys) and its restore step returns the
+class names and probabilities as JSON.
+
+This module needs MONAI, torch and MONAI Label only: serving an exported bundle does not need monai_medmerge.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.bundle import ConfigParser
+from monai.config import KeysCollection
+from monai.transforms import Compose, MapTransform
+from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
+from monailabel.interfaces.tasks.infer_v2 import InferType
+from monailabel.tasks.infer.basic_infer import BasicInferTask
+from torch import nn
+
+__all__ = [
+    "BundleFormatError",
+    "ClassificationBundleInferTask",
+    "ClassProbabilitiesd",
+    "bundle_class_names",
+    "load_state_dict_strictly",
+]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAMES = ("inference.yaml", "inference.json")
+
+
+class BundleFormatError(ValueError):
+    """A bundle folder lacks what a classification infer task needs; the message names the file and the field."""
+
+
+def bundle_class_names(metadata: Mapping[str, Any], metadata_path: str | os.PathLike = "metadata.json") -> list[str]:
+    """The class names of a classification bundle, in output order, from its metadata.
+
+    Args:
+        metadata: the content of ``configs/metadata.json``.
+        metadata_path: the file, for messages.
+
+    Returns:
+        ``network_data_format.outputs.<first output>.channel_def`` as a list (channel 0 first).
+
+    Raises:
+        BundleFormatError: when the metadata has no output channel names, or they are not numbered 0..C-1.
+    """
+    try:
+        output = next(iter(metadata["network_data_format"]["outputs"].values()))
+        channel_def = output["channel_def"]
+    except (KeyError, StopIteration, TypeError, AttributeError) as e:
+        raise BundleFormatError(
+            f"{metadata_path}: no class names (network_data_format.outputs.<output>.channel_def): {e!r}"
+        ) from e
+    if not isinstance(channel_def, Mapping) or not channel_def:
+        raise BundleFormatError(f"{metadata_path}: channel_def of the output is empty or not a mapping")
+    keys = sorted(channel_def, key=lambda k: int(k) if str(k).isdigit() else -1)
+    if [str(k) for k in keys] != [str(i) for i in range(len(keys))]:
+        raise BundleFormatError(
+            f"{metadata_path}: channel_def keys must be 0..{len(keys) - 1}, got {list(channel_def)}"
+        )
+    return [str(channel_def[k]) for k in keys]
+
+
+def load_state_dict_strictly(network: nn.Module, path: str | os.PathLike, device: str | torch.device = "cpu") -> None:
+    """Load a state dict file into ``network``; every key and shape must match.
+
+    The file is read with ``torch.load(..., weights_only=True)`` (no pickled code runs). A plain state dict or a
+    ``{"model": state_dict}`` checkpoint is accepted.
+
+    Args:
+        network: the plain network built from the bundle's ``network_def``.
+        path: ``models/model.pt``.
+        device: where to map the tensors.
+
+    Raises:
+        MONAILabelException: (``MODEL_IMPORT_ERROR``) when the file cannot be read or does not fit the network; the
+            message names the file and the missing, unexpected and mismatched keys (first five of each).
+    """
+    try:
+        state = torch.load(path, map_location=torch.device(device), weights_only=True)
+    except Exception as e:
+        raise MONAILabelException(
+            MONAILabelError.MODEL_IMPORT_ERROR, f"cannot read model file {path}: {type(e).__name__}: {e}"
+        ) from e
+    if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
+        state = state["model"]
+    if not isinstance(state, Mapping):
+        raise MONAILabelException(
+            MONAILabelError.MODEL_IMPORT_ERROR, f"model file {path} holds a {type(state).__name__}, not a state dict"
+        )
+    expected = network.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} in file vs {tuple(v.shape)} in network"
+        for k, v in expected.items()
+        if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    problems = [
+        f"{what}: {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
+        for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", mismatched))
+        if keys
+    ]
+    if problems:
+        raise MONAILabelException(
+            MONAILabelError.MODEL_IMPORT_ERROR,
+            f"model file {path} does not fit the bundle's network_def {type(network).__name__}: {'; '.join(problems)}."
+            " Serve a bundle whose models/model.pt is a state dict of its plain network_def (for a merged network:"
+            " the exported bundle, `python -m monai.bundle run export ...`), not a checkpoint of the merge wrapper.",
+        )
+    network.load_state_dict(state, strict=True)
+
+
+class ClassProbabilitiesd(MapTransform):
+    """The restore step of classification: a vector of class probabilities becomes a JSON-ready result.
+
+    Args:
+        keys: the key of the probabilities (a tensor of shape ``(C,)`` or ``(1, C)``, after softmax).
+        class_names: one name per output channel, in output order.
+        result_key: where the result dict is written.
+
+    The result is ``{"class": <name>, "class_index": <int>, "probabilities": {<name>: <float>, ...},
+    "prediction": [{"idx": i, "label": <name>, "score": <float>}, ...]}`` (``prediction`` is the format of
+    MONAI Label's own ``ClassificationWriter``, for clients that read it).
+    """
+
+    def __init__(self, keys: KeysCollection, class_names: Sequence[str], result_key: str = "result") -> None:
+        super().__init__(keys)
+        self.class_names = [str(c) for c in class_names]
+        self.result_key = result_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            probs = torch.as_tensor(d[key]).detach().float().cpu().reshape(-1)
+            if probs.numel() != len(self.class_names):
+                raise MONAILabelException(
+                    MONAILabelError.INFERENCE_ERROR,
+                    f"the network gave {probs.numel()} outputs for {len(self.class_names)} classes",
+                )
+            values = [float(p) for p in probs]
+            index = int(torch.argmax(probs))
+            d[self.result_key] = {
+                "class": self.class_names[index],
+                "class_index": index,
+                "probabilities": dict(zip(self.class_names, values, strict=True)),
+                "prediction": [
+                    {"idx": i, "label": c, "score": p}
+                    for i, (c, p) in enumerate(zip(self.class_names, values, strict=True))
+                ],
+            }
+        return d
+
+
+class ClassificationBundleInferTask(BasicInferTask):
+    """Infer task of a classification bundle: ``configs/inference.yaml`` (or ``.json``) with ``network_def``,
+    ``preprocessing``, ``inferer`` and ``postprocessing``; ``configs/metadata.json`` with the class names in
+    ``network_data_format``; ``models/model.pt``, a state dict of ``network_def``.
+
+    ``models/model.pt`` is loaded strictly into a fresh ``network_def`` and reloaded when the file changes (after a
+    train request replaced it). A request's result params hold the predicted class, the probabilities per class
+    name and the model file that answered (path, SHA-256, modification time).
+
+    Args:
+        path: the bundle folder.
+        preload: build and load the network at start instead of at the first request.
+        description: shown by ``/info/``; the bundle's metadata description when empty.
+
+    Raises:
+        BundleFormatError: when the folder is no classification bundle (which file and field is missing), or when its
+            ``network_def`` names a ``monai_medmerge`` class (an exported bundle builds a plain network).
+    """
+
+    def __init__(self, path: str | os.PathLike, preload: bool = False, description: str = "") -> None:
+        self.bundle_path = str(Path(path).resolve())
+        configs = Path(self.bundle_path) / "configs"
+        found = [configs / c for c in CONFIG_NAMES if (configs / c).is_file()]
+        if not found:
+            raise BundleFormatError(f"{configs} holds none of {', '.join(CONFIG_NAMES)}")
+        self.config_path = found[0]
+        metadata_path = configs / "metadata.json"
+        if not metadata_path.is_file():
+            raise BundleFormatError(f"{metadata_path} does not exist")
+        self.metadata = json.loads(metadata_path.read_text())
+        self.class_names = bundle_class_names(self.metadata, metadata_path)
+        model_path = Path(self.bundle_path) / "models" / "model.pt"
+
+        self.parser = ConfigParser()
+        self.parser.read_config(str(self.config_path))
+        self.parser.read_meta(str(metadata_path))
+        self.parser["bundle_root"] = self.bundle_path
+        for key in ("network_def", "preprocessing", "postprocessing"):
+            if key not in self.parser:
+                raise BundleFormatError(f"{self.config_path} has no '{key}'")
+        network_def = self.parser["network_def"]
+        target = str(network_def.get("_target_", "")) if isinstance(network_def, Mapping) else ""
+        if target.split(".")[0] == "monai_medmerge":
+            raise BundleFormatError(
+                f"{self.config_path}: network_def is {target!r}; serve an exported bundle, whose network_def is the "
+                "plain network (`python -m monai.bundle run export ...`)"
+            )
+        network = self.parser.get_parsed_content("network_def", instantiate=True)
+        if not isinstance(network, nn.Module):
+            raise BundleFormatError(f"{self.config_path}: network_def built a {type(network).__name__}, not a network")
+
+        # transforms are built once: the bundle's `strict_reader` (when it has one) acts on this preprocessing
+        # instance, so that LoadImaged uses only the named reader, never a silent fallback to another reader
+        pre = self.parser.get_parsed_content("preprocessing")
+        if "strict_reader" in self.parser:
+            self.parser.get_parsed_content("strict_reader")
+        post = self.parser.get_parsed_content("postprocessing")
+        self._pre = list(pre.transforms) if isinstance(pre, Compose) else list(pre)
+        self._post = list(post.transforms) if isinstance(post, Compose) else list(post)
+        self._inferer = self.parser.get_parsed_content("inferer") if "inferer" in self.parser else None
+
+        image = next(iter(self.metadata.get("network_data_format", {}).get("inputs", {}).values()), {})
+        spatial_shape = image.get("spatial_shape") or []
+        self._loaded: dict[str, dict[str, Any]] = {}
+        super().__init__(
+            path=str(model_path),
+            network=network.cpu().eval(),
+            type=InferType.CLASSIFICATION,
+            labels=list(self.class_names),
+            dimension=len(spatial_shape) or 3,
+            description=description or self.metadata.get("description", "classification bundle"),
+            load_strict=True,
+            preload=preload,
+            config={"bundle": os.path.basename(self.bundle_path), "version": self.metadata.get("version", "")},
+        )
+
+    def info(self) -> dict[str, Any]:
+        i = super().info()
+        i["class_names"] = list(self.class_names)
+        i["bundle"] = self.bundle_path
+        return i
+
+    def pre_transforms(self, data: Any = None) -> Sequence[Callable]:
+        return list(self._pre)
+
+    def inferer(self, data: Any = None) -> Any:
+        return self._inferer if self._inferer is not None else super().inferer(data)
+
+    def post_transforms(self, data: Any = None) -> Sequence[Callable]:
+        return self._post + [ClassProbabilitiesd(keys=self.output_label_key, class_names=self.class_names)]
+
+    def writer(self, data: dict[str, Any], extension: Any = None, dtype: Any = None) -> tuple[Any, dict[str, Any]]:
+        result = copy.deepcopy(data["result"])
+        result["model"] = dict(self._loaded.get(str(data.get("device", "cpu")), {}))
+        return None, result
+
+    def _get_network(self, device: str, data: Any) -> nn.Module:
+        path = self.get_path()
+        if not path:
+            raise MONAILabelException(
+                MONAILabelError.INFERENCE_ERROR, f"model file {self.path[0] if self.path else '?'} does not exist"
+            )
+        stat = os.stat(path)
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        cached = self._networks.get(device)
+        if cached and cached[1] == stamp:
+            return cached[0]
+        if cached:
+            logger.info(f"{path} changed; reloading the network")
+        network = copy.deepcopy(self.network).to(torch.device(device))
+        load_state_dict_strictly(network, path, device)
+        network.eval()
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        self._loaded[str(device)] = {"file": path, "sha256": digest, "mtime_ns": stat.st_mtime_ns}
+        self._networks[device] = (network, stamp)
+        logger.info(f"loaded {path} (sha256 {digest[:12]}) strictly into {type(network).__name__}")
+        return network

@@ -1,0 +1,247 @@
+"""MONAI Label train task: two-phase merge training (monai_medmerge's training bundle) on the app's class labels.
+
+The task runs ``bundles/medmerge_classification/configs/train.yaml`` through ``monai.bundle.run`` like MONAI Label's
+``BundleTrainTask`` (which it extends): it sets ``train#dataset#data``, ``train#trainer#max_epochs`` (the epochs of
+phase 1), ``train#handlers`` and ``validate#dataset#data``, and, for classification, builds the datalist itself from
+the class labels in the datastore (:mod:`lib.labels`). The architecture, class names, input size and intensity
+handling come from the served bundle, so the new network is the served network retrained. After both phases it
+runs the bundle's ``export`` id, which replaces the served bundle folder (atomically); the infer task sees the new
+``models/model.pt`` and loads it at the next request.
+
+Unlike ``BundleTrainTask`` it never adds a ``CheckpointLoader`` of the served ``model.pt``: training starts from the
+merge of the sources, and the served file, a state dict of the plain network, does not fit the merge network.
+This module needs monai_medmerge (the training bundle uses it); the app offers training only where it imports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import monai.bundle
+from monai.bundle import ConfigParser
+from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
+from monailabel.tasks.train.bundle import BundleTrainTask
+from monailabel.utils.others.generic import device_list, name_to_device
+
+from lib.infer import bundle_class_names
+from lib.labels import CLASS_LABEL_TAG, class_count, class_datalist, image_kind_of, stratified_split
+
+__all__ = ["MergeTrainTask"]
+
+logger = logging.getLogger(__name__)
+
+# metadata "modality" of an exported bundle -> the training bundle's `modality`
+_MODALITY = {"CT": "CT", "MR": "MR"}
+# request parameters passed to the training bundle as they are (besides those MONAI Label itself sets)
+_PASSED = (
+    "phase2_epochs",
+    "patience",
+    "batch_size",
+    "seed",
+    "coef_lr",
+    "head_lr",
+    "finetune_lr",
+    "anchor",
+    "merge_method",
+)
+
+
+class MergeTrainTask(BundleTrainTask):
+    """Train task of a served classification bundle by two-phase merge training.
+
+    Args:
+        served_bundle: the bundle folder the app serves (exported by monai_medmerge); the result replaces it.
+        train_bundle: monai_medmerge's training bundle folder (``configs/train.yaml``, ``metadata.json``).
+        work_dir: where the training runs (``models/``, ``eval/``, ``train_stats.json``); emptied at each request.
+        sources: the training bundle's ``sources``: bundle folders, or ``{"checkpoint": ..., "network_def": ...}``.
+        label_tag: the datastore label tag of class labels.
+        head: the classifier module the merge replaces (``fc`` for MONAI ResNet); None: the training bundle's.
+        modality: ``CT``, ``MR`` or ``other``; None: from the served bundle's metadata.
+
+    Raises:
+        ValueError: when the training bundle has no ``configs/train.yaml``, the served bundle lacks its metadata,
+            class names or ``network_def``, or ``sources`` has fewer than two entries.
+    """
+
+    def __init__(
+        self,
+        served_bundle: str | os.PathLike,
+        train_bundle: str | os.PathLike,
+        work_dir: str | os.PathLike,
+        sources: Sequence[Any],
+        label_tag: str = CLASS_LABEL_TAG,
+        head: str | None = None,
+        modality: str | None = None,
+    ) -> None:
+        super().__init__(str(train_bundle), conf={}, load_strict=True)
+        if not self.valid:
+            raise ValueError(f"{train_bundle} is no training bundle: it has no configs/train.yaml")
+        if len(sources) < 2:
+            raise ValueError(f"merge training needs at least two sources, got {list(sources)}")
+        self.served_bundle = str(Path(served_bundle).resolve())
+        self.work_dir = str(Path(work_dir).resolve())
+        self.sources = list(sources)
+        self.label_tag = label_tag
+        self.head = head
+        metadata_path = Path(self.served_bundle) / "configs" / "metadata.json"
+        metadata = json.loads(metadata_path.read_text())
+        self.class_names = bundle_class_names(metadata, metadata_path)
+        image = next(iter(metadata["network_data_format"]["inputs"].values()))
+        self.spatial_size = [int(s) for s in image["spatial_shape"]]
+        self.in_channels = int(image.get("num_channels", 1))
+        self.modality = modality or _MODALITY.get(str(image.get("modality", "")).upper(), "other")
+        config_path = next(
+            (
+                p
+                for p in (Path(self.served_bundle) / "configs" / n for n in ("inference.yaml", "inference.json"))
+                if p.is_file()
+            ),
+            None,
+        )
+        if config_path is None:
+            raise ValueError(f"{self.served_bundle}/configs has no inference.yaml or inference.json")
+        network_def = ConfigParser.load_config_file(str(config_path)).get("network_def")
+        if not isinstance(network_def, dict) or "_target_" not in network_def:
+            raise ValueError(f"{config_path}: network_def must be a mapping with '_target_', got {network_def!r}")
+        self.network_target = network_def["_target_"]
+        self.network_args = {k: v for k, v in network_def.items() if not k.startswith("_")}
+        defaults = self.bundle_config.config  # the training bundle's own settings are the defaults
+        self.defaults = {
+            "max_epochs": int(defaults.get("phase1_epochs", 15)),
+            "phase2_epochs": int(defaults.get("phase2_epochs", 30)),
+            "patience": int(defaults.get("patience", 8)),
+            "batch_size": int(defaults.get("batch_size", 16)),
+            "val_split": 0.2,
+            "seed": int(defaults.get("seed", 0)),
+        }
+        self.description = (
+            f"Two-phase merge training (MedMerge) of {os.path.basename(self.served_bundle)} from "
+            f"{len(self.sources)} sources on the images with a '{label_tag}' label"
+        )
+
+    def config(self) -> dict[str, Any]:
+        return {**self.defaults, "device": device_list()}
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "description": self.description,
+            "config": self.config(),
+            "class_names": self.class_names,
+            "label_tag": self.label_tag,
+            "version": self.version,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        path = Path(self.work_dir) / "train_stats.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    # --- MONAI Label's BundleTrainTask steps, for classification -------------------------------------------------
+    def _fetch_datalist(self, request: dict[str, Any], datastore: Any) -> list[dict[str, Any]]:
+        items = class_datalist(datastore, self.class_names, self.label_tag)
+        return [{"image": item["image"], "label": item["label"]} for item in items]
+
+    def _partition_datalist(self, datalist: list, request: dict[str, Any], shuffle: bool = False) -> tuple[list, list]:
+        train, val = stratified_split(datalist, request.get("val_split", 0.2), int(request.get("seed", 0)))
+        logger.info(
+            f"training on {len(train)} images {class_count(train, self.class_names)}, validating on {len(val)} "
+            f"{class_count(val, self.class_names)}"
+        )
+        return train, val
+
+    def _load_checkpoint(self, model_pytorch: str, pretrained: bool, train_handlers: list) -> None:
+        # the served models/model.pt is a state dict of the plain network; the merge network starts from the sources
+        logger.info(f"not loading {model_pytorch}: merge training starts from the sources {self.sources}")
+
+    def _update_overrides(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        request = self._request
+        train, val = overrides["train#dataset#data"], overrides.get("validate#dataset#data", [])
+        overrides.update(
+            {
+                "bundle_root": self.work_dir,
+                "device": f"$torch.device('{overrides['device']}')",
+                # the ids that read the datalist file (norm recalibration, image checks) see the same images
+                "datalists": {"training": train, "validation": val, "test": []},
+                "phase1_epochs": overrides["train#trainer#max_epochs"],
+                "class_names": list(self.class_names),
+                "network_target": self.network_target,
+                "network_args": dict(self.network_args),
+                "spatial_size": list(self.spatial_size),
+                "in_channels": self.in_channels,
+                "image_kind": image_kind_of([item["image"] for item in train + val]),
+                "modality": self.modality,
+                "sources": list(self.sources),
+                "export_dir": self.served_bundle,
+                "progress": False,
+            }
+        )
+        if self.head:
+            overrides["head"] = self.head
+        for key in _PASSED:
+            if key in request:
+                overrides[key] = request[key]
+        return overrides
+
+    def __call__(self, request: dict[str, Any], datastore: Any) -> dict[str, Any]:
+        request = {**self.defaults, **{k: v for k, v in request.items() if v is not None}}
+        request["device"] = name_to_device(request.get("device"))
+        request["multi_gpu"] = False  # the multi-GPU path of BundleTrainTask writes into the training bundle
+        request["pretrained"] = False
+        request["tracking"] = request.get("tracking") or "None"
+        self._request = request
+        start = time.time()
+        for sub in ("models", "eval"):
+            shutil.rmtree(Path(self.work_dir) / sub, ignore_errors=True)
+        Path(self.work_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            super().__call__(request, datastore)
+        except MONAILabelException:
+            raise
+        except Exception as e:
+            raise MONAILabelException(MONAILabelError.APP_TRAIN_FAILED, f"{type(e).__name__}: {e}") from e
+        return self._write_stats(start)
+
+    def run_single_gpu(self, request: dict[str, Any], overrides: dict[str, Any]) -> None:
+        shown = {k: v for k, v in overrides.items() if "data" not in k}  # the image lists are logged by the fetch
+        logger.info(f"merge training in {self.work_dir}: {json.dumps(shown, default=str)}")
+        monai.bundle.run(
+            run_id="run", config_file=self.bundle_config_path, meta_file=self.bundle_metadata_path, **overrides
+        )
+        trained = Path(self.work_dir) / "models" / "model.pt"
+        if not trained.is_file():
+            raise MONAILabelException(MONAILabelError.APP_TRAIN_FAILED, f"training wrote no {trained}")
+        served = Path(self.served_bundle) / "models" / "model.pt"
+        if served.is_file():
+            shutil.copy2(served, Path(self.work_dir) / "previous_model.pt")
+        # replaces the served bundle folder atomically; the infer task reloads models/model.pt when it changes
+        monai.bundle.run(
+            run_id="export", config_file=self.bundle_config_path, meta_file=self.bundle_metadata_path, **overrides
+        )
+        self._counts = {
+            "train": len(overrides["train#dataset#data"]),
+            "validation": len(overrides.get("validate#dataset#data") or []),
+        }
+
+    def _write_stats(self, start: float) -> dict[str, Any]:
+        model = Path(self.served_bundle) / "models" / "model.pt"
+        stats = {
+            "total_time": f"{time.time() - start:.1f}s",
+            "end_ts": int(time.time()),
+            "images": getattr(self, "_counts", {}),
+            "epochs": {"phase1": self._request["max_epochs"], "phase2": self._request["phase2_epochs"]},
+            "model": str(model),
+            "sha256": hashlib.sha256(model.read_bytes()).hexdigest(),
+        }
+        (Path(self.work_dir) / "train_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+        logger.info(f"merge training done: {stats}")
+        return stats
