@@ -31,6 +31,9 @@ VARIANTS = {
     "no_recalibration": ({}, {"recalibrate": False}),
     "anchor_0.97": ({"anchor_weight": 0.97}, {}),
     "anchor_0.99_lr_0.05": ({"anchor_weight": 0.99, "coef_lr": 0.05}, {}),
+    "penalty_0.1": ({"coef_penalty": 0.1}, {}),
+    "penalty_1": ({"coef_penalty": 1.0}, {}),
+    "coef_epochs_30": ({"coef_epochs": 30}, {}),
 }
 
 

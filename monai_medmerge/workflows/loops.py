@@ -7,7 +7,7 @@ and the examples use, and they stay small on purpose.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -87,6 +87,7 @@ def fit(
     weight_decay: float = 0.0,
     desc: str = "train",
     progress: bool = True,
+    penalty: Callable[[], torch.Tensor] | None = None,
 ) -> History:
     """Train with Adam and cross-entropy; keep the state of the best validation macro-F1 (early stopping).
 
@@ -101,6 +102,7 @@ def fit(
         weight_decay: Adam weight decay.
         desc: label of the progress bar.
         progress: show a progress bar over epochs.
+        penalty: a term added to every batch's loss (a scalar tensor, e.g. a regulariser on some parameters).
 
     Returns:
         the :class:`History`; ``model`` holds the best epoch's state afterwards.
@@ -122,6 +124,8 @@ def fit(
         for batch in train_loader:
             x, y = split_batch(batch)
             loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device))
+            if penalty is not None:
+                loss = loss + penalty()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -151,11 +155,14 @@ def learn_coefficients(
     device: torch.device | str = "cpu",
     recalibrate: bool = True,
     progress: bool = True,
+    anchor_penalty: float = 0.0,
 ) -> tuple[nn.Module, History]:
     """Phase 1: train the merge coefficients and the new head with the sources frozen, then collapse.
 
     The merged network normalises with batch statistics while it learns; afterwards its running statistics are
-    recomputed on ``train_loader`` (``recalibrate``) and it is collapsed into a plain network.
+    recomputed on ``train_loader`` (``recalibrate``) and it is collapsed into a plain network. ``anchor_penalty``
+    > 0 adds ``anchor_penalty * mean((logits - initial logits) ** 2)`` over the merge logits to the loss, which
+    keeps the coefficients near where they started (the anchor's share, when the merge has an anchor).
 
     Returns:
         ``(plain network in eval mode, History)``.
@@ -164,7 +171,16 @@ def learn_coefficients(
     groups = [{"params": [merge.merge_logits], "lr": lr}]
     if head:
         groups.append({"params": head, "lr": head_lr})
+    if anchor_penalty < 0:
+        raise ValueError(f"anchor_penalty must be >= 0, got {anchor_penalty}.")
     merge.to(device)
+    penalty = None
+    if anchor_penalty > 0:
+        start = merge.merge_logits.detach().clone()
+
+        def penalty() -> torch.Tensor:
+            return anchor_penalty * (merge.merge_logits - start).pow(2).mean()
+
     history = fit(
         merge,
         train_loader,
@@ -175,6 +191,7 @@ def learn_coefficients(
         patience,
         desc="phase 1: coefficients",
         progress=progress,
+        penalty=penalty,
     )
     if recalibrate:
         recalibrate_norm(merge, train_loader, device=device)

@@ -91,6 +91,7 @@ class Recipe:
         source_epochs, source_lr, source_seeds: pretraining of sources A and B, each from its own initialisation.
         coef_epochs, coef_lr, head_lr: phase 1 (coefficients and new head).
         anchor_weight: starting share of the anchor source (chosen on validation per seed).
+        coef_penalty: weight of a phase-1 penalty on the merge logits' squared distance from their start (0: none).
         ft_epochs, ft_lr, patience: every fine-tuning (phase 2 and the baselines), early stopping on validation.
         lp_epochs, lp_lr: the linear-probing stage of LP-FT.
         alignment: how the ``aligned_*`` methods align the sources: ``"activations"`` (feature correlations on the
@@ -106,6 +107,7 @@ class Recipe:
     coef_lr: float = 1e-2
     head_lr: float = 1e-3
     anchor_weight: float = 0.9
+    coef_penalty: float = 0.0
     ft_epochs: int = 30
     ft_lr: float = 1e-3
     patience: int = 8
@@ -375,6 +377,7 @@ def learned_merge(
         patience=recipe.patience,
         progress=progress,
         recalibrate=recalibrate,
+        anchor_penalty=recipe.coef_penalty,
     )
     return merge, plain, history
 
