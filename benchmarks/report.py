@@ -127,12 +127,15 @@ def transfer_section(r: dict, stem: str) -> str:
     return "\n".join(lines)
 
 
-def explore_section(r: dict) -> str:
+def explore_section(r: dict, stem: str = "") -> str:
+    source = f"`{stem}.json`, " if stem else ""
     lines = [
-        f"## MedMerge settings studied on validation: {r['task']}, k = {r['k']} (`benchmarks/explore_medmerge.py`)",
+        f"## MedMerge settings studied on validation: {r['task']}, k = {r['k']} "
+        f"({source}`benchmarks/explore_medmerge.py`)",
         "",
         "Each variant changes phase 1 only and is followed by the same fine-tuning; the variant to keep is chosen "
-        "by validation macro-F1, test shown beside it for the record."
+        "by validation macro-F1, test shown beside it for the record. Compare rows within one table: each table "
+        "is one run of one code revision."
         + ("" if r.get("complete", True) else " **Incomplete run**: only the rows below were measured."),
         "",
         "| seed | variant | anchor | val macro-F1 (collapsed) | val macro-F1 (+FT) | test macro-F1 (+FT) | "
@@ -234,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         if data.get("benchmark") == "transfer":
             parts.append(transfer_section(data, path.stem))
     for path in sorted(args.results.glob("explore_*.json")):
-        parts.append(explore_section(json.loads(path.read_text())))
+        parts.append(explore_section(json.loads(path.read_text()), path.stem))
     notes = HERE / "results" / "NOTES.md"
     if notes.exists():
         parts.append(notes.read_text())
