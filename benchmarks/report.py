@@ -87,6 +87,7 @@ def transfer_section(r: dict, stem: str) -> str:
     for key, what in (
         ("medmerge_ft_vs_best_single_source", "the best single-source fine-tuning"),
         ("aligned_medmerge_ft_vs_best_single_source", "the best single-source fine-tuning"),
+        ("aligned_ftmerge_ft_vs_best_single_source", "the best single-source fine-tuning"),
         ("aligned_medmerge_ft_vs_medmerge_ft", "MedMerge + FT without alignment"),
         ("aligned_average_ft_vs_average_ft", "uniform average + FT without alignment"),
     ):

@@ -9,8 +9,11 @@ Methods (the names used in results):
 - ``layer_ft``: learned layer-level merge, collapsed, fine-tuned.
 - ``medmerge``: learned kernel-level merge (MedMerge) without fine-tuning, collapsed.
 - ``medmerge_ft``: the same, fine-tuned.
-- ``aligned_average_ft`` / ``aligned_medmerge_ft``: the same after aligning the sources onto the anchor by weight
-  matching (:func:`~monai_medmerge.merging.align_sources`), which permutes channels without changing functions.
+- ``aligned_average_ft`` / ``aligned_medmerge_ft``: the same after aligning the sources onto the anchor
+  (:func:`~monai_medmerge.merging.align_sources`, by activations or weights as ``Recipe.alignment`` says), which
+  permutes channels without changing functions.
+- ``aligned_ftmerge_ft``: MedMerge of ``ft_a`` and ``ft_b`` (the sources already fine-tuned on the target), aligned
+  onto the anchor, then fine-tuned: the merge of exactly the two networks the ensemble averages.
 - ``ensemble``: mean probabilities of ``ft_a`` and ``ft_b``, an upper bound that costs N networks at inference.
 
 Every choice (the anchor source, the best epoch, the best single-source baseline) is made on validation data; the
@@ -63,6 +66,7 @@ METHODS = (
     "medmerge_ft",
     "aligned_average_ft",
     "aligned_medmerge_ft",
+    "aligned_ftmerge_ft",
     "ensemble",
 )
 METHOD_LABELS = {
@@ -77,6 +81,7 @@ METHOD_LABELS = {
     "medmerge_ft": "MedMerge + FT",
     "aligned_average_ft": "aligned average + FT",
     "aligned_medmerge_ft": "aligned MedMerge + FT",
+    "aligned_ftmerge_ft": "aligned MedMerge of FT A and B + FT",
     "ensemble": "ensemble of FT A and B (2x cost)",
 }
 
@@ -270,11 +275,21 @@ def run_seed(
     if "scratch" in methods:
         torch.manual_seed(seed)
         finetuned(build_network(k, recipe), "scratch")
-    need_ft = {"ft_a", "ft_b", "ensemble", "layer_ft", "medmerge", "medmerge_ft", "aligned_medmerge_ft"} & set(methods)
+    need_ft = {
+        "ft_a",
+        "ft_b",
+        "ensemble",
+        "layer_ft",
+        "medmerge",
+        "medmerge_ft",
+        "aligned_medmerge_ft",
+        "aligned_ftmerge_ft",
+    } & set(methods)
+    ft_nets: dict[str, nn.Module] = {}
     for i, tag in enumerate(("a", "b")):
         if need_ft:
             torch.manual_seed(seed)
-            finetuned(_from_source(sources[i], k, recipe), f"ft_{tag}")
+            ft_nets[tag] = finetuned(_from_source(sources[i], k, recipe), f"ft_{tag}")
         if f"lpft_{tag}" in methods:
             torch.manual_seed(seed)
             net = _from_source(sources[i], k, recipe)
@@ -332,6 +347,19 @@ def run_seed(
         recs[name] = _record(net, val, test, hist2)
         out.models[name] = net
         recs[name]["curve_phase1"] = [v["macro_f1"] for v in hist1.val]
+    if "aligned_ftmerge_ft" in methods:
+        pool = align_sources(
+            [ft_nets["a"], ft_nets["b"]],
+            anchor=out.anchor,
+            example_input=target.train.tensors[0][:16],
+            matching=recipe.alignment,
+            data=[target.train.tensors[0]],
+        )
+        torch.manual_seed(seed)
+        merge, plain, hist1 = learned_merge(pool, k, train(), val, recipe, "kernel", out.anchor, progress)
+        net, hist2 = fine_tune(plain, train(), val, **ft)
+        recs["aligned_ftmerge_ft"] = _record(net, val, test, hist2)
+        recs["aligned_ftmerge_ft"]["curve_phase1"] = [v["macro_f1"] for v in hist1.val]
     if "ensemble" in methods:
         (va, ta), (vb, tb) = recs["ft_a"]["_probs"], recs["ft_b"]["_probs"]
         probs = (ta + tb) / 2
@@ -422,6 +450,7 @@ def summarize(
         for name, baseline, key in (
             ("medmerge_ft", best, "medmerge_ft_vs_best_single_source"),
             ("aligned_medmerge_ft", best, "aligned_medmerge_ft_vs_best_single_source"),
+            ("aligned_ftmerge_ft", best, "aligned_ftmerge_ft_vs_best_single_source"),
         ):
             if name in methods:
                 summary[key] = _paired(table, name, baseline) | {"chosen_on": "mean validation macro-F1"}
