@@ -312,16 +312,17 @@ def run_seed(
             finetuned(net, f"lpft_{tag}")
     if need_ft:
         out.anchor = int(recs["ft_b"]["val"]["macro_f1"] > recs["ft_a"]["val"]["macro_f1"])
+
+    def aligned_onto_anchor(models: Sequence[nn.Module]) -> list[nn.Module]:
+        # channels permuted onto the anchor's; target images drive the tracing and the function check
+        images = target.train.tensors[0]
+        return align_sources(
+            list(models), anchor=out.anchor, example_input=images[:16], matching=recipe.alignment, data=[images]
+        )
+
     aligned: list[nn.Module] = []
     if {"aligned_average_ft", "aligned_medmerge_ft"} & set(methods):
-        # channels permuted onto the anchor's; target images drive the tracing and the function check
-        aligned = align_sources(
-            list(sources),
-            anchor=out.anchor,
-            example_input=target.train.tensors[0][:16],
-            matching=recipe.alignment,
-            data=[target.train.tensors[0]],
-        )
+        aligned = aligned_onto_anchor(sources)
     for name, pool in (("average_ft", sources), ("aligned_average_ft", aligned)):
         if name in methods:
             torch.manual_seed(seed)
@@ -348,13 +349,7 @@ def run_seed(
         out.models[name] = net
         recs[name]["curve_phase1"] = [v["macro_f1"] for v in hist1.val]
     if "aligned_ftmerge_ft" in methods:
-        pool = align_sources(
-            [ft_nets["a"], ft_nets["b"]],
-            anchor=out.anchor,
-            example_input=target.train.tensors[0][:16],
-            matching=recipe.alignment,
-            data=[target.train.tensors[0]],
-        )
+        pool = aligned_onto_anchor([ft_nets["a"], ft_nets["b"]])
         torch.manual_seed(seed)
         merge, plain, hist1 = learned_merge(pool, k, train(), val, recipe, "kernel", out.anchor, progress)
         net, hist2 = fine_tune(plain, train(), val, **ft)

@@ -384,16 +384,14 @@ def test_datalist_train_and_classify_over_dicomweb(server, studies, tmp_path, ca
     caplog.set_level(logging.DEBUG)
     source = _source(server, tmp_path / "cache")
     datalist = tmp_path / "data" / "datalist.json"
-    report = datalist_from_dicomweb(
-        source,
-        studies["labels"],
-        datalist,
-        class_names=CLASS_NAMES,
-        modality="CT",
-        series_description="ax t1",
-        split=(0.5, 0.25, 0.25),
-        seed=0,
-    )
+    selection = {
+        "class_names": CLASS_NAMES,
+        "modality": "CT",
+        "series_description": "ax t1",
+        "split": (0.5, 0.25, 0.25),
+        "seed": 0,
+    }
+    report = datalist_from_dicomweb(source, studies["labels"], datalist, **selection)
     # what did not match is reported, not guessed
     assert report["matched"] == 2 * PER_CLASS and report["retrieved"] == 2 * PER_CLASS and report["failed"] == []
     assert list(report["several_candidate_series"]) == [studies["several"]]
@@ -414,15 +412,7 @@ def test_datalist_train_and_classify_over_dicomweb(server, studies, tmp_path, ca
         assert item["label"] == CLASS_NAMES.index(studies["labelled"][item["StudyInstanceUID"]])
         assert len(list(Path(item["image"]).iterdir())) == SLICES
     # a rerun finds everything in the cache
-    again = datalist_from_dicomweb(
-        source,
-        studies["labels"],
-        datalist,
-        class_names=CLASS_NAMES,
-        modality="CT",
-        series_description="ax t1",
-        split=(0.5, 0.25, 0.25),
-    )
+    again = datalist_from_dicomweb(source, studies["labels"], datalist, **selection)
     assert again["fetched_instances"] == 0 and again["retrieved"] == 2 * PER_CLASS
     for text in (datalist.read_text(), datalist.with_name("datalist_report.json").read_text()):
         _assert_no_phi(text, studies["phi"])
@@ -476,11 +466,11 @@ def test_datalist_train_and_classify_over_dicomweb(server, studies, tmp_path, ca
     monkeypatch.setenv("DICOMWEB_USER", USER)
     monkeypatch.setenv("DICOMWEB_PASSWORD", PASSWORD)
     cli_list = tmp_path / "cli" / "datalist.json"
-    selection = ["--modality", "CT", "--series-description", "ax t1", "--cache-dir", str(tmp_path / "cache")]
+    cli_selection = ["--modality", "CT", "--series-description", "ax t1", "--cache-dir", str(tmp_path / "cache")]
     capsys.readouterr()
     code = main(
         ["dicomweb-datalist", server.dicomweb_url, "--labels", str(studies["labels"]), "--out", str(cli_list)]
-        + ["--classes", *CLASS_NAMES, "--split", "0.5", "0.25", "0.25", "--no-progress", *selection]
+        + ["--classes", *CLASS_NAMES, "--split", "0.5", "0.25", "0.25", "--no-progress", *cli_selection]
     )
     summary = json.loads(capsys.readouterr().out)
     assert code == 0 and summary["matched"] == 2 * PER_CLASS and summary["fetched_instances"] == 0
@@ -488,7 +478,7 @@ def test_datalist_train_and_classify_over_dicomweb(server, studies, tmp_path, ca
     cli_out = tmp_path / "cli" / "predictions"
     code = main(
         ["dicomweb-classify", server.dicomweb_url, "--bundle", str(exported), "--out", str(cli_out)]
-        + ["--study", *wanted, "--no-progress", *selection]
+        + ["--study", *wanted, "--no-progress", *cli_selection]
     )
     summary = json.loads(capsys.readouterr().out)
     assert code == 0 and summary["predictions"] == len(predicted) and summary["studies_without_series"] == 1
@@ -497,7 +487,7 @@ def test_datalist_train_and_classify_over_dicomweb(server, studies, tmp_path, ca
     monkeypatch.setenv("DICOMWEB_PASSWORD", "not-the-password")
     code = main(
         ["dicomweb-classify", server.dicomweb_url, "--bundle", str(exported), "--out", str(cli_out)]
-        + ["--query", "all", "--no-progress", *selection]
+        + ["--query", "all", "--no-progress", *cli_selection]
     )
     err = capsys.readouterr().err
     assert code == 2 and "medmerge dicomweb-classify" in err and "not-the-password" not in err
