@@ -1,4 +1,4 @@
-"""Study MedMerge's settings on the brain task: variants of phase 1, each followed by the same fine-tuning.
+"""Study MedMerge's settings on a benchmark task: variants of phase 1 and 2, beside plain fine-tuning from the anchor.
 
 Every variant is judged by VALIDATION macro-F1 (the test metrics are recorded beside it, never used to choose).
 The sources are the cached ones of ``medmerge benchmark`` with the default recipe (pretrained if absent).
@@ -18,9 +18,13 @@ from pathlib import Path
 import torch
 
 from monai_medmerge.data.tasks import load_benchmark_tasks
+from monai_medmerge.merging import recalibrate_norm
+from monai_medmerge.networks.kernel_merge import KernelMerge
 from monai_medmerge.workflows.comparison import machine_description
-from monai_medmerge.workflows.loops import fine_tune
-from monai_medmerge.workflows.transfer import Recipe, _loader, _record, learned_merge, pretrain_sources
+from monai_medmerge.workflows.loops import History, fine_tune, fit, learn_coefficients
+from monai_medmerge.workflows.transfer import HEAD, Recipe, _from_source, _loader, _record, pretrain_sources
+
+HEAD_INPUT_UNITS = ("layer4.0.conv2", "layer4.0.bn2", "layer4.0.downsample.0", "layer4.0.downsample.1")
 
 # name -> (recipe changes, KernelMerge changes); "default" is the recipe of the benchmark
 VARIANTS = {
@@ -34,6 +38,17 @@ VARIANTS = {
     "penalty_0.1": ({"coef_penalty": 0.1}, {}),
     "penalty_1": ({"coef_penalty": 1.0}, {}),
     "coef_epochs_30": ({"coef_epochs": 30}, {}),
+    # the units whose output channels are the new head's inputs (the last block's second conv and norm, and its
+    # shortcut) keep the anchor's weights: a one-hot coefficient there, which phase 1 cannot move
+    "anchor_head_inputs": ({}, {"anchor_units": HEAD_INPUT_UNITS}),
+    # phase 2 trains the coefficients together with the weights: W = sum_i alpha_i W_i + delta, with delta (at the
+    # fine-tuning rate), the merge logits (at the coefficient rate) and the head trained in one loop, then collapsed
+    "phase1_joint": ({}, {"phase2": "joint"}),
+    # the same joint training from the anchored start, with no separate phase 1
+    "joint_only": ({}, {"phase1": False, "phase2": "joint"}),
+    # the reference, not a variant: plain fine-tuning from the anchor source (the benchmark's best single source),
+    # with the same batches and head initialisation as the benchmark's ft_a / ft_b
+    "ft_anchor": ({}, {"baseline": True}),
 }
 
 
@@ -74,22 +89,70 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.variants:
             changes, options = VARIANTS[name]
             recipe = dataclasses.replace(base, **changes)
+            if options.get("baseline"):
+                torch.manual_seed(seed)
+                net, h2 = fine_tune(
+                    _from_source(sources[anchor], target.num_classes, recipe),
+                    train(),
+                    val,
+                    epochs=recipe.ft_epochs,
+                    lr=recipe.ft_lr,
+                    patience=recipe.patience,
+                    progress=False,
+                )
+                final = _record(net, val, test)
+                rows.append(
+                    {
+                        "seed": seed,
+                        "variant": name,
+                        "anchor": "ab"[anchor],
+                        "changes": changes | options,
+                        "fine_tuned": {k: final[k] for k in ("val", "test")},
+                        "phase2_epochs": len(h2.val),
+                    }
+                )
+                _write(args, base, info, rows, t0)
+                print(f"seed {seed} {name:18s} val {final['val']['macro_f1']:.3f} test {final['test']['macro_f1']:.3f}")
+                continue
             torch.manual_seed(seed)
-            merge, plain, h1 = learned_merge(
-                sources,
-                target.num_classes,
-                train(),
-                val,
-                recipe,
-                "kernel",
-                anchor,
-                False,
-                options.get("recalibrate", True),
+            merge = KernelMerge(
+                list(sources),
+                head=HEAD,
+                out_channels=target.num_classes,
+                anchor=anchor,
+                anchor_weight=recipe.anchor_weight,
             )
+            for unit in options.get("anchor_units", ()):
+                merge.set_coefficients({unit: torch.eye(len(sources))[anchor].unsqueeze(1)})
+            h1 = History()
+            if options.get("phase1", True):
+                plain, h1 = learn_coefficients(
+                    merge,
+                    train(),
+                    val,
+                    epochs=recipe.coef_epochs,
+                    lr=recipe.coef_lr,
+                    head_lr=recipe.head_lr,
+                    patience=recipe.patience,
+                    progress=False,
+                    recalibrate=options.get("recalibrate", True),
+                    anchor_penalty=recipe.coef_penalty,
+                )
+            else:
+                plain = merge.collapse()
             collapsed = _record(plain, val, test)
-            net, h2 = fine_tune(
-                plain, train(), val, epochs=recipe.ft_epochs, lr=recipe.ft_lr, patience=recipe.patience, progress=False
-            )
+            if options.get("phase2") == "joint":
+                net, h2 = _joint_fine_tune(merge, train(), val, recipe)
+            else:
+                net, h2 = fine_tune(
+                    plain,
+                    train(),
+                    val,
+                    epochs=recipe.ft_epochs,
+                    lr=recipe.ft_lr,
+                    patience=recipe.patience,
+                    progress=False,
+                )
             final = _record(net, val, test)
             alpha = torch.cat([a[anchor] for a in merge.coefficients().values()])
             rows.append(
@@ -114,6 +177,33 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(_write(args, base, info, rows, t0)["mean_macro_f1"], indent=2))
 
 
+def _joint_fine_tune(merge: KernelMerge, train, val, recipe: Recipe) -> tuple[torch.nn.Module, History]:
+    """Fine-tune ``merge``'s weights and coefficients together; returns the collapsed best state and its History.
+
+    Every merged tensor gets a trainable offset ``delta`` (zero at the start): the network's weights are
+    ``sum_i alpha_i W_i + delta``. Adam moves the offsets exactly as fine-tuning would move the weights, while the
+    coefficients keep choosing, kernel by kernel, how much of each source the weights start from.
+    """
+    deltas = torch.nn.ParameterDict(
+        {name.replace(".", "__"): torch.nn.Parameter(torch.zeros(shape)) for name, shape in merge._shapes.items()}
+    )
+    merge.deltas = deltas
+    plain_merged = merge.merged_parameters
+
+    def with_offsets() -> dict[str, torch.Tensor]:
+        return {name: w + deltas[name.replace(".", "__")] for name, w in plain_merged().items()}
+
+    merge.merged_parameters = with_offsets
+    head = [p for n, p in merge.network.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [merge.merge_logits], "lr": recipe.coef_lr},
+        {"params": list(deltas.parameters()) + head, "lr": recipe.ft_lr},
+    ]
+    history = fit(merge, train, val, groups, recipe.ft_epochs, patience=recipe.patience, progress=False)
+    recalibrate_norm(merge, train)
+    return merge.collapse(), history
+
+
 def _write(args, base: Recipe, info: dict, rows: list[dict], t0: float) -> dict:
     """Write the rows so far (a long run keeps what it measured if it is stopped)."""
     summary = {}
@@ -131,7 +221,10 @@ def _write(args, base: Recipe, info: dict, rows: list[dict], t0: float) -> dict:
         "sources": info,
         "rows": rows,
         "mean_macro_f1": summary,
-        "chosen_on_validation": max(summary, key=lambda n: summary[n]["val"]),
+        # among the merge variants: the reference row (plain fine-tuning from the anchor) is not a candidate
+        "chosen_on_validation": max(
+            (n for n in summary if not VARIANTS[n][1].get("baseline")), key=lambda n: summary[n]["val"], default=None
+        ),
         "complete": len(rows) == len(args.seeds) * len(args.variants),
         "machine": machine_description(),
         "seconds": round(time.time() - t0, 1),

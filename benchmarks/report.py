@@ -144,11 +144,18 @@ def explore_section(r: dict, stem: str = "") -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for row in r["rows"]:
+        # a reference row (plain fine-tuning from the anchor) has no merge: no collapsed network, no anchor share
+        collapsed = f"{100 * row['collapsed']['val']['macro_f1']:.1f}" if "collapsed" in row else "-"
+        share = f"{row['anchor_share']['mean']:.3f}" if "anchor_share" in row else "-"
         lines.append(
-            f"| {row['seed']} | {row['variant']} | {row.get('anchor', 'b').upper()} | "
-            f"{100 * row['collapsed']['val']['macro_f1']:.1f} | {100 * row['fine_tuned']['val']['macro_f1']:.1f} | "
-            f"{100 * row['fine_tuned']['test']['macro_f1']:.1f} | {row['anchor_share']['mean']:.3f} |"
+            f"| {row['seed']} | {row['variant']} | {row.get('anchor', 'b').upper()} | {collapsed} | "
+            f"{100 * row['fine_tuned']['val']['macro_f1']:.1f} | {100 * row['fine_tuned']['test']['macro_f1']:.1f} | "
+            f"{share} |"
         )
+    means = r.get("mean_macro_f1", {})
+    if means:
+        lines += ["", "| variant (mean over its seeds) | val macro-F1 (+FT) | test macro-F1 (+FT) |", "|---|---|---|"]
+        lines += [f"| {name} | {100 * m['val']:.1f} | {100 * m['test']:.1f} |" for name, m in means.items()]
     lines += [
         "",
         f"Chosen on validation: `{r['chosen_on_validation']}`. Machine: {_machine(r['machine'])}; "
