@@ -21,8 +21,16 @@ from monai_medmerge.data.tasks import load_benchmark_tasks
 from monai_medmerge.merging import recalibrate_norm
 from monai_medmerge.networks.kernel_merge import KernelMerge
 from monai_medmerge.workflows.comparison import machine_description
-from monai_medmerge.workflows.loops import History, fine_tune, fit, learn_coefficients
-from monai_medmerge.workflows.transfer import HEAD, Recipe, _from_source, _loader, _record, pretrain_sources
+from monai_medmerge.workflows.loops import History, fine_tune, fit
+from monai_medmerge.workflows.transfer import (
+    HEAD,
+    Recipe,
+    _from_source,
+    _loader,
+    _record,
+    learn_phase1,
+    pretrain_sources,
+)
 
 HEAD_INPUT_UNITS = ("layer4.0.conv2", "layer4.0.bn2", "layer4.0.downsample.0", "layer4.0.downsample.1")
 
@@ -89,10 +97,11 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.variants:
             changes, options = VARIANTS[name]
             recipe = dataclasses.replace(base, **changes)
-            if options.get("baseline"):
-                torch.manual_seed(seed)
-                net, h2 = fine_tune(
-                    _from_source(sources[anchor], target.num_classes, recipe),
+            row = {"seed": seed, "variant": name, "anchor": "ab"[anchor], "changes": changes | options}
+
+            def ft(net, recipe=recipe, val=val):
+                return fine_tune(
+                    net,
                     train(),
                     val,
                     epochs=recipe.ft_epochs,
@@ -100,78 +109,49 @@ def main(argv: list[str] | None = None) -> None:
                     patience=recipe.patience,
                     progress=False,
                 )
-                final = _record(net, val, test)
-                rows.append(
-                    {
-                        "seed": seed,
-                        "variant": name,
-                        "anchor": "ab"[anchor],
-                        "changes": changes | options,
-                        "fine_tuned": {k: final[k] for k in ("val", "test")},
-                        "phase2_epochs": len(h2.val),
-                    }
-                )
-                _write(args, base, info, rows, t0)
-                print(f"seed {seed} {name:18s} val {final['val']['macro_f1']:.3f} test {final['test']['macro_f1']:.3f}")
-                continue
+
             torch.manual_seed(seed)
-            merge = KernelMerge(
-                list(sources),
-                head=HEAD,
-                out_channels=target.num_classes,
-                anchor=anchor,
-                anchor_weight=recipe.anchor_weight,
-            )
-            for unit in options.get("anchor_units", ()):
-                merge.set_coefficients({unit: torch.eye(len(sources))[anchor].unsqueeze(1)})
-            h1 = History()
-            if options.get("phase1", True):
-                plain, h1 = learn_coefficients(
-                    merge,
-                    train(),
-                    val,
-                    epochs=recipe.coef_epochs,
-                    lr=recipe.coef_lr,
-                    head_lr=recipe.head_lr,
-                    patience=recipe.patience,
-                    progress=False,
-                    recalibrate=options.get("recalibrate", True),
-                    anchor_penalty=recipe.coef_penalty,
-                )
+            if options.get("baseline"):
+                net, h2 = ft(_from_source(sources[anchor], target.num_classes, recipe))
             else:
-                plain = merge.collapse()
-            collapsed = _record(plain, val, test)
-            if options.get("phase2") == "joint":
-                net, h2 = _joint_fine_tune(merge, train(), val, recipe)
-            else:
-                net, h2 = fine_tune(
-                    plain,
-                    train(),
-                    val,
-                    epochs=recipe.ft_epochs,
-                    lr=recipe.ft_lr,
-                    patience=recipe.patience,
-                    progress=False,
+                merge = KernelMerge(
+                    list(sources),
+                    head=HEAD,
+                    out_channels=target.num_classes,
+                    anchor=anchor,
+                    anchor_weight=recipe.anchor_weight,
                 )
+                for unit in options.get("anchor_units", ()):
+                    merge.set_coefficients({unit: torch.eye(len(sources))[anchor].unsqueeze(1)})
+                h1 = History()
+                if options.get("phase1", True):
+                    plain, h1 = learn_phase1(
+                        merge, train(), val, recipe, progress=False, recalibrate=options.get("recalibrate", True)
+                    )
+                else:
+                    plain = merge.collapse()
+                collapsed = _record(plain, val, test)
+                net, h2 = (
+                    _joint_fine_tune(merge, train(), val, recipe) if options.get("phase2") == "joint" else ft(plain)
+                )
+                alpha = torch.cat([a[anchor] for a in merge.coefficients().values()])
+                row["collapsed"] = {k: collapsed[k] for k in ("val", "test")}
+                row["anchor_share"] = {"mean": float(alpha.mean()), "min": float(alpha.min())}
+                row["phase1_epochs"] = len(h1.val)
             final = _record(net, val, test)
-            alpha = torch.cat([a[anchor] for a in merge.coefficients().values()])
-            rows.append(
-                {
-                    "seed": seed,
-                    "variant": name,
-                    "anchor": "ab"[anchor],
-                    "changes": changes | options,
-                    "collapsed": {k: collapsed[k] for k in ("val", "test")},
-                    "fine_tuned": {k: final[k] for k in ("val", "test")},
-                    "anchor_share": {"mean": float(alpha.mean()), "min": float(alpha.min())},
-                    "phase1_epochs": len(h1.val),
-                    "phase2_epochs": len(h2.val),
-                }
-            )
+            row["fine_tuned"] = {k: final[k] for k in ("val", "test")}
+            row["phase2_epochs"] = len(h2.val)
+            rows.append(row)
             _write(args, base, info, rows, t0)
+            merged = (
+                f" (collapsed val {row['collapsed']['val']['macro_f1']:.3f}) "
+                f"anchor share {row['anchor_share']['mean']:.3f}"
+                if "collapsed" in row
+                else ""
+            )
             print(
-                f"seed {seed} {name:18s} val {final['val']['macro_f1']:.3f} test {final['test']['macro_f1']:.3f} "
-                f"(collapsed val {collapsed['val']['macro_f1']:.3f}) anchor share {alpha.mean():.3f}",
+                f"seed {seed} {name:18s} val {final['val']['macro_f1']:.3f} "
+                f"test {final['test']['macro_f1']:.3f}{merged}",
                 flush=True,
             )
     print(json.dumps(_write(args, base, info, rows, t0)["mean_macro_f1"], indent=2))

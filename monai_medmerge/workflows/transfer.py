@@ -390,7 +390,13 @@ def learned_merge(
         anchor=anchor,
         anchor_weight=recipe.anchor_weight if anchor is not None else None,
     )
-    plain, history = learn_coefficients(
+    plain, history = learn_phase1(merge, train, val, recipe, progress, recalibrate)
+    return merge, plain, history
+
+
+def learn_phase1(merge: KernelMerge, train, val, recipe: Recipe, progress: bool = True, recalibrate: bool = True):
+    """:func:`~monai_medmerge.workflows.loops.learn_coefficients` with the recipe's phase-1 settings."""
+    return learn_coefficients(
         merge,
         train,
         val,
@@ -402,7 +408,6 @@ def learned_merge(
         recalibrate=recalibrate,
         anchor_penalty=recipe.coef_penalty,
     )
-    return merge, plain, history
 
 
 class _Probe(nn.Module):
