@@ -39,6 +39,7 @@ VARIANTS = {
     "default": ({}, {}),
     "anchor_0.99": ({"anchor_weight": 0.99}, {}),
     "anchor_0.7": ({"anchor_weight": 0.7}, {}),
+    "anchor_0.5": ({"anchor_weight": 0.5}, {}),
     "coef_lr_0.05": ({"coef_lr": 0.05}, {}),
     "no_recalibration": ({}, {"recalibrate": False}),
     "anchor_0.97": ({"anchor_weight": 0.97}, {}),
