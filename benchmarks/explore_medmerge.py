@@ -58,7 +58,17 @@ VARIANTS = {
     # the reference, not a variant: plain fine-tuning from the anchor source (the benchmark's best single source),
     # with the same batches and head initialisation as the benchmark's ft_a / ft_b
     "ft_anchor": ({}, {"baseline": True}),
+    # phase 2 with distillation: cross-entropy on the labelled batch plus the KL divergence from a teacher's
+    # probabilities on mixup blends of the batch's images; the teacher is the ensemble of the two sources
+    # fine-tuned on the target (the benchmark's ft_a and ft_b), so one network learns what the ensemble knows
+    "distill": ({}, {"teacher": "ensemble"}),
+    # the same distillation into fine-tuning from the anchor: one network from both sources without a merge
+    "ft_anchor_distill": ({}, {"baseline": True, "teacher": "ensemble"}),
+    # the control: the anchor's own fine-tuned network as the teacher (what mixup and self-distillation give alone)
+    "ft_anchor_self_distill": ({}, {"baseline": True, "teacher": "anchor"}),
 }
+# weight of the distillation term in the phase-2 loss
+DISTILL_WEIGHT = 1.0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     recorded_anchors = {}
     if recorded.exists():
         recorded_anchors = {p["seed"]: "ab".index(p["anchor"]) for p in json.loads(recorded.read_text())["per_seed"]}
+    teachers: dict[int, list[torch.nn.Module]] = {}
     for seed in args.seeds:
         tasks = load_benchmark_tasks(args.task, k=args.k, seed=seed, progress=False)
         target = tasks.target
@@ -100,7 +111,14 @@ def main(argv: list[str] | None = None) -> None:
             recipe = dataclasses.replace(base, **changes)
             row = {"seed": seed, "variant": name, "anchor": "ab"[anchor], "changes": changes | options}
 
-            def ft(net, recipe=recipe, val=val):
+            objective = None
+            if options.get("teacher"):
+                if seed not in teachers:
+                    teachers[seed] = _fine_tuned_sources(sources, target.num_classes, train, val, base, seed)
+                members = teachers[seed] if options["teacher"] == "ensemble" else [teachers[seed][anchor]]
+                objective = _distillation(members, torch.Generator().manual_seed(seed))
+
+            def ft(net, recipe=recipe, val=val, objective=objective):
                 return fine_tune(
                     net,
                     train(),
@@ -109,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
                     lr=recipe.ft_lr,
                     patience=recipe.patience,
                     progress=False,
+                    objective=objective,
                 )
 
             torch.manual_seed(seed)
@@ -156,6 +175,42 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
     print(json.dumps(_write(args, base, info, rows, t0)["mean_macro_f1"], indent=2))
+
+
+def _fine_tuned_sources(sources, num_classes: int, train, val, recipe: Recipe, seed: int) -> list[torch.nn.Module]:
+    """Each source fine-tuned on the target as the benchmark's ft_a / ft_b are (same seed, batches and budget)."""
+    nets = []
+    for source in sources:
+        torch.manual_seed(seed)
+        net, _ = fine_tune(
+            _from_source(source, num_classes, recipe),
+            train(),
+            val,
+            epochs=recipe.ft_epochs,
+            lr=recipe.ft_lr,
+            patience=recipe.patience,
+            progress=False,
+        )
+        nets.append(net.eval())
+    return nets
+
+
+def _distillation(teachers: list[torch.nn.Module], generator: torch.Generator):
+    """Cross-entropy on the batch plus ``DISTILL_WEIGHT`` x KL(teachers' mean probabilities || student) on mixup
+    blends of the batch (a uniform blend weight per image, partners drawn by ``generator``)."""
+
+    def objective(model, x, y):
+        n = x.shape[0]
+        lam = torch.rand(n, *([1] * (x.dim() - 1)), generator=generator).to(x)
+        blends = lam * x + (1 - lam) * x[torch.randperm(n, generator=generator).to(x.device)]
+        with torch.no_grad():
+            target = torch.stack([t(blends).softmax(1) for t in teachers]).mean(0)
+        logits = model(torch.cat([x, blends]))  # one pass: the norm layers see both halves together
+        ce = torch.nn.functional.cross_entropy(logits[:n], y)
+        kl = torch.nn.functional.kl_div(logits[n:].log_softmax(1), target, reduction="batchmean")
+        return ce + DISTILL_WEIGHT * kl
+
+    return objective
 
 
 def _joint_fine_tune(merge: KernelMerge, train, val, recipe: Recipe) -> tuple[torch.nn.Module, History]:

@@ -88,6 +88,7 @@ def fit(
     desc: str = "train",
     progress: bool = True,
     penalty: Callable[[], torch.Tensor] | None = None,
+    objective: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> History:
     """Train with Adam and cross-entropy; keep the state of the best validation macro-F1 (early stopping).
 
@@ -103,6 +104,9 @@ def fit(
         desc: label of the progress bar.
         progress: show a progress bar over epochs.
         penalty: a term added to every batch's loss (a scalar tensor, e.g. a regulariser on some parameters).
+        objective: the loss of one batch as ``objective(model, x, y)`` (a scalar tensor, ``x`` and ``y`` already on
+            ``device``), in place of ``cross_entropy(model(x), y)``: e.g. cross-entropy plus distillation from a
+            teacher. Validation still chooses by macro-F1.
 
     Returns:
         the :class:`History`; ``model`` holds the best epoch's state afterwards.
@@ -123,7 +127,8 @@ def fit(
         losses = []
         for batch in train_loader:
             x, y = split_batch(batch)
-            loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device))
+            x, y = x.to(device), y.to(device)
+            loss = nn.functional.cross_entropy(model(x), y) if objective is None else objective(model, x, y)
             if penalty is not None:
                 loss = loss + penalty()
             opt.zero_grad(set_to_none=True)
@@ -208,8 +213,11 @@ def fine_tune(
     device: torch.device | str = "cpu",
     weight_decay: float = 0.0,
     progress: bool = True,
+    objective: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[nn.Module, History]:
     """Phase 2 (and the fine-tuning baselines): train every parameter of a plain network.
+
+    ``objective`` replaces the cross-entropy loss of a batch, as in :func:`fit`.
 
     Returns:
         ``(model with the best validation state, History)``.
@@ -228,5 +236,6 @@ def fine_tune(
         weight_decay,
         desc="phase 2: fine-tune",
         progress=progress,
+        objective=objective,
     )
     return model.eval(), history

@@ -1,4 +1,4 @@
-"""The plain two-phase loops: the extra loss term of ``fit`` and the anchor penalty of phase 1."""
+"""The plain two-phase loops: the extra loss term and the custom objective of ``fit``, the anchor penalty of phase 1."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from monai_medmerge.networks import KernelMerge
-from monai_medmerge.workflows.loops import fit, learn_coefficients
+from monai_medmerge.workflows.loops import fine_tune, fit, learn_coefficients
 from monai_medmerge.workflows.transfer import HEAD, Recipe, build_network
 
 RECIPE = Recipe(widths=(4, 8, 8, 8))
@@ -43,6 +43,35 @@ def test_fit_adds_the_penalty_to_the_loss():
         )
         losses[extra] = history.train_loss[0]
     assert losses[5.0] == pytest.approx(losses[0.0] + 5.0, abs=1e-4)
+
+
+def test_objective_replaces_the_cross_entropy():
+    seen = []
+
+    def towards_class_two(model, x, y):
+        # ignores the labels: every batch is scored against class 2
+        seen.append((x.shape[0], y.shape[0]))
+        return torch.nn.functional.cross_entropy(model(x), torch.full_like(y, 2))
+
+    torch.manual_seed(0)
+    net = build_network(3, RECIPE)
+    x, y = _loader().dataset.tensors
+    with torch.no_grad():
+        net.train()
+        # per batch of 16, as the loop computes it (training mode: batch statistics)
+        expected = {
+            "objective": torch.stack(
+                [torch.nn.functional.cross_entropy(net(b), torch.full((16,), 2)) for b in x.split(16)]
+            ),
+            "cross-entropy": torch.stack(
+                [torch.nn.functional.cross_entropy(net(b), t) for b, t in zip(x.split(16), y.split(16), strict=True)]
+            ),
+        }
+    # lr 0: the weights stay put, so the recorded loss is the objective's on the starting weights
+    _, history = fine_tune(net, _loader(), _loader(), epochs=1, lr=0.0, progress=False, objective=towards_class_two)
+    assert seen == [(16, 16)] * 3  # every batch went through the objective
+    assert history.train_loss[0] == pytest.approx(expected["objective"].mean().item(), abs=1e-5)
+    assert abs(expected["objective"].mean() - expected["cross-entropy"].mean()) > 1e-3  # the two losses differ
 
 
 def test_anchor_penalty_keeps_coefficients_near_their_start():
