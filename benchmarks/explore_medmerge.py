@@ -66,8 +66,12 @@ VARIANTS = {
     "ft_anchor_distill": ({}, {"baseline": True, "teacher": "ensemble"}),
     # the control: the anchor's own fine-tuned network as the teacher (what mixup and self-distillation give alone)
     "ft_anchor_self_distill": ({}, {"baseline": True, "teacher": "anchor"}),
+    # patient distillation: a three times heavier distillation term and a longer phase 2 (fine-tuning from the
+    # anchor gets the same longer budget as its reference)
+    "distill_long": ({"ft_epochs": 100, "patience": 25}, {"teacher": "ensemble", "distill_weight": 3.0}),
+    "ft_anchor_long": ({"ft_epochs": 100, "patience": 25}, {"baseline": True}),
 }
-# weight of the distillation term in the phase-2 loss
+# weight of the distillation term in the phase-2 loss, unless a variant sets its own
 DISTILL_WEIGHT = 1.0
 
 
@@ -116,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
                 if seed not in teachers:
                     teachers[seed] = _fine_tuned_sources(sources, target.num_classes, train, val, base, seed)
                 members = teachers[seed] if options["teacher"] == "ensemble" else [teachers[seed][anchor]]
-                objective = _distillation(members, torch.Generator().manual_seed(seed))
+                weight = options.get("distill_weight", DISTILL_WEIGHT)
+                objective = _distillation(members, weight, torch.Generator().manual_seed(seed))
 
             def ft(net, recipe=recipe, val=val, objective=objective):
                 return fine_tune(
@@ -195,8 +200,8 @@ def _fine_tuned_sources(sources, num_classes: int, train, val, recipe: Recipe, s
     return nets
 
 
-def _distillation(teachers: list[torch.nn.Module], generator: torch.Generator):
-    """Cross-entropy on the batch plus ``DISTILL_WEIGHT`` x KL(teachers' mean probabilities || student) on mixup
+def _distillation(teachers: list[torch.nn.Module], weight: float, generator: torch.Generator):
+    """Cross-entropy on the batch plus ``weight`` x KL(teachers' mean probabilities || student) on mixup
     blends of the batch (a uniform blend weight per image, partners drawn by ``generator``)."""
 
     def objective(model, x, y):
@@ -208,7 +213,7 @@ def _distillation(teachers: list[torch.nn.Module], generator: torch.Generator):
         logits = model(torch.cat([x, blends]))  # one pass: the norm layers see both halves together
         ce = torch.nn.functional.cross_entropy(logits[:n], y)
         kl = torch.nn.functional.kl_div(logits[n:].log_softmax(1), target, reduction="batchmean")
-        return ce + DISTILL_WEIGHT * kl
+        return ce + weight * kl
 
     return objective
 
