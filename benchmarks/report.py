@@ -134,10 +134,11 @@ def explore_section(r: dict, stem: str = "") -> str:
         f"## MedMerge settings studied on validation: {r['task']}, k = {r['k']} "
         f"({source}`benchmarks/explore_medmerge.py`)",
         "",
-        "Each variant changes how the merge is learned (phase 1; the joint variants also phase 2) and ends with the "
-        "same fine-tuning budget; `ft_anchor` rows, where present, are plain fine-tuning from the anchor on the same "
-        "batches, the reference a variant has to beat. The variant to keep is chosen by validation macro-F1, test "
-        "shown beside it for the record. Compare rows within one table: each table is one run of one code revision."
+        "Each variant changes one thing in how the merge is learned or fine-tuned (its `changes` in the JSON file; "
+        "the variants are described in `benchmarks/explore_medmerge.py`); `ft_anchor` rows, where present, are plain "
+        "fine-tuning from the anchor on the same batches, the reference a variant has to beat. The variant to keep "
+        "is chosen by validation macro-F1, test shown beside it for the record. Compare rows within one table: each "
+        "table is one run of one code revision."
         + ("" if r.get("complete", True) else " **Incomplete run**: only the rows below were measured."),
         "",
         "| seed | variant | anchor | val macro-F1 (collapsed) | val macro-F1 (+FT) | test macro-F1 (+FT) | "
