@@ -124,16 +124,7 @@ def main(argv: list[str] | None = None) -> None:
                 objective = _distillation(members, weight, torch.Generator().manual_seed(seed))
 
             def ft(net, recipe=recipe, val=val, objective=objective):
-                return fine_tune(
-                    net,
-                    train(),
-                    val,
-                    epochs=recipe.ft_epochs,
-                    lr=recipe.ft_lr,
-                    patience=recipe.patience,
-                    progress=False,
-                    objective=objective,
-                )
+                return _fine_tune(net, train, val, recipe, objective)
 
             torch.manual_seed(seed)
             if options.get("baseline"):
@@ -187,17 +178,23 @@ def _fine_tuned_sources(sources, num_classes: int, train, val, recipe: Recipe, s
     nets = []
     for source in sources:
         torch.manual_seed(seed)
-        net, _ = fine_tune(
-            _from_source(source, num_classes, recipe),
-            train(),
-            val,
-            epochs=recipe.ft_epochs,
-            lr=recipe.ft_lr,
-            patience=recipe.patience,
-            progress=False,
-        )
+        net, _ = _fine_tune(_from_source(source, num_classes, recipe), train, val, recipe)
         nets.append(net.eval())
     return nets
+
+
+def _fine_tune(net, train, val, recipe: Recipe, objective=None):
+    """Phase 2 (or a fine-tuning baseline) with the recipe's budget, on a fresh training loader from ``train()``."""
+    return fine_tune(
+        net,
+        train(),
+        val,
+        epochs=recipe.ft_epochs,
+        lr=recipe.ft_lr,
+        patience=recipe.patience,
+        progress=False,
+        objective=objective,
+    )
 
 
 def _distillation(teachers: list[torch.nn.Module], weight: float, generator: torch.Generator):
