@@ -34,7 +34,7 @@ from monai_medmerge.workflows.transfer import (
 
 HEAD_INPUT_UNITS = ("layer4.0.conv2", "layer4.0.bn2", "layer4.0.downsample.0", "layer4.0.downsample.1")
 
-# name -> (recipe changes, KernelMerge changes); "default" is the recipe of the benchmark
+# name -> (recipe changes, options of the run: see the comments); "default" is the recipe of the benchmark
 VARIANTS = {
     "default": ({}, {}),
     "anchor_0.99": ({"anchor_weight": 0.99}, {}),
@@ -123,12 +123,11 @@ def main(argv: list[str] | None = None) -> None:
                 weight = options.get("distill_weight", DISTILL_WEIGHT)
                 objective = _distillation(members, weight, torch.Generator().manual_seed(seed))
 
-            def ft(net, recipe=recipe, val=val, objective=objective):
-                return _fine_tune(net, train, val, recipe, objective)
-
             torch.manual_seed(seed)
             if options.get("baseline"):
-                net, h2 = ft(_from_source(sources[anchor], target.num_classes, recipe))
+                net, h2 = _fine_tune(
+                    _from_source(sources[anchor], target.num_classes, recipe), train, val, recipe, objective
+                )
             else:
                 merge = KernelMerge(
                     list(sources),
@@ -147,9 +146,10 @@ def main(argv: list[str] | None = None) -> None:
                 else:
                     plain = merge.collapse()
                 collapsed = _record(plain, val, test)
-                net, h2 = (
-                    _joint_fine_tune(merge, train(), val, recipe) if options.get("phase2") == "joint" else ft(plain)
-                )
+                if options.get("phase2") == "joint":
+                    net, h2 = _joint_fine_tune(merge, train(), val, recipe)
+                else:
+                    net, h2 = _fine_tune(plain, train, val, recipe, objective)
                 alpha = torch.cat([a[anchor] for a in merge.coefficients().values()])
                 row["collapsed"] = {k: collapsed[k] for k in ("val", "test")}
                 row["anchor_share"] = {"mean": float(alpha.mean()), "min": float(alpha.min())}
@@ -259,7 +259,7 @@ def _write(args, base: Recipe, info: dict, rows: list[dict], t0: float) -> dict:
         "sources": info,
         "rows": rows,
         "mean_macro_f1": summary,
-        # among the merge variants: the reference row (plain fine-tuning from the anchor) is not a candidate
+        # among the merge variants: the reference rows (fine-tuning from the anchor, with or without a teacher) are not
         "chosen_on_validation": max(
             (n for n in summary if not VARIANTS[n][1].get("baseline")), key=lambda n: summary[n]["val"], default=None
         ),
