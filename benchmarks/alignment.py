@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -30,11 +28,12 @@ from monai.networks.nets import DenseNet121, resnet18, seresnet50
 from torch import nn
 from torch.utils.data import DataLoader
 
-from monai_medmerge.data.tasks import load_benchmark_tasks
+from medmerge_bench.comparison import machine_description
+from medmerge_bench.data import load_benchmark_tasks
+from medmerge_bench.transfer import Recipe, build_network
+from monai_medmerge.io import atomic_write, write_json
 from monai_medmerge.merging import align_sources, recalibrate_norm
-from monai_medmerge.workflows.comparison import machine_description
-from monai_medmerge.workflows.loops import fit
-from monai_medmerge.workflows.transfer import Recipe, build_network
+from monai_medmerge.workflows import fit
 
 RESULTS = Path(__file__).parent / "results"
 ARCHS = {
@@ -171,10 +170,9 @@ def plot(result: dict, path: Path) -> None:
     axes[0].legend()
     fig.suptitle("Linear path between two models from different seeds (norm statistics recomputed)")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 DENSENET_SECONDS = 60.0  # issue 5: aligning two DenseNet121 on CPU takes less than this
@@ -220,9 +218,7 @@ def main() -> None:
     result["written"] = time.strftime("%Y-%m-%d %H:%M:%S")
     args.out.mkdir(parents=True, exist_ok=True)
     target = args.out / "alignment.json"
-    tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, target)
+    write_json(target, result)
     plot(result, args.out / "alignment_path.png")
     print(f"wrote {target}; checks: {result['checks']}")
 

@@ -1,7 +1,7 @@
 """Retrieval throughput over DICOMweb: instances per second from a local Orthanc into the series cache.
 
 A generated CT series of ``--slices`` slices (``--size`` x ``--size`` pixels, 16 bit) is uploaded to an Orthanc
-started for the run (:class:`~monai_medmerge.dicom.orthanc.OrthancServer`, loopback, authentication on), then
+started for the run (:class:`~medmerge_bench.orthanc.OrthancServer`, loopback, authentication on), then
 retrieved with :class:`~monai_medmerge.dicom.web.DICOMwebSource` ``--repeats`` times from an empty cache (``cold``:
 one streamed WADO-RS request for the series), and as many times as a resumed retrieval (``resume``: the first instance
 is already cached, so each of the others is its own WADO-RS request). Reports the median instances per second of each,
@@ -29,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from monai_medmerge.dicom.labels import write_json_atomic
-from monai_medmerge.dicom.orthanc import OrthancServer, OrthancUnavailable
+from medmerge_bench.comparison import machine_description
+from medmerge_bench.orthanc import OrthancServer, OrthancUnavailable
 from monai_medmerge.dicom.web import DICOMwebSource
-from monai_medmerge.workflows.comparison import machine_description
+from monai_medmerge.io import write_json
 
 OUT = Path(__file__).resolve().parent / "results" / "dicomweb_throughput.json"
 USER, PASSWORD = "bench", "bench-password"
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     except OrthancUnavailable as e:
         print(f"[dicomweb_throughput] {e}", file=sys.stderr)
         return 2
-    write_json_atomic(result, args.out)
+    write_json(args.out, result)
     for mode, r in result["results"].items():
         rate, mbps = r["instances_per_s_median"], r["MB_per_s_median"]
         print(f"{mode}: {rate} instances/s (median of {args.repeats}), {mbps} MB/s")

@@ -11,26 +11,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
-from monai_medmerge.data.tasks import load_benchmark_tasks
+from medmerge_bench.comparison import machine_description
+from medmerge_bench.data import load_benchmark_tasks
+from medmerge_bench.transfer import HEAD, Recipe, from_source, loader, pretrain_sources, record
+from monai_medmerge.io import write_json
 from monai_medmerge.merging import recalibrate_norm
-from monai_medmerge.networks.kernel_merge import KernelMerge
-from monai_medmerge.workflows.comparison import machine_description
-from monai_medmerge.workflows.loops import History, fine_tune, fit
-from monai_medmerge.workflows.transfer import (
-    HEAD,
-    Recipe,
-    _from_source,
-    _loader,
-    _record,
-    learn_phase1,
-    pretrain_sources,
-)
+from monai_medmerge.networks import KernelMerge
+from monai_medmerge.workflows import History, fine_tune, fit, learn_coefficients
 
 HEAD_INPUT_UNITS = ("layer4.0.conv2", "layer4.0.bn2", "layer4.0.downsample.0", "layer4.0.downsample.1")
 
@@ -103,10 +95,10 @@ def main(argv: list[str] | None = None) -> None:
 
         def train(seed=seed, target=target):
             # a fresh loader per phase and variant: every variant sees the same shuffled batches
-            return _loader(target.train, True, seed, base.batch_size)
+            return loader(target.train, True, seed, base.batch_size)
 
-        val = _loader(target.val, False, seed, 256)
-        test = _loader(target.test, False, seed, 256)
+        val = loader(target.val, False, seed, 256)
+        test = loader(target.test, False, seed, 256)
         # the anchor as in the benchmark: the source whose plain fine-tuning validated better for this seed, read
         # from the recorded run; B where no record exists (B's fine-tuning validated better in the runs seen here)
         anchor = recorded_anchors.get(seed, 1)
@@ -115,18 +107,18 @@ def main(argv: list[str] | None = None) -> None:
             recipe = dataclasses.replace(base, **changes)
             row = {"seed": seed, "variant": name, "anchor": "ab"[anchor], "changes": changes | options}
 
-            objective = None
+            teacher = None
             if options.get("teacher"):
                 if seed not in teachers:
                     teachers[seed] = _fine_tuned_sources(sources, target.num_classes, train, val, base, seed)
                 members = teachers[seed] if options["teacher"] == "ensemble" else [teachers[seed][anchor]]
                 weight = options.get("distill_weight", DISTILL_WEIGHT)
-                objective = _distillation(members, weight, torch.Generator().manual_seed(seed))
+                teacher = (members, weight, torch.Generator().manual_seed(seed))
 
             torch.manual_seed(seed)
             if options.get("baseline"):
                 net, h2 = _fine_tune(
-                    _from_source(sources[anchor], target.num_classes, recipe), train, val, recipe, objective
+                    from_source(sources[anchor], target.num_classes, recipe), train, val, recipe, teacher
                 )
             else:
                 merge = KernelMerge(
@@ -140,21 +132,26 @@ def main(argv: list[str] | None = None) -> None:
                     merge.set_coefficients({unit: torch.eye(len(sources))[anchor].unsqueeze(1)})
                 h1 = History()
                 if options.get("phase1", True):
-                    plain, h1 = learn_phase1(
-                        merge, train(), val, recipe, progress=False, recalibrate=options.get("recalibrate", True)
+                    plain, h1 = learn_coefficients(
+                        merge,
+                        train(),
+                        val,
+                        **recipe.phase1(merge),
+                        progress=False,
+                        recalibrate=options.get("recalibrate", True),
                     )
                 else:
                     plain = merge.collapse()
-                collapsed = _record(plain, val, test)
+                collapsed = record(plain, val, test)
                 if options.get("phase2") == "joint":
                     net, h2 = _joint_fine_tune(merge, train(), val, recipe)
                 else:
-                    net, h2 = _fine_tune(plain, train, val, recipe, objective)
+                    net, h2 = _fine_tune(plain, train, val, recipe, teacher)
                 alpha = torch.cat([a[anchor] for a in merge.coefficients().values()])
                 row["collapsed"] = {k: collapsed[k] for k in ("val", "test")}
                 row["anchor_share"] = {"mean": float(alpha.mean()), "min": float(alpha.min())}
                 row["phase1_epochs"] = len(h1.val)
-            final = _record(net, val, test)
+            final = record(net, val, test)
             row["fine_tuned"] = {k: final[k] for k in ("val", "test")}
             row["phase2_epochs"] = len(h2.val)
             rows.append(row)
@@ -178,41 +175,53 @@ def _fine_tuned_sources(sources, num_classes: int, train, val, recipe: Recipe, s
     nets = []
     for source in sources:
         torch.manual_seed(seed)
-        net, _ = _fine_tune(_from_source(source, num_classes, recipe), train, val, recipe)
+        net, _ = _fine_tune(from_source(source, num_classes, recipe), train, val, recipe)
         nets.append(net.eval())
     return nets
 
 
-def _fine_tune(net, train, val, recipe: Recipe, objective=None):
-    """Phase 2 (or a fine-tuning baseline) with the recipe's budget, on a fresh training loader from ``train()``."""
-    return fine_tune(
-        net,
-        train(),
-        val,
-        epochs=recipe.ft_epochs,
-        lr=recipe.ft_lr,
-        patience=recipe.patience,
-        progress=False,
-        objective=objective,
-    )
+def _fine_tune(net, train, val, recipe: Recipe, teacher=None):
+    """Phase 2 (or a fine-tuning baseline) with the recipe's budget, on a fresh training loader from ``train()``;
+    with ``teacher`` = ``(teachers, weight, generator)`` the loss adds distillation (:class:`_Distilled`)."""
+    if teacher is None:
+        return fine_tune(net, train(), val, **recipe.phase2(), progress=False)
+    student = _Distilled(net, *teacher)
+    _, history = fine_tune(student, train(), val, **recipe.phase2(), progress=False, loss_function=student.loss)
+    return net.eval(), history
 
 
-def _distillation(teachers: list[torch.nn.Module], weight: float, generator: torch.Generator):
-    """Cross-entropy on the batch plus ``weight`` x KL(teachers' mean probabilities || student) on mixup
-    blends of the batch (a uniform blend weight per image, partners drawn by ``generator``)."""
+class _Distilled(torch.nn.Module):
+    """A student trained with cross-entropy on the batch plus ``weight`` x KL(teachers' mean probabilities ||
+    student) on mixup blends of the batch (a uniform blend weight per image, partners drawn by ``generator``).
 
-    def objective(model, x, y):
+    In training mode the forward pass returns the logits of the batch and of its blends in one pass (the norm layers
+    see both halves together) and remembers the teachers' probabilities on the blends for :meth:`loss`, the
+    engine's loss function; in eval mode it is the student. The teachers are not submodules: they stay frozen.
+    """
+
+    def __init__(self, student: torch.nn.Module, teachers: list[torch.nn.Module], weight: float, generator) -> None:
+        super().__init__()
+        self.student = student
+        self.teachers = tuple(teachers)
+        self.weight = weight
+        self.generator = generator
+        self.target: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self.student(x)
         n = x.shape[0]
-        lam = torch.rand(n, *([1] * (x.dim() - 1)), generator=generator).to(x)
-        blends = lam * x + (1 - lam) * x[torch.randperm(n, generator=generator).to(x.device)]
+        lam = torch.rand(n, *([1] * (x.dim() - 1)), generator=self.generator).to(x)
+        blends = lam * x + (1 - lam) * x[torch.randperm(n, generator=self.generator).to(x.device)]
         with torch.no_grad():
-            target = torch.stack([t(blends).softmax(1) for t in teachers]).mean(0)
-        logits = model(torch.cat([x, blends]))  # one pass: the norm layers see both halves together
-        ce = torch.nn.functional.cross_entropy(logits[:n], y)
-        kl = torch.nn.functional.kl_div(logits[n:].log_softmax(1), target, reduction="batchmean")
-        return ce + weight * kl
+            self.target = torch.stack([t(blends).softmax(1) for t in self.teachers]).mean(0)
+        return self.student(torch.cat([x, blends]))
 
-    return objective
+    def loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        n = label.shape[0]
+        ce = torch.nn.functional.cross_entropy(logits[:n], label)
+        kl = torch.nn.functional.kl_div(logits[n:].log_softmax(1), self.target, reduction="batchmean")
+        return ce + self.weight * kl
 
 
 def _joint_fine_tune(merge: KernelMerge, train, val, recipe: Recipe) -> tuple[torch.nn.Module, History]:
@@ -223,7 +232,10 @@ def _joint_fine_tune(merge: KernelMerge, train, val, recipe: Recipe) -> tuple[to
     coefficients keep choosing, kernel by kernel, how much of each source the weights start from.
     """
     deltas = torch.nn.ParameterDict(
-        {name.replace(".", "__"): torch.nn.Parameter(torch.zeros(shape)) for name, shape in merge._shapes.items()}
+        {
+            name.replace(".", "__"): torch.nn.Parameter(torch.zeros_like(w.detach()))
+            for name, w in merge.merged_parameters().items()
+        }
     )
     merge.deltas = deltas
     plain_merged = merge.merged_parameters
@@ -268,9 +280,7 @@ def _write(args, base: Recipe, info: dict, rows: list[dict], t0: float) -> dict:
         "seconds": round(time.time() - t0, 1),
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    write_json(args.out, report)
     return report
 
 

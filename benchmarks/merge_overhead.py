@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -28,8 +27,9 @@ import torch
 from monai.networks.nets import DenseNet121, resnet18
 from torch import nn
 
+from medmerge_bench.comparison import machine_description
+from monai_medmerge.io import write_json
 from monai_medmerge.networks import KernelMerge
-from monai_medmerge.workflows.comparison import machine_description
 
 CONFIGS = {
     "resnet18": {
@@ -229,9 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    write_json(args.out, report)
     print(f"[merge_overhead] wrote {args.out}")
     return report
 

@@ -4,24 +4,60 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 __all__ = ["main"]
 
+_DEBUG_ENV = "MEDMERGE_DEBUG"
+
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``medmerge`` command; returns its exit status.
+
+    An error a user can act on (a file or folder that is missing, exists, cannot be written or is of the wrong kind;
+    a bad value; any of this package's own error types) ends the command with one line on stderr,
+    ``medmerge: error: <what, naming the file or item>``, and status 2. ``--debug`` (anywhere before ``--``) or
+    ``MEDMERGE_DEBUG=1`` shows the traceback instead; other exceptions (bugs) always do.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    end = argv.index("--") if "--" in argv else len(argv)
+    debug = "--debug" in argv[:end] or os.environ.get(_DEBUG_ENV, "") not in ("", "0")
+    argv = [a for i, a in enumerate(argv) if a != "--debug" or i >= end]
+    try:
+        return _main(argv)
+    except Exception as e:
+        if debug or not _user_error(e):
+            raise
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        more = f" (and {len(lines) - 1} more lines: run with --debug or {_DEBUG_ENV}=1)" if len(lines) > 1 else ""
+        print(f"medmerge: error: {lines[0]}{more}", file=sys.stderr)
+        return 2
+
+
+def _user_error(error: BaseException) -> bool:
+    """Whether ``error`` is the user's to fix (shown as one line) rather than a bug (shown with its traceback)."""
+    return isinstance(error, (OSError, ValueError)) or type(error).__module__.startswith("monai_medmerge")
+
+
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="medmerge", description="Merge pretrained networks for a new task (MONAI).")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"show the traceback of an error (also {_DEBUG_ENV}=1), anywhere on the line",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quickstart", help="short end-to-end merge on synthetic images (CPU, about 2 minutes)")
     q.add_argument("--out", default="medmerge_out/quickstart", help="output folder")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--shots", type=int, default=16, help="labelled target images per class")
+    q.add_argument("--seed", type=_int_at_least(0), default=0)
+    q.add_argument("--shots", type=_int_at_least(1), default=16, help="labelled target images per class")
     q.add_argument("--no-progress", action="store_true")
     d = sub.add_parser("demo", help="the main job: offline brain-MRI merge, comparison, report and bundle (CPU)")
     d.add_argument("--out", default="medmerge_out/demo", help="output folder")
     d.add_argument("--task", choices=["brain", "fashion"], default="brain")
-    d.add_argument("--k", type=int, default=50, help="labelled target examples per class")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--k", type=_int_at_least(1), default=50, help="labelled target examples per class")
+    d.add_argument("--seed", type=_int_at_least(0), default=0)
     d.add_argument("--no-progress", action="store_true")
     x = sub.add_parser(
         "example",
@@ -82,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("methods", help="list the registered merge methods and their settings (JSON)")
     b = sub.add_parser("benchmark", help="compare MedMerge with transfer baselines on an offline task, over seeds")
     b.add_argument("--task", choices=["brain", "fashion"], default="brain")
-    b.add_argument("--k", type=int, default=50, help="labelled target examples per class")
-    b.add_argument("--seeds", type=int, default=5, help="number of seeds (0, 1, ...)")
+    b.add_argument("--k", type=_int_at_least(1), default=50, help="labelled target examples per class")
+    b.add_argument("--seeds", type=_int_at_least(1), default=5, help="number of seeds (0, 1, ...)")
     b.add_argument("--methods", nargs="+", default=None, help="subset of methods (default: all)")
     b.add_argument("--out", default="benchmarks/results", help="output folder")
     b.add_argument("--name", default=None, help="file stem of the results (default <task>_k<k>)")
@@ -121,7 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--window", nargs=2, type=float, default=(-1000.0, 1000.0), metavar=("LOW", "HIGH"))
     e.add_argument("--percentiles", nargs=2, type=float, default=(1.0, 99.0), metavar=("LOW", "HIGH"))
     e.add_argument("--pixdim", nargs="+", type=float, default=None, help="resample to this spacing first")
-    e.add_argument("--reader", default="ITKReader", help="MONAI image reader (ITKReader reads DICOM series folders)")
+    e.add_argument(
+        "--kind",
+        default="nifti",
+        choices=["png", "nifti", "dicom", "dicom_series"],
+        help="the image kind the network was trained on (its training pipeline is the bundle's preprocessing)",
+    )
+    e.add_argument("--reader", default=None, help="MONAI image reader of training (default: the kind's reader)")
     e.add_argument("--name", default="medmerge_classification", help="bundle name (metadata)")
     e.add_argument("--description", default="", help="bundle description (metadata and README)")
     e.add_argument("--version", default="0.1.0", help="bundle version")
@@ -130,25 +172,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "quickstart":
-        from monai_medmerge.quickstart import run_quickstart
-
+        run_quickstart = _research(parser, "quickstart", "run_quickstart")
         run_quickstart(args.out, seed=args.seed, shots=args.shots, progress=not args.no_progress)
     elif args.command == "demo":
-        from monai_medmerge.demo import run_demo
-
+        run_demo = _research(parser, "demo", "run_demo")
         run_demo(args.out, task=args.task, k=args.k, seed=args.seed, progress=not args.no_progress)
     elif args.command == "benchmark":
-        from monai_medmerge.workflows.comparison import run_comparison
-        from monai_medmerge.workflows.transfer import METHODS, Recipe
-
+        run_comparison = _research(parser, "comparison", "run_comparison")
+        methods, Recipe = _research(parser, "transfer", "COMPARISON_METHODS"), _research(parser, "transfer", "Recipe")
+        unknown = sorted(set(args.methods or ()) - set(methods))
+        if unknown:
+            b.error(f"argument --methods: unknown {unknown}; choose from {' '.join(methods)}")
         recipe = Recipe(source_epochs=1, coef_epochs=2, ft_epochs=2, lp_epochs=1) if args.quick else Recipe()
-        recipe = _with_settings(recipe, args.set)
+        recipe = _with_settings(recipe, args.set, b)
         run_comparison(
             args.task,
             args.k,
             list(range(args.seeds)),
             args.out,
-            methods=args.methods or METHODS,
+            methods=args.methods or methods,
             recipe=recipe,
             progress=not args.no_progress,
             name=args.name,
@@ -228,68 +270,89 @@ def _dicomweb_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, help="cache of retrieved series (default ~/.cache/monai_medmerge/...)")
     p.add_argument("--retries", type=int, default=3, help="retries after a transient failure, with backoff")
     p.add_argument("--timeout", type=float, default=30, help="seconds per request")
+    p.add_argument(
+        "--max-instance-size",
+        type=_size,
+        default="512MiB",
+        metavar="SIZE",
+        help="refuse a larger instance while it downloads, e.g. 512MiB (the default), 2GiB, or none",
+    )
+    p.add_argument(
+        "--max-series-size",
+        type=_size,
+        default="8GiB",
+        metavar="SIZE",
+        help="refuse a larger series while it downloads, e.g. 8GiB (the default), 500MB, or none",
+    )
     p.add_argument("--no-progress", action="store_true")
 
 
-def _dicomweb(args) -> int:
-    import os
+def _size(text: str) -> int | None:
+    from monai_medmerge.dicom.web import parse_size
 
-    from monai_medmerge.dicom.web import DICOMwebError, DICOMwebSource
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _dicomweb(args) -> int:
+    """``dicomweb-datalist`` and ``dicomweb-classify``; errors (a URL with credentials in it, a refused password, an
+    unreachable server, a bad labels file) go to :func:`main`, which prints them as one line."""
+    from monai_medmerge.dicom.web import DICOMwebSource
 
     prog = f"medmerge {args.command}"
     user, password, token = (os.environ.get(v) or None for v in (_USER_ENV, _PASSWORD_ENV, _TOKEN_ENV))
-    try:
-        source = DICOMwebSource(
-            args.url,
-            username=user,
-            password=password,
-            token=token,
-            retries=args.retries,
-            timeout=args.timeout,
-            cache_dir=args.cache_dir,
-        )
-        if args.command == "dicomweb-datalist":
-            from monai_medmerge.dicom.web import datalist_from_dicomweb
+    source = DICOMwebSource(
+        args.url,
+        username=user,
+        password=password,
+        token=token,
+        retries=args.retries,
+        timeout=args.timeout,
+        cache_dir=args.cache_dir,
+        max_instance_bytes=args.max_instance_size,
+        max_series_bytes=args.max_series_size,
+    )
+    if args.command == "dicomweb-datalist":
+        from monai_medmerge.dicom.web import datalist_from_dicomweb
 
-            report = datalist_from_dicomweb(
-                source, args.labels, args.out, progress=not args.no_progress, **_dicom_selection(args)
-            )
-            summary = _report_summary(report)
-            summary["fetched_instances"] = report["fetched_instances"]
-            summary["skipped_instances"] = len(report["skipped_instances"])
-            print(json.dumps(summary, indent=2))
-            return 0
-        from monai_medmerge.dicom.infer import classify_dicomweb
-
-        if args.study is None and args.query is None:
-            print(f"{prog}: give --study UID... or --query KEYWORD=VALUE... (or --query all)", file=sys.stderr)
-            return 2
-        query = None
-        if args.query is not None:
-            query = {}
-            for item in args.query:
-                if item == "all":
-                    continue
-                keyword, sep, value = item.partition("=")
-                if not sep or not keyword:
-                    print(f"{prog}: --query expects KEYWORD=VALUE or all, got {item!r}", file=sys.stderr)
-                    return 2
-                query[keyword] = value
-        modality = args.modality[0] if args.modality and len(args.modality) == 1 else args.modality
-        result = classify_dicomweb(
-            args.bundle,
-            source,
-            args.out,
-            study_uids=args.study,
-            query=query,
-            modality=modality,
-            series_description=args.series_description,
-            progress=not args.no_progress,
-            device=args.device,
+        report = datalist_from_dicomweb(
+            source, args.labels, args.out, progress=not args.no_progress, **_dicom_selection(args)
         )
-    except (DICOMwebError, ValueError, FileNotFoundError) as e:
-        print(f"{prog}: {e}", file=sys.stderr)
+        summary = _report_summary(report)
+        summary["fetched_instances"] = report["fetched_instances"]
+        summary["skipped_instances"] = len(report["skipped_instances"])
+        print(json.dumps(summary, indent=2))
+        return 0
+    from monai_medmerge.dicom.infer import classify_dicomweb
+
+    if args.study is None and args.query is None:
+        print(f"{prog}: give --study UID... or --query KEYWORD=VALUE... (or --query all)", file=sys.stderr)
         return 2
+    query = None
+    if args.query is not None:
+        query = {}
+        for item in args.query:
+            if item == "all":
+                continue
+            keyword, sep, value = item.partition("=")
+            if not sep or not keyword:
+                print(f"{prog}: --query expects KEYWORD=VALUE or all, got {item!r}", file=sys.stderr)
+                return 2
+            query[keyword] = value
+    modality = args.modality[0] if args.modality and len(args.modality) == 1 else args.modality
+    result = classify_dicomweb(
+        args.bundle,
+        source,
+        args.out,
+        study_uids=args.study,
+        query=query,
+        modality=modality,
+        series_description=args.series_description,
+        progress=not args.no_progress,
+        device=args.device,
+    )
     counts = {
         k: len(result[k])
         for k in ("predictions", "failed", "several_candidate_series", "studies_without_series", "skipped_instances")
@@ -310,31 +373,31 @@ def _report_summary(report: dict) -> dict:
 
 
 def _export(args) -> int:
+    """``medmerge export``; its errors (a bad checkpoint or network_def, an --out that exists, is a file, holds an
+    input or cannot be written) go to :func:`main`, which prints them as one line."""
     from monai_medmerge.bundle import export_from_checkpoint
 
-    try:
-        out = export_from_checkpoint(
-            args.checkpoint,
-            args.network_def,
-            args.out,
-            args.classes,
-            args.spatial_size,
-            checkpoint_key=args.checkpoint_key,
-            network_def_id=args.network_def_id,
-            in_channels=args.in_channels,
-            name=args.name,
-            description=args.description,
-            version=args.version,
-            torchscript=not args.no_torchscript,
-            overwrite=args.overwrite,
-            reader=args.reader,
-            modality=args.modality,
-            window=args.window,
-            percentiles=args.percentiles,
-            pixdim=args.pixdim,
-        )
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        raise SystemExit(f"medmerge export: {e}") from None
+    out = export_from_checkpoint(
+        args.checkpoint,
+        args.network_def,
+        args.out,
+        args.classes,
+        args.spatial_size,
+        checkpoint_key=args.checkpoint_key,
+        network_def_id=args.network_def_id,
+        in_channels=args.in_channels,
+        name=args.name,
+        description=args.description,
+        version=args.version,
+        torchscript=not args.no_torchscript,
+        overwrite=args.overwrite,
+        kind=args.kind,
+        reader=args.reader,
+        modality=args.modality,
+        window=args.window,
+        percentiles=args.percentiles,
+        pixdim=args.pixdim,
+    )
     print(f"[medmerge export] bundle written to {out}")
     print(
         f"  run it: python -m monai.bundle run --config_file {out}/configs/inference.yaml --bundle_root {out} "
@@ -343,21 +406,59 @@ def _export(args) -> int:
     return 0
 
 
-def _with_settings(recipe, settings: list[str]):
+def _int_at_least(low: int):
+    """An argparse type: an integer >= ``low``; anything else is a one-line usage error naming the valid range."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _research(parser: argparse.ArgumentParser, module: str, name: str):
+    """``name`` from the research package ``medmerge_bench.<module>`` (demo, benchmark and quickstart live there;
+    the product never imports it otherwise); a usage error that says what to install when it is missing."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(f"medmerge_bench.{module}"), name)
+    except ImportError as e:
+        parser.error(
+            f"this command needs the research package medmerge_bench ({e}); install it from the repository with "
+            "pip install -e '.[bench]'"
+        )
+
+
+def _with_settings(recipe, settings: list[str], parser: argparse.ArgumentParser | None = None):
     """``Recipe`` with ``FIELD=VALUE`` changes, each value parsed as the field's current type."""
     import dataclasses
+
+    def bad(message: str):
+        if parser is not None:
+            parser.error(f"argument --set: {message}")
+        raise SystemExit(f"medmerge: --set {message}")
 
     fields = {f.name: getattr(recipe, f.name) for f in dataclasses.fields(recipe)}
     changes = {}
     for item in settings:
         name, sep, value = item.partition("=")
         if not sep or name not in fields:
-            raise SystemExit(f"medmerge: --set expects FIELD=VALUE with FIELD one of {sorted(fields)}, got {item!r}")
+            bad(f"expects FIELD=VALUE with FIELD one of {sorted(fields)}, got {item!r}")
         current = fields[name]
-        if isinstance(current, tuple):
-            changes[name] = tuple(type(current[0])(v) for v in value.split(","))
-        else:
-            changes[name] = type(current)(value)
+        try:
+            if isinstance(current, tuple):
+                changes[name] = tuple(type(current[0])(v) for v in value.split(","))
+            else:
+                changes[name] = type(current)(value)
+        except ValueError:
+            bad(f"{name} expects a value of type {type(current).__name__}, got {value!r}")
     return dataclasses.replace(recipe, **changes)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import os
 import pickle
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,12 +19,27 @@ import torch.nn as nn
 from monai.bundle import ConfigParser
 from monai.utils import optional_import
 
+from monai_medmerge.io import atomic_write
+from monai_medmerge.safe_config import (
+    UntrustedConfigError,
+    build_network_def,
+    read_config_file,
+    read_network_def,
+)
+
 safetensors_torch, has_safetensors = optional_import(
     "safetensors.torch",
     descriptor="{} is needed for .safetensors files: pip install safetensors, or the extra monai_medmerge[io]",
 )
 
-__all__ = ["check_compatible", "load_checkpoint", "load_source", "save_checkpoint"]
+__all__ = [
+    "UntrustedConfigError",
+    "check_compatible",
+    "load_checkpoint",
+    "load_source",
+    "save_checkpoint",
+    "state_dict_diff",
+]
 
 PathLike = str | os.PathLike[str]
 NetworkDef = nn.Module | Callable[[], nn.Module] | Mapping[str, Any]
@@ -41,6 +55,10 @@ BUNDLE_WEIGHT_NAMES = ("model.safetensors", "model.pt")
 DDP_PREFIX = "module."
 # Error messages list this many names and summarise the rest, so a wholly different network stays readable.
 MAX_NAMES = 5
+TRUST_HINT = (
+    " If you trust this bundle, load it with load_source(..., trust_config=True) (as an entry of a bundle's "
+    "sources list: {bundle: ..., trust_config: true}), which evaluates its config as MONAI does."
+)
 
 
 def _qualname(obj: Any) -> str:
@@ -127,6 +145,15 @@ def check_compatible(sources: Sequence[nn.Module], exclude: Sequence[str] = ()) 
             )
 
 
+def _checkpoint_suffix(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in ALLOWED_SUFFIXES:
+        raise ValueError(
+            f"unsupported checkpoint suffix {path.suffix!r} of {path}; allowed: {', '.join(ALLOWED_SUFFIXES)}"
+        )
+    return suffix
+
+
 def _as_state_dict(obj: Any, path: Path, where: str) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping):
         raise ValueError(f"{where} in checkpoint {path} is a {_qualname(obj)}, not a state dict (a mapping)")
@@ -196,11 +223,7 @@ def load_checkpoint(path: PathLike, key: str | None = None) -> dict[str, torch.T
         OptionalImportError: for a ``.safetensors`` file when ``safetensors`` is not installed.
     """
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in ALLOWED_SUFFIXES:
-        raise ValueError(
-            f"unsupported checkpoint suffix {path.suffix!r} of {path}; allowed: {', '.join(ALLOWED_SUFFIXES)}"
-        )
+    suffix = _checkpoint_suffix(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if suffix == SAFETENSORS_SUFFIX:
@@ -251,7 +274,7 @@ def _build_network(network_def: NetworkDef, origin: str) -> nn.Module:
     return net
 
 
-def _bundle_network_def(folder: Path) -> nn.Module:
+def _bundle_network_def(folder: Path, trust_config: bool) -> nn.Module:
     configs = folder / "configs"
     for name in BUNDLE_CONFIG_NAMES:
         found = [configs / f"{name}{s}" for s in BUNDLE_CONFIG_SUFFIXES if (configs / f"{name}{s}").is_file()]
@@ -261,15 +284,29 @@ def _bundle_network_def(folder: Path) -> nn.Module:
     else:
         wanted = " or ".join(f"configs/{n}.json|yaml|yml" for n in BUNDLE_CONFIG_NAMES)
         raise ValueError(f"bundle folder {folder} has no {wanted}, so network_def must be given")
-    parser = ConfigParser()
-    parser.read_config(config_file)
+    # JSON and YAML are read as data here (json.load, a yaml SafeLoader): nothing in them runs yet
+    config, meta = read_config_file(config_file), None
     if (configs / "metadata.json").is_file():
         # Some configs refer to "_meta_#..." entries; reading the metadata keeps those references resolvable.
-        parser.read_meta(configs / "metadata.json")
-    if "network_def" not in parser:
+        meta = read_config_file(configs / "metadata.json")
+    if "network_def" not in config:
         raise ValueError(f"bundle folder {folder}: {config_file.relative_to(folder)} has no id 'network_def'")
+    if not trust_config:
+        origin = f"source bundle {folder}: {config_file.relative_to(folder)}"
+        network_def = read_network_def(
+            config,
+            "network_def",
+            meta=meta,
+            # Bundles usually set bundle_root to "." and rely on the runner to override it with the real folder.
+            values={"bundle_root": str(folder)} if "bundle_root" in config else None,
+            origin=origin,
+            hint=TRUST_HINT,
+        )
+        return build_network_def(network_def, origin)
+    parser = ConfigParser(config)
+    if meta is not None:
+        parser.read_meta(meta)
     if "bundle_root" in parser:
-        # Bundles usually set bundle_root to "." and rely on the runner to override it with the real folder.
         parser["bundle_root"] = str(folder)
     origin = f"{config_file} id 'network_def'"
     try:
@@ -279,16 +316,37 @@ def _bundle_network_def(folder: Path) -> nn.Module:
     return _build_network(net, origin)
 
 
-def _load_weights(net: nn.Module, state_dict: dict[str, torch.Tensor], checkpoint: Path, strict: bool) -> None:
-    # Checked before load_state_dict because it copies tensor by tensor and would leave a passed-in module half
-    # overwritten when it meets a mismatch; it also raises on shapes even with strict=False.
-    expected = net.state_dict()
+def state_dict_diff(
+    network: nn.Module | Mapping[str, Any],
+    state_dict: Mapping[str, Any],
+    *,
+    strict: bool = True,
+    source: str = "checkpoint",
+) -> list[str]:
+    """What keeps ``state_dict`` from loading into ``network``, one readable line per kind of problem.
+
+    The one comparison of a state dict against a network in this package (loading sources, exporting a checkpoint,
+    collapsing a merge into a bundle's ``network_def``); ``torch``'s ``load_state_dict`` copies tensor by tensor
+    and would leave a network half overwritten when it meets a mismatch, so callers check first.
+
+    Args:
+        network: the network, or its ``state_dict()``.
+        state_dict: the tensors to load.
+        strict: whether missing and unexpected keys count (shape mismatches always do).
+        source: what ``state_dict`` is, for the shape lines (``"fc.weight (3, 512) in checkpoint vs (7, 512) in
+            network"``).
+
+    Returns:
+        e.g. ``["1 missing key(s): fc.bias", "1 unexpected key(s): extra.weight", "1 shape mismatch(es): ..."]``,
+        each listing the first five names; empty when ``state_dict`` fits.
+    """
+    expected = network.state_dict() if isinstance(network, nn.Module) else network
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     mismatched = [
-        f"{k} {tuple(v.shape)} in checkpoint vs {tuple(expected[k].shape)} in network"
+        f"{k} {tuple(v.shape)} in {source} vs {tuple(expected[k].shape)} in network"
         for k, v in state_dict.items()
-        if k in expected and isinstance(expected[k], torch.Tensor) and v.shape != expected[k].shape
+        if k in expected and hasattr(v, "shape") and hasattr(expected[k], "shape") and v.shape != expected[k].shape
     ]
     problems = []
     if strict and missing:
@@ -297,6 +355,11 @@ def _load_weights(net: nn.Module, state_dict: dict[str, torch.Tensor], checkpoin
         problems.append(f"{len(unexpected)} unexpected key(s): {_first_names(unexpected)}")
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatch(es): {_first_names(mismatched)}")
+    return problems
+
+
+def _load_weights(net: nn.Module, state_dict: dict[str, torch.Tensor], checkpoint: Path, strict: bool) -> None:
+    problems = state_dict_diff(net, state_dict, strict=strict)
     if problems:
         raise ValueError(f"checkpoint {checkpoint} does not fit {_qualname(net)}: {'; '.join(problems)}")
     try:
@@ -306,13 +369,22 @@ def _load_weights(net: nn.Module, state_dict: dict[str, torch.Tensor], checkpoin
 
 
 def load_source(
-    path: PathLike, network_def: NetworkDef | None = None, *, key: str | None = None, strict: bool = True
+    path: PathLike,
+    network_def: NetworkDef | None = None,
+    *,
+    key: str | None = None,
+    strict: bool = True,
+    trust_config: bool = False,
 ) -> nn.Module:
     """Build a source network and load its pretrained weights, from a checkpoint file or a MONAI bundle folder.
 
     For a bundle folder the architecture is the id ``network_def`` of ``configs/inference.json|yaml|yml`` (or of
-    ``configs/train.*`` when there is no inference config), parsed with the whole config so that references such as
-    ``@num_classes`` resolve; the weights are ``models/model.safetensors`` if present, else ``models/model.pt``.
+    ``configs/train.*`` when there is no inference config); the weights are ``models/model.safetensors`` if present,
+    else ``models/model.pt``. A bundle from elsewhere is untrusted, so its config is read as data and nothing in it
+    runs (see :func:`monai_medmerge.safe_config.read_network_def`): ``network_def`` must be a ``_target_`` network
+    of ``monai.networks.nets``, ``torch.nn`` or ``torchvision.models`` with literal arguments, and references such
+    as ``@num_classes`` are followed to literal values only. ``trust_config=True`` parses the config with MONAI's
+    ``ConfigParser`` instead, evaluating ``$`` expressions and any ``_target_``: only for bundles you trust.
 
     Args:
         path: a checkpoint file (see :func:`load_checkpoint`) or a MONAI bundle folder.
@@ -322,12 +394,17 @@ def load_source(
             "num_classes": 3}``. Required for a checkpoint file; for a bundle it overrides the bundle's config.
         key: the checkpoint entry that holds the state dict, passed to :func:`load_checkpoint`.
         strict: whether missing and unexpected keys are errors. Shape mismatches always are.
+        trust_config: evaluate a bundle folder's config as MONAI does (it can run code) instead of reading it as
+            data.
 
     Returns:
         the network with the weights loaded, in eval mode.
 
     Raises:
         FileNotFoundError: when ``path`` does not exist.
+        UntrustedConfigError: (a ``ValueError``) when a bundle's ``network_def`` holds an expression, a macro to
+            another file, a reference to a non-literal or a ``_target_`` outside the allowed modules, and
+            ``trust_config`` is False; the message names the bundle, the id and the value, and how to opt in.
         ValueError: when ``network_def`` is missing for a checkpoint file or cannot be built; when a bundle folder
             lacks its config, the id ``network_def`` or its weights file (the message names which); when the
             checkpoint cannot be read (see :func:`load_checkpoint`) or its keys or shapes do not fit the network.
@@ -350,7 +427,7 @@ def load_source(
     # Read the checkpoint first so that a refused or unreadable file fails before any network is built.
     state_dict = load_checkpoint(weights, key=key)
     if network_def is None:
-        net = _bundle_network_def(path)
+        net = _bundle_network_def(path, trust_config)
     else:
         net = _build_network(network_def, "the network_def argument")
     _load_weights(net, state_dict, weights, strict)
@@ -360,8 +437,8 @@ def load_source(
 def save_checkpoint(state_dict_or_module: nn.Module | Mapping[str, torch.Tensor], path: PathLike) -> None:
     """Write a state dict atomically, as a torch file or as safetensors according to the suffix of ``path``.
 
-    The file is written to a temporary file in the same folder and moved over ``path`` with ``os.replace``, so
-    ``path`` is either the old file or the complete new one, never a partial write.
+    The file is written with :func:`monai_medmerge.io.atomic_write` (a temporary file beside it, then one rename),
+    so ``path`` is either the old file or the complete new one, never a partial write.
 
     Args:
         state_dict_or_module: a network (its ``state_dict()`` is saved) or a mapping from names to tensors.
@@ -374,11 +451,7 @@ def save_checkpoint(state_dict_or_module: nn.Module | Mapping[str, torch.Tensor]
         OptionalImportError: for a ``.safetensors`` file when ``safetensors`` is not installed.
     """
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in ALLOWED_SUFFIXES:
-        raise ValueError(
-            f"unsupported checkpoint suffix {path.suffix!r} of {path}; allowed: {', '.join(ALLOWED_SUFFIXES)}"
-        )
+    suffix = _checkpoint_suffix(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"folder {path.parent} does not exist, cannot write {path.name}")
     if isinstance(state_dict_or_module, nn.Module):
@@ -405,19 +478,8 @@ def save_checkpoint(state_dict_or_module: nn.Module | Mapping[str, torch.Tensor]
             tensors[k] = v
         payload = safetensors_torch.save(tensors)
 
-    # os.open with 0o666 lets the umask set the permissions as for any new file (mkstemp would force 0o600).
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if suffix == SAFETENSORS_SUFFIX:
-                f.write(payload)
-            else:
-                torch.save(tensors, f)
-            f.flush()
-            # Without fsync a crash right after the rename can leave an empty file under the final name.
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as f:
+        if suffix == SAFETENSORS_SUFFIX:
+            f.write(payload)
+        else:
+            torch.save(tensors, f)

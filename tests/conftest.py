@@ -68,3 +68,31 @@ def example_workspace(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("example") / "workspace"
     return make_example(root, shots=8, test_per_class=5, source_epochs=1, widths=[8, 16, 16, 32], progress=False)
+
+
+def snapshot(root) -> dict[str, tuple]:
+    """Every path under ``root`` (``root`` included), relative -> ``(kind, mode, size or link target, sha1)``.
+
+    Compare a snapshot taken before an operation with one taken after it to show that nothing else changed on disk.
+    Symbolic links are recorded, not followed; a missing ``root`` gives ``{}``.
+    """
+    import hashlib
+    import os
+    import stat
+    from pathlib import Path
+
+    root = Path(root)
+    out: dict[str, tuple] = {}
+    if not os.path.lexists(root):
+        return out
+    for path in [root, *sorted(root.rglob("*"))]:
+        info = path.lstat()
+        rel = str(path.relative_to(root))
+        if stat.S_ISLNK(info.st_mode):
+            out[rel] = ("link", stat.S_IMODE(info.st_mode), os.readlink(path), "")
+        elif stat.S_ISDIR(info.st_mode):
+            out[rel] = ("dir", stat.S_IMODE(info.st_mode), 0, "")
+        else:
+            digest = hashlib.sha1(path.read_bytes()).hexdigest()
+            out[rel] = ("file", stat.S_IMODE(info.st_mode), info.st_size, digest)
+    return out

@@ -38,8 +38,8 @@ def test_methods_command_lists_registry(capsys):
 def test_recipe_settings_from_the_command_line():
     import pytest
 
+    from medmerge_bench.transfer import Recipe
     from monai_medmerge.cli import _with_settings
-    from monai_medmerge.workflows.transfer import Recipe
 
     r = _with_settings(Recipe(), ["anchor_weight=0.99", "coef_lr=0.05", "widths=8,16,16,32", "ft_epochs=3"])
     assert (r.anchor_weight, r.coef_lr, r.widths, r.ft_epochs) == (0.99, 0.05, (8, 16, 16, 32), 3)

@@ -15,9 +15,19 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 import yaml
-from monai.networks.nets import resnet18
+from monai.bundle import ConfigParser
+from monai.networks.nets import NetAdapter, resnet18
 
-from monai_medmerge.sources import check_compatible, load_checkpoint, load_source, save_checkpoint
+from monai_medmerge.safe_config import build_network_def, read_network_def
+from monai_medmerge.sources import (
+    UntrustedConfigError,
+    check_compatible,
+    load_checkpoint,
+    load_source,
+    save_checkpoint,
+    state_dict_diff,
+)
+from monai_medmerge.workflows.engines import load_sources
 
 RESNET_CONFIG = {"_target_": "monai.networks.nets.resnet18", "spatial_dims": 2, "n_input_channels": 1, "num_classes": 3}
 
@@ -464,3 +474,295 @@ def test_save_rejects_bad_input(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing_folder"):
         save_checkpoint({"a": torch.zeros(1)}, tmp_path / "missing_folder" / "x.pt")
     assert os.listdir(tmp_path) == []
+
+
+# the config of a source bundle is data: nothing in it runs
+
+
+def _touch(marker: pathlib.Path) -> str:
+    return f"$__import__('pathlib').Path({str(marker)!r}).touch() or 3"
+
+
+RESNET_ARGS = {"spatial_dims": 2, "n_input_channels": 1, "num_classes": "@num_classes"}
+
+
+def _evil_configs(marker: pathlib.Path, folder: pathlib.Path) -> dict[str, tuple[dict, str, str]]:
+    """name -> (bundle config, the id the error must name, the value it must quote); each would create ``marker``."""
+    resnet = {"_target_": "monai.networks.nets.resnet18", **RESNET_ARGS}
+    other = folder.parent / f"{folder.name}_other.json"
+    other.write_text(json.dumps({"n": _touch(marker)}))
+    system = {"_target_": "os.system", "command": f"touch {marker}"}
+    touch = {"_target_": "pathlib.Path.touch", "self": str(marker)}
+    return {
+        "expression as network_def": ({"network_def": _touch(marker)}, "network_def", "$__import__"),
+        "expression in an argument": (
+            {"network_def": {**resnet, "num_classes": _touch(marker)}},
+            "network_def#num_classes",
+            "$__import__",
+        ),
+        "os.system nested in an argument": (
+            {"network_def": {**resnet, "act": system}},
+            "network_def#act#_target_",
+            "os.system",
+        ),
+        "Path.touch as the network": ({"network_def": touch}, "network_def#_target_", "pathlib.Path.touch"),
+        "Path.touch in a list argument": (
+            {"network_def": {**resnet, "act": [touch]}},
+            "network_def#act#0#_target_",
+            "pathlib.Path.touch",
+        ),
+        "reference to an expression": (
+            {"network_def": {**resnet, "num_classes": "@n"}, "n": _touch(marker)},
+            "n",
+            "$__import__",
+        ),
+        "reference to a component": ({"network_def": {**resnet, "act": "@a"}, "a": system}, "a", "os.system"),
+        "macro to another file": (
+            {"network_def": {**resnet, "num_classes": f"%{other}#n"}},
+            "network_def#num_classes",
+            str(other),
+        ),
+        "expression in _requires_": (
+            {"network_def": {**resnet, "_requires_": _touch(marker)}},
+            "network_def#_requires_",
+            "$__import__",
+        ),
+    }
+
+
+EVIL_CASES = [
+    "expression as network_def",
+    "expression in an argument",
+    "os.system nested in an argument",
+    "Path.touch as the network",
+    "Path.touch in a list argument",
+    "reference to an expression",
+    "reference to a component",
+    "macro to another file",
+    "expression in _requires_",
+]
+
+
+@pytest.mark.parametrize("case", EVIL_CASES)
+def test_source_bundle_config_that_runs_code_is_refused(tmp_path, case):
+    marker, control = tmp_path / "pwned", tmp_path / "control"
+    cases = _evil_configs(marker, tmp_path / "bundle")
+    assert list(cases) == EVIL_CASES
+    config, culprit_id, culprit = cases[case]
+    bundle = _make_bundle(tmp_path / "bundle", {"bundle_root": ".", "num_classes": 3, **config})
+    save_checkpoint(_resnet(), bundle / "models" / "model.pt")
+
+    # the config really runs code when MONAI parses it: the same config with another marker creates that file
+    control_config, _, _ = _evil_configs(control, tmp_path / "control_bundle")[case]
+    try:
+        ConfigParser({"num_classes": 3, **control_config}).get_parsed_content("network_def")
+    except Exception:
+        pass  # most of them fail after the code has run
+    assert control.exists()
+
+    with pytest.raises(UntrustedConfigError) as info:
+        load_source(bundle)
+    message = str(info.value)
+    assert message.startswith(f"source bundle {bundle}: configs/inference.json: id '{culprit_id}'")
+    assert culprit in message
+    assert "trust_config=True" in message and "trust_config: true" in message
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(UntrustedConfigError, match=re.escape(f"id '{culprit_id}'")):
+        load_sources([bundle, {"bundle": bundle}])
+    assert not marker.exists()
+
+
+def test_trusted_source_bundle_config_is_evaluated(tmp_path):
+    marker = tmp_path / "ran"
+    config = {"num_classes": 3, "network_def": {"_target_": "monai.networks.nets.resnet18", **RESNET_ARGS}}
+    config["network_def"]["num_classes"] = _touch(marker)
+    bundle = _make_bundle(tmp_path / "bundle", config)
+    net = _resnet(seed=2)
+    save_checkpoint(net, bundle / "models" / "model.pt")
+    with pytest.raises(UntrustedConfigError):
+        load_source(bundle)
+    assert not marker.exists()
+
+    loaded = load_source(bundle, trust_config=True)
+    assert marker.exists()
+    _assert_same_state(loaded.state_dict(), net.state_dict())
+
+    marker.unlink()
+    with pytest.raises(UntrustedConfigError):
+        load_sources([bundle, {"bundle": bundle, "trust_config": False}])
+    assert not marker.exists()
+    both = load_sources([{"bundle": bundle, "trust_config": True}, {"bundle": str(bundle), "trust_config": True}])
+    assert marker.exists() and len(both) == 2
+    with pytest.raises(ValueError, match=r"sources\[1\]: trust_config must be true or false, got 'yes'"):
+        load_sources([bundle, {"bundle": bundle, "trust_config": "yes"}])
+
+
+def test_source_bundle_config_read_as_data_loads(tmp_path):
+    # references to literals (nested ids with both separators, relative ids, metadata), a download switch that is
+    # off through a reference; the ids that are expressions are not the network's and are left alone
+    config = {
+        "bundle_root": ".",
+        "imports": ["$import os"],
+        "device": "$torch.device('cpu')",
+        "network": "$@network_def.to(@device)",
+        "args": {"dims": 2, "channels": [1]},
+        "use_pretrained": False,
+        "conv_size": 7,
+        "network_def": {
+            "_target_": "monai.networks.nets.resnet18",
+            "spatial_dims": "@args#dims",
+            "n_input_channels": "@args::channels::0",
+            "num_classes": "@_meta_#network_data_format#outputs#pred#num_channels",
+            "conv1_t_size": "@##conv_size",
+            "conv1_t_stride": 2,
+            "widen_factor": "@#conv1_t_stride",
+            "pretrained": "@use_pretrained",
+        },
+    }
+    net = resnet18(spatial_dims=2, n_input_channels=1, num_classes=3, widen_factor=2)
+    bundle = _make_bundle(tmp_path / "bundle", config, config_name="train.yaml")
+    meta = {"network_data_format": {"outputs": {"pred": {"num_channels": 3}}}}
+    (bundle / "configs" / "metadata.json").write_text(json.dumps(meta))
+    save_checkpoint(net, bundle / "models" / "model.safetensors")
+    loaded = load_source(bundle)
+    assert type(loaded) is type(net) and loaded.fc.out_features == 3 and loaded.conv1.out_channels == 128
+    _assert_same_state(loaded.state_dict(), net.state_dict())
+
+    # a short _target_ and a same-file macro, with torch.nn components nested in the arguments
+    adapter = NetAdapter(model=resnet18(spatial_dims=2, n_input_channels=1, num_classes=4), num_classes=2, dim=2)
+    nested = {
+        "num_classes": 2,
+        "network_def": {
+            "_target_": "NetAdapter",
+            "model": {"_target_": "monai.networks.nets.resnet18", **RESNET_ARGS, "num_classes": 4},
+            "num_classes": "@num_classes",
+            "dim": "%dims",
+        },
+        "dims": 2,
+    }
+    other = _make_bundle(tmp_path / "adapter", nested)
+    save_checkpoint(adapter, other / "models" / "model.pt")
+    loaded = load_source(other)
+    assert type(loaded) is NetAdapter
+    _assert_same_state(loaded.state_dict(), adapter.state_dict())
+
+
+@pytest.mark.parametrize(
+    "network_def, culprit_id, message",
+    [
+        (
+            {"_target_": "monai.networks.nets.resnet18", **RESNET_ARGS, "pretrained": True},
+            "network_def#pretrained",
+            "would download",
+        ),
+        (
+            {"_target_": "monai.networks.nets.EfficientNetBN", "model_name": "efficientnet-b0"},
+            "network_def#pretrained",
+            "the default of monai.networks.nets.EfficientNetBN",
+        ),
+        (
+            {"_target_": "monai.networks.nets.get_pretrained_resnet_medicalnet", "resnet_depth": 18},
+            "network_def#_target_",
+            "no network class or network factory",
+        ),
+        (
+            {"_target_": "monai.networks.nets.resnet.optional_import", "module": "os"},
+            "network_def#_target_",
+            "no network class or network factory",
+        ),
+        ({"_target_": "torch.nn.Module.apply"}, "network_def#_target_", "cannot be imported"),
+        ({"_target_": "torch.nn.__builtins__"}, "network_def#_target_", "outside the allowed network modules"),
+        ({"_target_": "torch.nnx.Linear"}, "network_def#_target_", "outside the allowed network modules"),
+        (
+            {"_target_": "monai.networks.nets.resnet18", **RESNET_ARGS, "_mode_": "callable"},
+            "network_def#_mode_",
+            "other than 'default'",
+        ),
+        (
+            {"_target_": "monai.networks.nets.resnet18", **RESNET_ARGS, "num_classes": "@nowhere"},
+            None,
+            "names id 'nowhere', which the config does not have",
+        ),
+        (
+            {"_target_": "monai.networks.nets.resnet18", **RESNET_ARGS, "num_classes": "@a"},
+            None,
+            "references loop: network_def#num_classes -> a -> b -> a",
+        ),
+    ],
+)
+def test_source_bundle_config_refusals_name_the_culprit(tmp_path, network_def, culprit_id, message):
+    bundle = _make_bundle(tmp_path / "bundle", {"num_classes": 3, "a": "@b", "b": "@a", "network_def": network_def})
+    save_checkpoint(_resnet(), bundle / "models" / "model.pt")
+    error = UntrustedConfigError if culprit_id is not None else ValueError
+    with pytest.raises(error, match=re.escape(message)) as info:
+        load_source(bundle)
+    if culprit_id is not None:
+        assert f"id '{culprit_id}'" in str(info.value)
+    else:
+        assert not isinstance(info.value, UntrustedConfigError)
+
+
+# one state-dict comparison
+
+
+def test_state_dict_diff():
+    net = TinyConvNet()
+    state = dict(net.state_dict())
+    assert state_dict_diff(net, state) == []
+    del state["head.bias"]
+    state["extra.weight"] = torch.zeros(1)
+    state["conv.weight"] = torch.zeros(5, 1, 3, 3)
+    assert state_dict_diff(net, state) == [
+        "1 missing key(s): head.bias",
+        "1 unexpected key(s): extra.weight",
+        "1 shape mismatch(es): conv.weight (5, 1, 3, 3) in checkpoint vs (4, 1, 3, 3) in network",
+    ]
+    # keys need not match when not strict; shapes always do; a state dict stands for its network
+    assert state_dict_diff(net.state_dict(), state, strict=False, source="file") == [
+        "1 shape mismatch(es): conv.weight (5, 1, 3, 3) in file vs (4, 1, 3, 3) in network"
+    ]
+    many = {f"x{i}": torch.zeros(1) for i in range(7)}
+    assert state_dict_diff({}, many) == ["7 unexpected key(s): x0, x1, x2, x3, x4 (and 2 more)"]
+
+
+def test_read_network_def_gives_the_checked_plain_config():
+    config = {
+        "width": 4,
+        "network_def": {
+            "_target_": "DenseNet121",
+            "_desc_": "dropped",
+            "_requires_": "@width",
+            "_mode_": "default",
+            "spatial_dims": 2,
+            "in_channels": 1,
+            "out_channels": "@width",
+            "act": ["relu", {"inplace": "%flag"}],
+        },
+        "flag": True,
+    }
+    plain = read_network_def(config)
+    assert plain == {
+        "_target_": "monai.networks.nets.densenet.DenseNet121",
+        "spatial_dims": 2,
+        "in_channels": 1,
+        "out_channels": 4,
+        "act": ["relu", {"inplace": True}],
+    }
+    assert config["network_def"]["out_channels"] == "@width"  # the input is left as it was
+    net = build_network_def(plain)
+    assert type(net).__name__ == "DenseNet121" and net.class_layers.out.out_features == 4
+    for disabled in (True, "True", 1):
+        with pytest.raises(ValueError, match=r"config: id 'network_def' is disabled"):
+            read_network_def({**config, "network_def": {**config["network_def"], "_disabled_": disabled}})
+    with pytest.raises(UntrustedConfigError, match=r"id 'network_def#_target_' holds 'os\.system'"):
+        build_network_def({"_target_": "os.system", "command": "true"})
+
+
+def test_exported_network_def_holds_no_expression():
+    # what the export writes into inference.yaml is data too: a value that is still an expression after resolving
+    # (it would run when MONAI loads the exported bundle) is refused
+    from monai_medmerge.bundle import resolve_network_def
+
+    config = {"network_def": {"_target_": "ResNet", "block": "basic", "conv1_t_size": "$'$' + 'print(1)'"}}
+    with pytest.raises(ValueError, match=r"field 'conv1_t_size' resolved to the expression '\$print\(1\)'"):
+        resolve_network_def(config)

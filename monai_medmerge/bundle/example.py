@@ -3,10 +3,7 @@ two source bundles pretrained here on two other tasks from different initialisat
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,8 +12,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from monai_medmerge.data.synthetic import TASKS, make_blob_dataset
+from monai_medmerge.io import atomic_folder, write_json
 from monai_medmerge.sources import save_checkpoint
-from monai_medmerge.workflows.loops import fit
+from monai_medmerge.workflows import fit
 
 __all__ = ["example_network_def", "make_example"]
 
@@ -62,7 +60,7 @@ def _source_bundle(folder: Path, net: torch.nn.Module, network_def: dict, task: 
     (folder / "models").mkdir(exist_ok=True)
     save_checkpoint(net, folder / "models" / "model.pt")
     config = {"network_def": network_def, "task": f"synthetic blob task {task!r}"}
-    (folder / "configs" / "inference.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_json(folder / "configs" / "inference.json", config)
 
 
 def make_example(
@@ -99,13 +97,10 @@ def make_example(
 
     Raises:
         FileExistsError: when ``out_dir`` exists and ``overwrite`` is False.
+        NotADirectoryError: when ``out_dir`` is a file or a symbolic link.
     """
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"example folder {out} exists; pass overwrite=True to replace it.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out, overwrite, what="example folder") as tmp:
         from monai.bundle import ConfigParser
 
         for i, (name, task) in enumerate(SOURCE_TASKS.items()):
@@ -136,13 +131,7 @@ def make_example(
             "labels": {str(i): c for i, c in enumerate(CLASS_NAMES)},
             **{k: _write_images(data / "images" / k, data, ds, k) for k, ds in splits.items()},
         }
-        (data / "datalist.json").write_text(json.dumps(datalist, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(data / "datalist.json", datalist)
     return {
         "root": str(out),
         "datalist": str(out / "data" / "datalist.json"),

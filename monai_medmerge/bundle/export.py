@@ -5,14 +5,10 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import monai
-import numpy as np
 import torch
 import yaml
 from monai.bundle import ConfigParser
@@ -20,14 +16,18 @@ from torch import nn
 
 import monai_medmerge
 from monai_medmerge.bundle.inference import (
-    MODALITIES,
-    canonical_modality,
-    canonical_reader,
+    MODALITY_METADATA,
     inference_config,
     input_description,
+    pip_requirements,
     required_packages,
+    runtime_versions,
+    write_scripts,
 )
 from monai_medmerge.bundle.network_def import resolve_network_def
+from monai_medmerge.data.pipelines import preprocessing_config
+from monai_medmerge.io import atomic_folder, check_folder_target
+from monai_medmerge.sources import state_dict_diff
 
 __all__ = ["export_bundle", "export_from_checkpoint", "SCHEMA_URL"]
 
@@ -88,7 +88,8 @@ def export_bundle(
     torchscript: bool = True,
     overwrite: bool = False,
     *,
-    reader: str = "ITKReader",
+    kind: str = "nifti",
+    reader: str | None = None,
     modality: str = "other",
     window: Sequence[float] = (-1000.0, 1000.0),
     percentiles: Sequence[float] = (1.0, 99.0),
@@ -96,11 +97,17 @@ def export_bundle(
 ) -> Path:
     """Write ``network`` as a MONAI bundle folder that needs MONAI and torch, not this package.
 
+    The bundle's preprocessing is the evaluation half of the training pipeline: the list that
+    :func:`monai_medmerge.data.pipelines.preprocessing_config` makes from ``kind``, ``reader``, ``modality``,
+    ``window``, ``percentiles``, ``pixdim``, ``spatial_shape`` and ``in_channels``, written as it is (pass the
+    values the network was trained with). The package's own loading and checking transforms travel with the bundle
+    in ``scripts/medmerge_transforms.py``, a copy of ``monai_medmerge/data/transforms.py``.
+
     The folder holds ``configs/metadata.json`` (valid against MONAI's metadata schema, class names in
     ``network_data_format``), ``configs/inference.yaml`` (a complete MONAI inference workflow: read images or DICOM
     series from ``dataset_dir``, preprocess, classify, write ``predictions.csv``), ``configs/logging.conf``,
-    ``models/model.pt`` (a state dict), ``models/model.ts`` (TorchScript, when the network scripts) and
-    ``docs/README.md``. Run it with ``python -m monai.bundle run --config_file configs/inference.yaml
+    ``models/model.pt`` (a state dict), ``models/model.ts`` (TorchScript, when the network scripts),
+    ``scripts/`` and ``docs/README.md``. Run it with ``python -m monai.bundle run --config_file configs/inference.yaml
     --bundle_root . --dataset_dir DIR --output_dir OUT``.
 
     The folder is assembled under a temporary name beside ``out_dir`` and renamed into place, so an interrupted
@@ -123,9 +130,8 @@ def export_bundle(
         extra_metadata: more metadata fields (e.g. how the merge was made), merged at the top level.
         torchscript: also write ``models/model.ts`` when ``torch.jit.script`` succeeds.
         overwrite: replace an existing ``out_dir``.
-        reader: the MONAI image reader of the inference pipeline, used strictly (no fallback to other readers):
-            ``"ITKReader"`` (files and DICOM series folders), ``"NibabelReader"``, ``"PydicomReader"``,
-            ``"PILReader"``, ``"NrrdReader"`` or ``"NumpyReader"``.
+        kind: the image kind of the training pipeline: ``"png"``, ``"nifti"``, ``"dicom"`` or ``"dicom_series"``.
+        reader: the MONAI reader of the training pipeline (``None``: the kind's default), used strictly.
         modality: the intensity preprocessing: ``"CT"`` (``window``), ``"MR"``/``"MRI"`` (``percentiles``) or
             ``"other"`` (zero mean, unit variance).
         window: CT window (low, high) in HU, scaled to [0, 1] and clipped.
@@ -137,28 +143,36 @@ def export_bundle(
 
     Raises:
         ValueError: when ``network_def`` is not a plain network config, does not match ``network``'s weights, or
-            the class count differs from ``len(class_names)``; for an unknown ``reader`` or ``modality``, a bad
-            ``window``, ``percentiles`` or ``pixdim``.
+            the class count differs from ``len(class_names)``; for the preprocessing settings that
+            :func:`~monai_medmerge.data.pipelines.preprocessing_config` refuses.
         FileExistsError: when ``out_dir`` exists and ``overwrite`` is False.
+        NotADirectoryError: when ``out_dir`` is a file (it is left as it is) or a symbolic link.
+        ValueError: when ``overwrite`` would replace a folder that holds the current folder.
+        PermissionError: when the folder above ``out_dir`` cannot be written.
     """
     network_def = _plain_network_def(network_def)
-    reader = canonical_reader(reader)
-    modality = canonical_modality(modality)
     # built first: it checks the preprocessing settings before any network is run or file written
-    config = inference_config(network_def, class_names, spatial_shape, reader, modality, window, percentiles, pixdim)
+    steps = preprocessing_config(
+        kind, spatial_shape, train=False, reader=reader, modality=modality, window=window, percentiles=percentiles,
+        pixdim=pixdim, label_key=None, channels=in_channels,
+    )  # fmt: skip
+    reader = steps[0]["reader"]
+    options = {"kind": kind, "reader": reader, "modality": modality, "window": window, "percentiles": percentiles}
+    options = json.loads(json.dumps({**options, "pixdim": pixdim}))  # plain lists for YAML
+    config = inference_config(network_def, class_names, spatial_shape, steps, options)
+    modality = {"CT": "CT", "MR": "MR", "MRI": "MR"}.get(modality.upper(), "other")
     if value_range is None:
         value_range = (-4.0, 4.0) if modality == "other" else (0.0, 1.0)
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(
-            f"bundle folder {out} exists; pass overwrite=True (medmerge export --overwrite) to replace it."
-        )
+    check_folder_target(out, overwrite, what="bundle folder")  # before any work: a refusal costs nothing
     state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
     plain = _build(network_def)
-    try:
-        plain.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"network_def {network_def['_target_']} does not match the network's weights: {e}") from e
+    problems = state_dict_diff(plain, state, source="the network's weights")
+    if problems:
+        raise ValueError(
+            f"network_def {network_def['_target_']} does not match the network's weights: {'; '.join(problems)}"
+        )
+    plain.load_state_dict(state, strict=True)
     plain.eval()
     was_training = network.training
     network.eval()
@@ -174,17 +188,16 @@ def export_bundle(
 
     metadata = _metadata(name, version, description, class_names, spatial_shape, in_channels, value_range)
     metadata["required_packages_version"] = required_packages(reader)
-    metadata["data_type"] = {"ITKReader": "dicom series or itk-readable files (e.g. nifti)"}.get(reader, reader)
-    metadata["image_classes"] = input_description(modality, window, percentiles, reader, pixdim)
+    metadata["data_type"] = {"png": "png/jpeg", "dicom_series": "dicom series"}.get(kind, kind)
+    metadata["image_classes"] = input_description(steps)
     metadata["pred_classes"] = "softmax probabilities of: " + ", ".join(class_names)
     image = metadata["network_data_format"]["inputs"]["image"]
-    image["modality"], image["format"] = MODALITIES[modality.lower()]
+    image["modality"], image["format"] = MODALITY_METADATA[modality]
     if extra_metadata:
         metadata.update(extra_metadata)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    # replaces exactly ``out`` (never a sibling), with the permissions of a plain mkdir; see monai_medmerge.io
+    with atomic_folder(out, overwrite, what="bundle folder") as tmp:
         (tmp / "configs").mkdir()
         (tmp / "models").mkdir()
         (tmp / "docs").mkdir()
@@ -197,21 +210,10 @@ def export_bundle(
             except Exception as e:  # noqa: BLE001 - many architectures do not script; the state dict is enough
                 print(f"[export] TorchScript skipped: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
         (tmp / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
-        (tmp / "configs" / "inference.yaml").write_text(_yaml(config, metadata["name"]))
+        (tmp / "configs" / "inference.yaml").write_text(_yaml(config, metadata))
         (tmp / "configs" / "logging.conf").write_text(LOGGING_CONF)
         (tmp / "docs" / "README.md").write_text(_readme(metadata, reader, scripted))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_scripts(tmp)
     return out
 
 
@@ -262,26 +264,19 @@ def export_from_checkpoint(
         FileNotFoundError: when the checkpoint or a network_def file does not exist.
         ValueError: when the checkpoint cannot be read or is refused, when ``network_def`` cannot be resolved or
             built, when the checkpoint's keys or shapes do not fit the network (the message names the file and the
-            keys), and for the reasons of :func:`export_bundle`.
+            keys), and for the reasons of :func:`export_bundle`; when ``out_dir`` is or contains the checkpoint or
+            the network_def file (nothing is written or removed).
     """
     from monai_medmerge.sources import load_checkpoint
 
+    inputs = {"checkpoint": checkpoint}
+    if isinstance(network_def, (str, os.PathLike)):
+        inputs["network_def file"] = network_def
+    check_folder_target(out_dir, kwargs.get("overwrite", False), inputs, what="bundle folder")
     state = load_checkpoint(checkpoint, key=checkpoint_key)
     plain_def = _plain_network_def(resolve_network_def(network_def, network_def_id))
     network = _build(plain_def)
-    expected = network.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [
-        f"{k} {tuple(state[k].shape)} in checkpoint vs {tuple(v.shape)} in network"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
-    problems = [
-        f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", mismatched))
-        if keys
-    ]
+    problems = state_dict_diff(network, state)
     if problems:
         raise ValueError(
             f"checkpoint {checkpoint} does not fit network_def {plain_def['_target_']}: {'; '.join(problems)}"
@@ -290,12 +285,16 @@ def export_from_checkpoint(
     return export_bundle(network, plain_def, out_dir, class_names, spatial_shape, **kwargs)
 
 
-def _yaml(config: Mapping[str, Any], name: str) -> str:
+def _yaml(config: Mapping[str, Any], metadata: Mapping[str, Any]) -> str:
+    packages = ", ".join(["torch", "monai", "numpy", *metadata["required_packages_version"]])
     header = (
-        f"# {name}: MONAI inference workflow; needs MONAI and torch only (not monai_medmerge).\n"
+        f"# {metadata['name']}: MONAI inference workflow; needs {packages} (not monai_medmerge): see docs/README.md.\n"
         "#   python -m monai.bundle run --config_file configs/inference.yaml --bundle_root . \\\n"
         "#       --dataset_dir /path/to/images --output_dir /path/to/predictions\n"
-        "# writes <output_dir>/predictions.csv: per input, its path and the class probabilities (see metadata.json).\n"
+        "# writes <output_dir>/predictions.csv (default output_dir: <bundle_root>/eval): a header row (file, then the\n"
+        "# class names), then per input its path and the class probabilities; --csv_format monai writes MONAI's\n"
+        "# ClassificationSaver format instead (no header). Inputs that cannot be read are listed with the reason in\n"
+        "# <output_dir>/unreadable.csv (the others are classified) and the run then exits with status 1.\n"
     )
     return header + yaml.dump(dict(config), Dumper=_Dumper, sort_keys=False, width=120)
 
@@ -335,9 +334,7 @@ def _metadata(name, version, description, class_names, spatial_shape, in_channel
         "schema": SCHEMA_URL,
         "version": version,
         "changelog": {version: "exported by monai_medmerge"},
-        "monai_version": monai.__version__,
-        "pytorch_version": torch.__version__.split("+")[0],
-        "numpy_version": np.__version__,
+        **runtime_versions(),
         "required_packages_version": {},
         "name": name,
         "task": "classification",
@@ -381,38 +378,57 @@ def _readme(metadata: Mapping[str, Any], reader: str, scripted: bool) -> str:
     image = metadata["network_data_format"]["inputs"]["image"]
     classes = metadata["network_data_format"]["outputs"]["pred"]["channel_def"]
     class_lines = "\n".join(f"{i}. {c}" for i, c in classes.items())
-    header = ",".join(["<image path>"] + [f"<p({c})>" for c in classes.values()])
-    packages = " ".join(f"{k}=={v}" if v != "*" else k for k, v in metadata["required_packages_version"].items())
+    header = ",".join(["file", *classes.values()])
+    torch_spec, *others = pip_requirements(metadata)
+    others = " ".join(f'"{spec}"' for spec in others)
     ts = "\n- `models/model.ts`: the same network as TorchScript." if scripted else ""
     return f"""# {metadata["name"]}
 
 {metadata["description"]}
 
-This bundle needs MONAI and PyTorch, not monai_medmerge: its `network_def` is a plain network class.
+This bundle needs MONAI, PyTorch, numpy and the packages below, nothing else and not monai_medmerge: its `network_def`
+is a plain network class; `scripts/medmerge_transforms.py` holds the transforms that load and check images exactly as
+in training, `scripts/medmerge_inference.py` what writes the predictions table and the list of unreadable inputs.
 
 - `configs/inference.yaml`: the inference workflow (MONAI `SupervisedEvaluator`).
-- `configs/metadata.json`: input and output formats, class names, versions.
+- `configs/metadata.json`: input and output formats, class names, versions (`required_packages_version`).
 - `models/model.pt`: the network's state dict (loaded with `torch.load(..., weights_only=True)`).{ts}
 
 ## Input
 
 {metadata["image_classes"]} Network input: {image["num_channels"]} channel(s) of spatial shape
 {image["spatial_shape"]}. Each input is a file or a DICOM series folder, read with MONAI's `{reader}` only: a file
-it cannot read is an error naming the file, never read by another reader.
+it cannot read is never read by another reader.
 
 ## Run
 
 ```bash
-pip install "torch=={metadata["pytorch_version"]}" "monai=={metadata["monai_version"]}" {packages}
+pip install "{torch_spec}"    # first and alone: the build for your machine (CPU or CUDA: pytorch.org)
+pip install "{torch_spec}" {others}
 python -m monai.bundle run --config_file configs/inference.yaml --bundle_root . \\
     --dataset_dir /path/to/images --output_dir /path/to/predictions
 ```
 
 Every file and folder in `dataset_dir` is an input (`--image_glob '*.nii.gz'` narrows that); or give a list:
-`--datalist "[{{'image': '/data/a.nii.gz'}}, {{'image': '/data/series_1'}}]"`.
+`--datalist "[{{'image': '/data/a.nii.gz'}}, {{'image': '/data/series_1'}}]"`. Run it in the bundle folder, or
+name the folder with `--bundle_root`. Without `--output_dir` the results go to `eval/` in the bundle folder.
 
-`predictions.csv` in `output_dir` (MONAI's `ClassificationSaver`) has one row per input and no header:
-`{header}`, the softmax probabilities in the class order below.
+## Output
+
+`predictions.csv` in `output_dir`: a header row, then one row per input that was read, the softmax probabilities
+in the class order below:
+
+```
+{header}
+```
+
+`--csv_format monai` writes MONAI's `ClassificationSaver` format instead, for tools that read it: no header, each
+row the input's path and the probabilities.
+
+An input that cannot be read (not an image of this kind, truncated, a DICOM series with a slice missing, the wrong
+number of channels) does not stop the run: every other input is classified, and `unreadable.csv` in `output_dir`
+lists each unreadable input with the reason (`file,reason`; only the header when all were read). The run then exits
+with status 1 and a last line that names the first one.
 
 ## Classes (output order)
 

@@ -1,34 +1,50 @@
-"""The inference workflow of an exported bundle: a MONAI config that uses MONAI and torch only.
+"""The inference workflow of an exported bundle: a MONAI config that needs MONAI, torch and the reader's package.
 
 The config is a standard ``SupervisedEvaluator`` workflow, as in the MONAI model zoo's classification bundles:
-images from ``dataset_dir`` (files, or DICOM series folders) go through the preprocessing that the network was
-trained with, the network's softmax probabilities are written by ``ClassificationSaver`` to
-``<output_dir>/predictions.csv``, one row per input: the input's path, then one probability per class in the order of
-``network_data_format#outputs#pred#channel_def``.
+images from ``dataset_dir`` (files, or DICOM series folders) go through the evaluation half of the very
+preprocessing description the network was trained with (:func:`monai_medmerge.data.pipelines.preprocessing_config`),
+and the network's softmax probabilities go to ``<output_dir>/predictions.csv``: a header row (``file``, then the class
+names in the order of ``network_data_format#outputs#pred#channel_def``) and one row per input, or MONAI's
+``ClassificationSaver`` format with ``--csv_format monai``. An input that cannot be read does not stop the run: it is
+listed with the reason in ``<output_dir>/unreadable.csv``, every other input is classified, and the run then exits
+with status 1 (:mod:`monai_medmerge.bundle.shipped`, shipped as ``scripts/medmerge_inference.py``).
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-__all__ = ["MODALITIES", "READERS", "inference_config", "input_description", "required_packages"]
+from monai_medmerge.data.transforms import READER_PACKAGES
+from monai_medmerge.io import write_bytes, write_text
 
-# reader class name -> the distribution it needs at inference (None: MONAI's own requirements suffice)
-READERS: dict[str, str | None] = {
-    "ITKReader": "itk",
-    "NibabelReader": "nibabel",
-    "PydicomReader": "pydicom",
-    "PILReader": "pillow",
-    "NrrdReader": "pynrrd",
-    "NumpyReader": None,
-}
-# modality as given -> (modality in the metadata, intensity format in the metadata)
-MODALITIES: dict[str, tuple[str, str]] = {
-    "ct": ("CT", "hounsfield"),
-    "mr": ("MR", "magnitude"),
-    "mri": ("MR", "magnitude"),
+__all__ = [
+    "MODALITY_METADATA",
+    "INFERENCE_MODULE",
+    "SCRIPTS_MODULE",
+    "bundle_preprocessing",
+    "inference_config",
+    "input_description",
+    "pip_requirements",
+    "required_packages",
+    "runtime_versions",
+    "write_scripts",
+]
+
+# the module of the package that the preprocessing description names, and where an exported bundle carries it
+_TRANSFORMS_MODULE = "monai_medmerge.data.transforms"
+SCRIPTS_MODULE = "scripts.medmerge_transforms"
+# what the inference workflow needs beyond MONAI (the predictions table, unreadable inputs), and where it ships
+_SHIPPED_MODULE = "monai_medmerge.bundle.shipped"
+INFERENCE_MODULE = "scripts.medmerge_inference"
+# modality of the pipeline -> (modality in the metadata, intensity format in the metadata)
+MODALITY_METADATA: dict[str, tuple[str, str]] = {
+    "CT": ("CT", "hounsfield"),
+    "MR": ("MR", "magnitude"),
     "other": ("any", "magnitude"),
 }
 # what every exported inference workflow needs besides MONAI, torch and numpy: the evaluator is an Ignite engine,
@@ -36,74 +52,56 @@ MODALITIES: dict[str, tuple[str, str]] = {
 WORKFLOW_PACKAGES = ("pytorch-ignite", "pyyaml", "fire")
 
 
-def canonical_reader(reader: str) -> str:
-    """The reader's class name as MONAI spells it (``"itkreader"`` -> ``"ITKReader"``).
+def bundle_preprocessing(steps: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The steps of :func:`monai_medmerge.data.pipelines.preprocessing_config` as an exported bundle names them.
 
-    Raises:
-        ValueError: when ``reader`` is not one of :data:`READERS`.
+    The same transforms with the same arguments; only the module of the package's own transforms changes to the
+    copy that :func:`write_scripts` puts into the bundle (``scripts/medmerge_transforms.py``), so the bundle runs
+    where monai_medmerge is not installed.
     """
-    names = {name.lower(): name for name in READERS}
-    if str(reader).lower() not in names:
-        raise ValueError(f"reader {reader!r} is not one of {', '.join(READERS)}.")
-    return names[str(reader).lower()]
+    out = []
+    for step in steps:
+        step = dict(step)
+        target = str(step.get("_target_", ""))
+        if target.startswith(_TRANSFORMS_MODULE + "."):
+            step["_target_"] = SCRIPTS_MODULE + target[len(_TRANSFORMS_MODULE) :]
+        elif target.split(".")[0] == "monai_medmerge":
+            raise ValueError(f"preprocessing step {target!r} cannot be exported: only {_TRANSFORMS_MODULE} ships")
+        out.append(step)
+    return out
 
 
-def canonical_modality(modality: str) -> str:
-    """``"CT"``, ``"MR"`` or ``"other"`` for a modality given in any case (``"MRI"`` is ``"MR"``).
+def write_scripts(bundle_dir: str | os.PathLike) -> Path:
+    """Copy the package's modules that the exported inference names into ``<bundle_dir>/scripts/``.
 
-    Raises:
-        ValueError: when ``modality`` is not one of ``CT``, ``MR``, ``MRI``, ``other``.
+    Each is a byte copy that imports only MONAI, torch, numpy and the other copy: ``medmerge_transforms.py`` is
+    ``monai_medmerge/data/transforms.py`` (the preprocessing runs the same code as training did) and
+    ``medmerge_inference.py`` is ``monai_medmerge/bundle/shipped.py`` (the predictions table, unreadable inputs).
     """
-    names = {"ct": "CT", "mr": "MR", "mri": "MR", "other": "other"}
-    if str(modality).lower() not in names:
-        raise ValueError(f"modality {modality!r} is not one of CT, MR, MRI, other.")
-    return names[str(modality).lower()]
+    scripts = Path(bundle_dir) / "scripts"
+    scripts.mkdir(parents=True, exist_ok=True)
+    write_text(scripts / "__init__.py", "")
+    for module, shipped_as in ((_TRANSFORMS_MODULE, SCRIPTS_MODULE), (_SHIPPED_MODULE, INFERENCE_MODULE)):
+        source = Path(importlib.import_module(module).__file__)
+        write_bytes(scripts / (shipped_as.rsplit(".", 1)[1] + ".py"), source.read_bytes())
+    return scripts
 
 
-def intensity_transform(modality: str, window: Sequence[float], percentiles: Sequence[float]) -> dict[str, Any]:
-    """The MONAI intensity transform for ``modality``: a CT window or MR percentiles scaled to [0, 1], clipped; else
-    normalisation to zero mean and unit variance per channel."""
-    modality = canonical_modality(modality)
-    if modality == "CT":
-        lo, hi = (float(v) for v in window)
-        if not lo < hi:
-            raise ValueError(f"window must be (low, high) with low < high, got {tuple(window)}.")
-        return {
-            "_target_": "ScaleIntensityRanged",
-            "keys": "image",
-            "a_min": lo,
-            "a_max": hi,
-            "b_min": 0.0,
-            "b_max": 1.0,
-            "clip": True,
-        }
-    if modality == "MR":
-        lo, hi = (float(v) for v in percentiles)
-        if not 0.0 <= lo < hi <= 100.0:
-            raise ValueError(f"percentiles must be (low, high) with 0 <= low < high <= 100, got {tuple(percentiles)}.")
-        return {
-            "_target_": "ScaleIntensityRangePercentilesd",
-            "keys": "image",
-            "lower": lo,
-            "upper": hi,
-            "b_min": 0.0,
-            "b_max": 1.0,
-            "clip": True,
-        }
-    return {"_target_": "NormalizeIntensityd", "keys": "image", "channel_wise": True}
+def _step_args(steps: Sequence[Mapping[str, Any]], name: str) -> dict[str, Any]:
+    return next((dict(s) for s in steps if str(s.get("_target_", "")).endswith("." + name)), {})
 
 
-def input_description(
-    modality: str, window: Sequence[float], percentiles: Sequence[float], reader: str, pixdim: Sequence[float] | None
-) -> str:
-    """One sentence for the metadata's ``image_classes``: what the network's input holds."""
-    modality = canonical_modality(modality)
-    if modality == "CT":
-        scale = f"CT intensities in the window [{window[0]:g}, {window[1]:g}] HU scaled to [0, 1] and clipped"
-    elif modality == "MR":
-        scale = f"MR intensities between the {percentiles[0]:g}th and {percentiles[1]:g}th percentile scaled to [0, 1]"
+def input_description(steps: Sequence[Mapping[str, Any]]) -> str:
+    """One sentence for the metadata's ``image_classes``: what the network's input holds, read off the steps."""
+    reader = _step_args(steps, "CheckedLoadImaged").get("reader", "?")
+    ct, mr = _step_args(steps, "ScaleIntensityRanged"), _step_args(steps, "ScaleIntensityRangePercentilesd")
+    if ct:
+        scale = f"CT intensities in the window [{ct['a_min']:g}, {ct['a_max']:g}] HU scaled to [0, 1] and clipped"
+    elif mr:
+        scale = f"MR intensities between the {mr['lower']:g}th and {mr['upper']:g}th percentile scaled to [0, 1]"
     else:
-        scale = "intensities normalised to zero mean and unit variance per channel"
+        scale = "intensities normalised to zero mean and unit variance"
+    pixdim = _step_args(steps, "Spacingd").get("pixdim")
     spacing = f", resampled to spacing {list(pixdim)}" if pixdim else ""
     return f"Images read with MONAI's {reader}{spacing}, resized to the network's input; {scale}."
 
@@ -111,9 +109,10 @@ def input_description(
 def required_packages(reader: str) -> dict[str, str]:
     """``required_packages_version`` of the metadata: the reader's package and the workflow's, at the versions
     installed here. A package that is not installed here is listed with the version ``"*"`` (any)."""
-    names = [p for p in (READERS[canonical_reader(reader)],) if p] + list(WORKFLOW_PACKAGES)
+    if reader not in READER_PACKAGES:
+        raise ValueError(f"reader {reader!r} is not one of {', '.join(READER_PACKAGES)}.")
     found = {}
-    for name in names:
+    for name in (READER_PACKAGES[reader], *WORKFLOW_PACKAGES):
         try:
             found[name] = importlib.metadata.version(name).split("+")[0]
         except importlib.metadata.PackageNotFoundError:
@@ -121,84 +120,105 @@ def required_packages(reader: str) -> dict[str, str]:
     return found
 
 
+def runtime_versions() -> dict[str, str]:
+    """``monai_version``, ``pytorch_version`` and ``numpy_version`` of the metadata: the versions installed here
+    (without a local tag such as ``+cpu``)."""
+    import monai
+    import numpy
+    import torch
+
+    return {
+        "monai_version": monai.__version__.split("+")[0],
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": numpy.__version__.split("+")[0],
+    }
+
+
+def pip_requirements(metadata: Mapping[str, Any]) -> list[str]:
+    """What ``pip install`` needs to run an exported bundle, read off its metadata: torch, MONAI and numpy at the
+    versions it was exported with, then ``required_packages_version`` (a ``"*"`` version: any).
+
+    Install the first, torch, alone and first: a plain ``torch`` requirement pulls a multi-GB CUDA build where no torch
+    is installed yet; the bundle's README and ``.ci/bundle_env`` say so.
+    """
+    pins = {
+        "torch": metadata["pytorch_version"],
+        "monai": metadata["monai_version"],
+        "numpy": metadata["numpy_version"],
+        **metadata.get("required_packages_version", {}),
+    }
+    return [f"{name}=={version}" if version not in ("*", "", None) else name for name, version in pins.items()]
+
+
 def inference_config(
     network_def: Mapping[str, Any],
     class_names: Sequence[str],
     spatial_shape: Sequence[int],
-    reader: str = "ITKReader",
-    modality: str = "other",
-    window: Sequence[float] = (-1000.0, 1000.0),
-    percentiles: Sequence[float] = (1.0, 99.0),
-    pixdim: Sequence[float] | None = None,
+    preprocessing: Sequence[Mapping[str, Any]],
+    preprocessing_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``configs/inference.yaml`` content of an exported bundle: a complete MONAI inference workflow.
 
-    Only MONAI and torch components are named, so the bundle runs where MONAI, torch, Ignite and the reader's
-    package are installed. The ids follow MONAI's inference properties (``bundle_root``, ``device``,
-    ``dataset_dir``, ``dataset``, ``evaluator``, ``network_def``, ``inferer``, ``preprocessing``,
-    ``postprocessing``, ``handlers``), so ``ConfigWorkflow(..., workflow_type="infer").check_properties()`` passes.
-
-    The reader is strict: MONAI's ``LoadImaged`` falls back to its other readers when the named one fails, which
-    could read a file differently from how the network was trained; ``initialize`` removes those fallbacks, so an
-    unreadable input is an error that names the file.
+    The ids follow MONAI's inference properties (``bundle_root``, ``device``, ``dataset_dir``, ``dataset``,
+    ``evaluator``, ``network_def``, ``inferer``, ``preprocessing``, ``postprocessing``, ``handlers``), so
+    ``ConfigWorkflow(..., workflow_type="infer").check_properties()`` passes.
 
     Args:
         network_def: the plain network's config (``_target_`` with a full dotted path).
         class_names: one name per output, in output order.
-        spatial_shape: the network's input spatial shape; 3 values make the pipeline orient volumes to RAS.
-        reader: MONAI reader class name (see :data:`READERS`).
-        modality: ``"CT"`` (``window``), ``"MR"``/``"MRI"`` (``percentiles``) or ``"other"`` (normalisation).
-        window: CT window (low, high) in HU, scaled to [0, 1].
-        percentiles: MR intensity percentiles (low, high), scaled to [0, 1].
-        pixdim: resample to this voxel spacing first (one value per spatial axis), or ``None`` to keep the grid.
+        spatial_shape: the network's input spatial shape.
+        preprocessing: the evaluation steps of the training pipeline,
+            ``preprocessing_config(..., train=False, label_key=None)``; written as they are, but for the module
+            of the package's own transforms (see :func:`bundle_preprocessing`).
+        preprocessing_options: the settings the steps were made from (``kind``, ``reader``, ``modality``,
+            ``window``, ``percentiles``, ``pixdim``), recorded as data under the same id as in the training bundle,
+            so that a later merge training (the MONAI Label app's) builds the same pipeline.
 
     Returns:
         the config as a plain dict, ready for ``yaml.safe_dump``.
-
-    Raises:
-        ValueError: for an unknown reader or modality, a bad window or percentiles, or a ``pixdim`` whose length is
-            not the number of spatial axes.
     """
-    reader = canonical_reader(reader)
-    spatial_shape = [int(s) for s in spatial_shape]
-    transforms: list[dict[str, Any]] = [
-        {"_target_": "LoadImaged", "keys": "image", "reader": "@image_reader", "image_only": True},
-        {"_target_": "EnsureChannelFirstd", "keys": "image"},
-    ]
-    if len(spatial_shape) == 3:
-        # labels given: MONAI 1.6 warns that their default will change to the image's own space
-        labels = [["L", "R"], ["P", "A"], ["I", "S"]]
-        transforms.append({"_target_": "Orientationd", "keys": "image", "axcodes": "RAS", "labels": labels})
-    if pixdim is not None:
-        pixdim = [float(p) for p in pixdim]
-        if len(pixdim) != len(spatial_shape):
-            raise ValueError(f"pixdim {pixdim} needs one value per spatial axis of {spatial_shape}.")
-        transforms.append({"_target_": "Spacingd", "keys": "image", "pixdim": pixdim, "mode": "bilinear"})
-    transforms += [
-        intensity_transform(modality, window, percentiles),
-        {"_target_": "Resized", "keys": "image", "spatial_size": "@spatial_shape"},
-        {"_target_": "EnsureTyped", "keys": "image", "dtype": "$torch.float32"},
-    ]
+    shipped = INFERENCE_MODULE
     return {
         "imports": ["$import glob", "$import os", "$import sys", "$import torch"],
         "bundle_root": ".",
         "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
         "dataset_dir": "$@bundle_root + '/data'",
         "image_glob": "*",
+        # under the bundle unless named: --output_dir DIR
         "output_dir": "$@bundle_root + '/eval'",
+        # medmerge: a header row (file, then the class names); monai: MONAI's ClassificationSaver format, no header
+        "csv_format": "medmerge",
         "class_names": list(class_names),
-        "spatial_shape": spatial_shape,
+        "spatial_shape": [int(s) for s in spatial_shape],
         # every file and folder (a DICOM series) in dataset_dir; override with --datalist "[{'image': ...}, ...]"
         "datalist": '$[{"image": f} for f in sorted(glob.glob(os.path.join(@dataset_dir, @image_glob)))]',
         "network_def": dict(network_def),
         "network": "$@network_def.to(@device)",
         "checkpoint": "$@bundle_root + '/models/model.pt'",
         "load_weights": "$@network.load_state_dict(torch.load(@checkpoint, map_location=@device, weights_only=True))",
-        "image_reader": {"_target_": reader},
-        "preprocessing": {"_target_": "Compose", "transforms": transforms},
-        # LoadImaged tries its default readers when image_reader fails; keep only image_reader
-        "strict_reader": "$setattr(@preprocessing#transforms#0._loader, 'readers', [@image_reader])",
-        "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
+        # the package's own transforms and inference helpers live in <bundle_root>/scripts: importable before use
+        "scripts_path": "$sys.path.insert(0, os.path.abspath(@bundle_root)) "
+        "if os.path.abspath(@bundle_root) not in sys.path else None",
+        # what the preprocessing below was made from (monai_medmerge.data.pipelines.preprocessing_config); data only
+        "preprocessing_options": dict(preprocessing_options or {}),
+        "preprocessing": {
+            "_target_": "Compose",
+            "_requires_": "@scripts_path",
+            "transforms": bundle_preprocessing(preprocessing),
+        },
+        # inputs that cannot be read: listed in <output_dir>/unreadable.csv; the others are classified
+        "unreadable": {
+            "_target_": f"{shipped}.UnreadableInputs",
+            "_requires_": "@scripts_path",
+            "output_dir": "@output_dir",
+        },
+        "dataset": {
+            "_target_": f"{shipped}.ReadableDataset",
+            "_requires_": "@scripts_path",
+            "data": "@datalist",
+            "transform": "@preprocessing",
+            "unreadable": "@unreadable",
+        },
         "dataloader": {
             "_target_": "DataLoader",
             "dataset": "@dataset",
@@ -206,21 +226,26 @@ def inference_config(
             "batch_size": 1,
             "shuffle": False,
             "num_workers": 0,
+            "collate_fn": {
+                "_target_": f"{shipped}.collate_readable",
+                "_mode_": "callable",
+                "_requires_": "@scripts_path",
+            },
         },
         "inferer": {"_target_": "SimpleInferer"},
         "postprocessing": {
             "_target_": "Compose",
             "transforms": [{"_target_": "Activationsd", "keys": "pred", "softmax": True}],
         },
-        "handlers": [
-            {
-                "_target_": "ClassificationSaver",
-                "output_dir": "@output_dir",
-                "filename": "predictions.csv",
-                "batch_transform": '$lambda batch: [item["image"].meta for item in batch]',
-                "output_transform": '$lambda output: [item["pred"] for item in output]',
-            }
-        ],
+        "predictions": {
+            "_target_": f"{shipped}.PredictionsCSVWriter",
+            "_requires_": "@scripts_path",
+            "output_dir": "@output_dir",
+            "class_names": "@class_names",
+            "filename": "predictions.csv",
+            "csv_format": "@csv_format",
+        },
+        "handlers": ["@predictions"],
         "evaluator": {
             "_target_": "SupervisedEvaluator",
             "device": "@device",
@@ -230,9 +255,25 @@ def inference_config(
             "postprocessing": "@postprocessing",
             "val_handlers": "@handlers",
             "amp": False,
+            # a batch whose every input was unreadable is skipped
+            "iteration_update": {
+                "_target_": f"{shipped}.iterate_readable",
+                "_mode_": "callable",
+                "_requires_": "@scripts_path",
+            },
         },
+        "check_bundle_root": "$os.path.isfile(@checkpoint) or sys.exit('no model at ' + @checkpoint + "
+        "': run in the bundle folder, or pass --bundle_root <the bundle folder>')",
         "check_inputs": '$len(@datalist) or sys.exit("no input images: nothing matches " '
         '+ os.path.join(@dataset_dir, @image_glob) + "; set --dataset_dir, --image_glob or --datalist")',
-        "initialize": ["$@strict_reader", "$@load_weights", "$@network.eval()"],
-        "run": ["$@check_inputs", "$@evaluator.run()"],
+        "check_csv_format": "$@csv_format in ('medmerge', 'monai') or sys.exit('csv_format must be medmerge (a "
+        "header row: file and the class names) or monai (the format of MONAI ClassificationSaver), got ' "
+        "+ repr(@csv_format))",
+        "initialize": ["$@check_bundle_root", "$@load_weights", "$@network.eval()"],
+        "run": [
+            "$@check_csv_format",
+            "$@check_inputs",
+            "$@evaluator.run()",
+            "$@unreadable.finish(len(@datalist), @predictions.path)",
+        ],
     }

@@ -14,6 +14,8 @@ from monai.bundle import ConfigParser
 from monai.bundle.config_item import ComponentLocator, ConfigItem
 from torch import nn
 
+from monai_medmerge.safe_config import read_config_file
+
 __all__ = ["resolve_network_def"]
 
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
@@ -28,7 +30,13 @@ def resolve_network_def(
 
     References (``"@num_classes"``) and expressions (``"$2 * @width"``) are resolved to their values with MONAI's
     ``ConfigParser`` (``get_parsed_content(..., instantiate=False)``), so the result can be written into a bundle that
-    holds no other ids; a short ``_target_`` (``"ResNet"``) becomes its full dotted path.
+    holds no other ids; a short ``_target_`` (``"ResNet"``) becomes its full dotted path. The result holds literals
+    only (no expression, no reference), so the exported bundle's ``network_def`` runs no code of its own.
+
+    Evaluating expressions runs code: this is for the user's own configs (the training bundle's, or a file given to
+    ``medmerge export``), as ``python -m monai.bundle run`` would run them. A config from elsewhere (a downloaded
+    source bundle) is read as data with :func:`monai_medmerge.safe_config.read_network_def` instead; its result can
+    be given here.
 
     Args:
         network_def: one of
@@ -67,12 +75,7 @@ def resolve_network_def(
             raise ValueError(f"network_def file {path} must end with one of {', '.join(CONFIG_SUFFIXES)}")
         if not path.is_file():
             raise FileNotFoundError(f"network_def file not found: {path}")
-        try:
-            content = ConfigParser.load_config_file(path)
-        except Exception as e:
-            raise ValueError(f"could not read network_def file {path}: {type(e).__name__}: {e}") from e
-        if not isinstance(content, Mapping):
-            raise ValueError(f"network_def file {path} holds a {type(content).__name__}, not a mapping")
+        content = read_config_file(path, what="network_def file")
         origin = f"network_def file {path}"
         if (path.parent / "metadata.json").is_file() and "_target_" not in content:
             meta_file = path.parent / "metadata.json"
@@ -135,6 +138,9 @@ def _plain(value: Any, origin: str, field: str) -> Any:
     if isinstance(value, str):
         if value.startswith(("@", "%")):
             raise ValueError(f"{origin}: field '{field}' is the unresolved reference {value!r}")
+        if value.startswith("$"):
+            # an exported bundle's network_def is data: MONAI would run this string as code when it loads the bundle
+            raise ValueError(f"{origin}: field '{field}' resolved to the expression {value!r}; give a plain value")
         return value
     if value is None or isinstance(value, bool | int | float):
         return value

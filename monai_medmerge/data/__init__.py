@@ -1,14 +1,16 @@
-"""Data for merge training: the offline benchmark tasks and the synthetic example tasks."""
+"""Data for merge training: datalists, the preprocessing pipelines, strict readers and the synthetic example tasks.
+
+The offline benchmark tasks (brain MRI, Fashion-MNIST) are research data: :mod:`medmerge_bench.data`.
+"""
 
 from __future__ import annotations
 
 from monai_medmerge.data.datalist import check_items, load_datalist
 from monai_medmerge.data.pipelines import classification_transforms, make_dataset
 from monai_medmerge.data.synthetic import BlobTask, make_blob_dataset
-from monai_medmerge.data.tasks import BENCHMARKS, BenchmarkTasks, TaskData, load_benchmark_tasks
 from monai_medmerge.data.transforms import BadImageError, CheckedLoadImaged, find_bad_image_error
 
-__all__ = ["BENCHMARKS", "BenchmarkTasks", "BlobTask", "TaskData", "load_benchmark_tasks", "make_blob_dataset"]
+__all__ = ["BlobTask", "make_blob_dataset"]
 __all__ += [
     "BadImageError",
     "CheckedLoadImaged",

@@ -17,9 +17,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from tqdm import tqdm
 
-from monai_medmerge.data.transforms import BadImageError, CheckedLoadImaged, as_class_label
+from monai_medmerge.data.transforms import MAX_NAMES, BadImageError, CheckedLoadImaged, as_class_label
 
 __all__ = ["check_items", "load_datalist"]
 
@@ -27,6 +29,15 @@ PathLike = str | os.PathLike[str]
 SECTIONS = ("training", "validation", "test")
 
 logger = logging.getLogger(__name__)
+# An image upsampled by more than this along an axis to reach the network input is reported as far too small.
+SMALL_IMAGE_FACTOR = 4.0
+
+
+def _first_names(names: Sequence[str], limit: int = MAX_NAMES) -> str:
+    shown = ", ".join(names[:limit])
+    if len(names) > limit:
+        shown += f" (and {len(names) - limit} more)"
+    return shown
 
 
 def _num_classes(class_names: Sequence[str] | None, num_classes: int | None) -> int | None:
@@ -52,6 +63,7 @@ def load_datalist(
     num_classes: int | None = None,
     sections: Sequence[str] = SECTIONS,
     require_label: bool = True,
+    required: Sequence[str] = (),
 ) -> dict[str, list[dict]]:
     """Read a decathlon-style datalist of labelled images and check every item's fields.
 
@@ -69,6 +81,11 @@ def load_datalist(
         sections: the lists to read. A section missing from the file gives an empty list; the caller decides
             whether that is acceptable (training usually needs ``"training"``).
         require_label: whether every item needs a ``"label"``; False for lists of unlabelled images to classify.
+        required: sections that must hold at least one item (training needs ``("training", "validation")``).
+
+    The items are also checked across each other: the same image (the same file after following links) in two
+    sections, or twice with different labels, is an error; the same image twice with the same label in one
+    section is a warning, logged once with the count, and the items are kept.
 
     Returns:
         a dict from each section name to its list of items, with ``"image"`` an absolute, normalised path string
@@ -80,7 +97,9 @@ def load_datalist(
             object or a path, ``"image"`` or (with ``require_label``) ``"label"`` is missing, a label is not an
             integer or lies outside ``[0, num_classes)``, or an image path does not exist; also for inconsistent
             ``class_names`` and ``num_classes``. The message names the datalist file, the section, the item's index
-            and the field.
+            and the field. Also when the file holds none of ``sections`` (``"train"`` for ``"training"``), a
+            ``required`` section is missing or empty, an image is in two sections (training and validation or
+            test: the metrics would be measured on training images), or an image has two different labels.
     """
     path = Path(path).expanduser()
     n_classes = _num_classes(class_names, num_classes)
@@ -97,6 +116,11 @@ def load_datalist(
     if not isinstance(content, dict):
         raise ValueError(f"datalist {path} must hold a JSON object with the sections, got a {type(content).__name__}")
     base = Path(base_dir).expanduser() if base_dir is not None else path.parent
+    if isinstance(required, str):
+        required = (required,)
+    if not any(section in content for section in sections):
+        keys = _first_names(sorted(map(str, content))) if content else "none"
+        raise ValueError(f"datalist {path} has none of the sections {', '.join(sections)}; its keys: {keys}")
     result: dict[str, list[dict]] = {}
     for section in sections:
         entries = content.get(section, [])
@@ -108,7 +132,41 @@ def load_datalist(
             _read_item(entry, path, section, index, base, n_classes, require_label)
             for index, entry in enumerate(entries)
         ]
+    for section in required:
+        if not result.get(section):
+            state = "is empty" if section in content else "is missing"
+            raise ValueError(f"datalist {path}, section {section!r} {state}: it needs at least one item")
+    _check_across_items(path, result)
     return result
+
+
+def _check_across_items(path: Path, sections: Mapping[str, list[dict]]) -> None:
+    seen: dict[str, tuple[str, int, Any]] = {}
+    repeats: list[str] = []
+    for section, items in sections.items():
+        for index, item in enumerate(items):
+            key = os.path.realpath(item["image"])
+            if key not in seen:
+                seen[key] = (section, index, item.get("label"))
+                continue
+            first_section, first_index, first_label = seen[key]
+            where = f"datalist {path}: {item['image']} is item {first_index} of {first_section!r} and item {index}"
+            if first_section != section:
+                raise ValueError(
+                    f"{where} of {section!r}; an image in two sections leaks into the metrics measured on it: "
+                    "keep each image in one section"
+                )
+            if item.get("label") != first_label:
+                raise ValueError(f"{where} of the same section, with labels {first_label!r} and {item.get('label')!r}")
+            repeats.append(f"{item['image']} ({section!r})")
+    if repeats:
+        logger.warning(
+            "datalist %s: %d item(s) repeat an earlier item of their section with the same image and label, so "
+            "those images count more than once: %s",
+            path,
+            len(repeats),
+            _first_names(repeats),
+        )
 
 
 def _read_item(
@@ -169,6 +227,11 @@ def check_items(
     report_path: PathLike | None = None,
     num_classes: int | None = None,
     progress: bool = False,
+    section: str | None = None,
+    spatial_size: Sequence[int] | None = None,
+    modality: str | None = None,
+    window: Sequence[float] = (-1000.0, 1000.0),
+    percentiles: Sequence[float] = (1.0, 99.0),
     **loader_kwargs: Any,
 ) -> list[dict]:
     """Check every item before training: a valid label, and an image that loads with the chosen reader.
@@ -188,16 +251,35 @@ def check_items(
             renamed into place.
         num_classes: when given, a label must lie in ``[0, num_classes)``.
         progress: show a progress bar.
+        section: the datalist section the items come from, named in messages.
+        spatial_size: the network's input size; images that must be upsampled more than
+            :data:`SMALL_IMAGE_FACTOR` times along an axis to reach it are counted in a warning.
+        modality: the pipeline's modality (``"CT"``, ``"MR"``/``"MRI"`` or ``"other"``); with ``"CT"``, images that
+            lie entirely outside ``window`` (so clip to one value) are counted in a warning, with ``"MR"`` images
+            whose ``percentiles`` are equal (so scale to nothing).
+        window: the CT window in Hounsfield units, as in the pipeline.
+        percentiles: the MR percentiles, as in the pipeline.
         loader_kwargs: more arguments for ``CheckedLoadImaged`` (for example ``check_suffix`` or ``series_name``).
+
+    Degenerate images that can still be trained on are counted, not refused: constant images (every value the same),
+    and, with the arguments above, images far smaller than the network input, CT images outside the window and MR
+    images with equal percentiles each give one warning with the count and the first few files.
 
     Returns:
         the good items, the same dicts in the same order.
 
     Raises:
         BadImageError: without ``skip_bad``, for the first bad item; the message names the file and the problem.
-        ValueError: for an item that is not a dict with ``"image"``, an unknown reader, or, with ``skip_bad``,
-            when every item is bad.
+        ValueError: for no items at all (an empty datalist section), an item that is not a dict with ``"image"``,
+            an unknown reader, or, with ``skip_bad``, when every item is bad.
     """
+    if not items:
+        where = f"section {section!r}" if section else "the datalist section"
+        raise ValueError(
+            f"no items to check: {where} is empty; training needs 'training' and 'validation' items (early stopping "
+            "picks the best epoch on validation), evaluation needs 'test' items"
+        )
+    degenerate = _Degenerate(spatial_size, modality, window, percentiles)
     loader = CheckedLoadImaged(keys="image", reader=reader, **loader_kwargs)
     good: list[dict] = []
     skipped: list[dict] = []
@@ -210,14 +292,16 @@ def check_items(
                     as_class_label(item["label"], num_classes)
                 except ValueError as e:
                     raise BadImageError(item["image"], f"label {e}") from None
-            loader({"image": item["image"]})
+            image = loader({"image": item["image"]})["image"]
         except BadImageError as e:
             if not skip_bad:
                 raise
             skipped.append({"image": str(item["image"]), "label": _jsonable(item.get("label")), "reason": e.reason})
             logger.warning("skipping item %d: %s", index, e)
         else:
+            degenerate.add(str(item["image"]), image)
             good.append(item)  # type: ignore[arg-type]
+    degenerate.warn(len(items), f" of section {section!r}" if section else "")
     if not skip_bad:
         return good
     report = _write_report(report_path, skipped) if report_path is not None else None
@@ -226,5 +310,61 @@ def check_items(
         logger.warning("skipped %d of %d items as bad%s", len(skipped), len(items), where)
     if skipped and not good:
         where = f"; the skip list is in {report}" if report is not None else ""
-        raise ValueError(f"all {len(skipped)} items are bad, none is left (the first: {skipped[0]['reason']}){where}")
+        first = f"{skipped[0]['image']}: {skipped[0]['reason']}"
+        raise ValueError(f"all {len(skipped)} items are bad, none is left (the first: {first}){where}")
     return good
+
+
+class _Degenerate:
+    """Counts images that load but carry little to learn from; :meth:`warn` logs one warning per kind."""
+
+    def __init__(
+        self,
+        spatial_size: Sequence[int] | None,
+        modality: str | None,
+        window: Sequence[float],
+        percentiles: Sequence[float],
+    ) -> None:
+        self.spatial_size = None if spatial_size is None else tuple(int(s) for s in spatial_size)
+        self.modality = None if modality is None else {"MRI": "MR"}.get(str(modality).upper(), str(modality).upper())
+        self.window = tuple(float(w) for w in window)
+        self.percentiles = tuple(float(p) for p in percentiles)
+        self.found: dict[str, list[str]] = {}
+
+    def add(self, name: str, image: Any) -> None:
+        array = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        if low == high:
+            self.found.setdefault(
+                "are constant, blank (every value the same: every intensity step maps them to one value)", []
+            ).append(f"{name} ({low:g})")
+        elif self.modality == "CT" and (high <= self.window[0] or low >= self.window[1]):
+            self.found.setdefault(
+                f"lie entirely outside the CT window {list(self.window)} HU, so they clip to one value "
+                "(the wrong window or modality?)",
+                [],
+            ).append(f"{name} ({low:g} to {high:g})")
+        elif self.modality == "MR":
+            p_low, p_high = np.percentile(array, self.percentiles)
+            if p_low == p_high:
+                self.found.setdefault(
+                    f"have equal {self.percentiles[0]:g}th and {self.percentiles[1]:g}th percentiles, so MR "
+                    "percentile scaling divides by zero (nearly constant images)",
+                    [],
+                ).append(f"{name} ({p_low:g})")
+        if self.spatial_size is not None:
+            spatial = list(array.shape[1:])
+            while len(spatial) > len(self.spatial_size) and 1 in spatial:
+                spatial.remove(1)
+            if len(spatial) == len(self.spatial_size):
+                factor = max(s / max(n, 1) for s, n in zip(self.spatial_size, spatial, strict=True))
+                if factor > SMALL_IMAGE_FACTOR:
+                    self.found.setdefault(
+                        f"are far smaller than the network input {list(self.spatial_size)} (upsampled more than "
+                        f"{SMALL_IMAGE_FACTOR:g} times along an axis)",
+                        [],
+                    ).append(f"{name} ({'x'.join(map(str, spatial))})")
+
+    def warn(self, n_items: int, where: str) -> None:
+        for what, names in self.found.items():
+            logger.warning("%d of %d images%s %s: %s", len(names), n_items, where, what, _first_names(names))

@@ -12,37 +12,29 @@ Both functions take plain keyword arguments, so a MONAI bundle config can build 
 
 from __future__ import annotations
 
+import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset
-from monai.transforms import (
-    Compose,
-    EnsureTyped,
-    NormalizeIntensityd,
-    RandAffined,
-    RandFlipd,
-    RandGaussianNoised,
-    Resized,
-    ScaleIntensityRanged,
-    ScaleIntensityRangePercentilesd,
-    Spacingd,
-)
+from monai.transforms import Compose
+from monai.utils import instantiate
 
-from monai_medmerge.data.transforms import (
-    READERS,
-    CheckedLoadImaged,
-    ClassLabeld,
-    ImageChannelsd,
-    MatchSpatialDimsd,
-    OrientToRASd,
-)
+from monai_medmerge.data.transforms import READERS
 
-__all__ = ["CACHE_MODES", "DEFAULT_READERS", "KINDS", "MODALITIES", "classification_transforms", "make_dataset"]
+__all__ = [
+    "CACHE_MODES",
+    "DEFAULT_READERS",
+    "KINDS",
+    "MODALITIES",
+    "classification_transforms",
+    "instantiate_step",
+    "make_dataset",
+    "preprocessing_config",
+]
 
 DEFAULT_READERS = {
     "png": "PILReader",
@@ -98,7 +90,7 @@ def _sizes(value: Any, name: str, kind: type, allowed_lengths: Sequence[int]) ->
     return tuple(kind(v) for v in values)
 
 
-def classification_transforms(
+def preprocessing_config(
     kind: str,
     spatial_size: Sequence[int],
     train: bool = False,
@@ -111,26 +103,36 @@ def classification_transforms(
     keys: str | Sequence[str] = ("image",),
     label_key: str | None = "label",
     num_classes: int | None = None,
-    png_channels: int = 1,
-) -> Compose:
-    """The MONAI transforms that take a datalist item to a network input and a class label.
+    channels: int = 1,
+) -> list[dict[str, Any]]:
+    """The preprocessing of a datalist item as data: one MONAI transform config (``_target_`` and arguments) a step.
+
+    This is the one description of the pipeline. :func:`classification_transforms` instantiates it for training,
+    validation and evaluation, and :func:`monai_medmerge.bundle.export_bundle` writes the evaluation half of the
+    same list (``train=False``) into the exported bundle's ``inference.yaml``, so an exported network sees exactly
+    the tensors it was trained on. Every argument is a literal (numbers, strings, lists), so the list can be dumped
+    to YAML or JSON as it is. ``_target_`` names are full dotted paths: ``monai.transforms`` classes, and the strict
+    loading and checking transforms of :mod:`monai_medmerge.data.transforms` (which import only MONAI, torch and
+    numpy; the export ships that module inside the bundle).
 
     Steps, in order:
 
     1. ``CheckedLoadImaged`` with one reader (no fallback to others; bad files raise ``BadImageError``), channel
-       first. ``kind="png"`` then converts gray+alpha, RGB or RGBA to ``png_channels`` channels.
-    2. Orientation to RAS (``"RA"`` for a 2-D image) for NIfTI and DICOM; not for PNG/JPEG, which carry no
+       first.
+    2. Channels: ``kind="png"`` converts gray+alpha, RGB or RGBA to ``channels`` (1 or 3); other kinds must have
+       ``channels`` channels (checked per file; the error names it).
+    3. Orientation to RAS (``"RA"`` for a 2-D image) for NIfTI and DICOM; not for PNG/JPEG, which carry no
        patient orientation.
-    3. A 2-D pipeline (``spatial_size`` of 2 values) drops the singleton axis of a single slice read as 3-D (a
+    4. A 2-D pipeline (``spatial_size`` of 2 values) drops the singleton axis of a single slice read as 3-D (a
        DICOM slice through ``ITKReader``, a 2-D NIfTI saved with a depth of 1); any other mismatch of
        dimensions is an error.
-    4. ``Spacingd(pixdim)`` when ``pixdim`` is given.
-    5. Intensity: ``"CT"`` maps the ``window`` (Hounsfield units) to [0, 1] and clips; ``"MR"``/``"MRI"`` maps the
+    5. ``Spacingd(pixdim)`` when ``pixdim`` is given.
+    6. Intensity: ``"CT"`` maps the ``window`` (Hounsfield units) to [0, 1] and clips; ``"MR"``/``"MRI"`` maps the
        image's own ``percentiles`` to [0, 1] and clips; ``"other"`` normalises to zero mean and unit variance.
-    6. ``Resized(spatial_size)`` (bilinear or trilinear, anti-aliased when shrinking).
-    7. With ``train`` and ``augment``: a random flip of the first spatial axis, a small random affine (rotation up to
+    7. ``Resized(spatial_size)`` (bilinear or trilinear, anti-aliased when shrinking).
+    8. With ``train`` and ``augment``: a random flip of the first spatial axis, a small random affine (rotation up to
        0.1 rad, scaling up to 5%) and Gaussian noise (std 0.02).
-    8. The image as ``float32``; the label, checked against ``num_classes``, as a ``torch.long`` scalar.
+    9. The image as ``float32``; the label, checked against ``num_classes``, as a ``torch.long`` scalar.
 
     Args:
         kind: ``"png"`` (2-D PNG/JPEG/BMP, ``PILReader``), ``"nifti"`` (2-D or 3-D, ``NibabelReader``), ``"dicom"``
@@ -148,16 +150,17 @@ def classification_transforms(
         keys: keys of the images in each item.
         label_key: key of the class label; ``None`` for items without labels (inference).
         num_classes: when given, labels must lie in ``[0, num_classes)``.
-        png_channels: for ``kind="png"``, 1 (gray, the default) or 3 (RGB) channels out.
+        channels: the network's input channels. PNG/JPEG pictures are converted to it (1: luminance, 3: RGB);
+            images of the other kinds must have it.
 
     Returns:
-        a ``monai.transforms.Compose``; the image comes out as a ``float32`` tensor of shape
-        ``(channels, *spatial_size)``.
+        a list of transform configs (dicts), in order.
 
     Raises:
         ValueError: for an unknown kind, reader or modality, a ``spatial_size`` that is not 2 or 3 positive
             integers, a ``window`` or ``percentiles`` that is not an increasing pair (percentiles within [0, 100]),
-            a ``pixdim`` whose length differs from ``spatial_size``, or a ``png_channels`` other than 1 or 3.
+            a ``pixdim`` whose length differs from ``spatial_size``, ``channels`` that is not a positive integer, or
+            a PNG pipeline with ``channels`` other than 1 or 3.
     """
     if kind not in DEFAULT_READERS:
         raise ValueError(f"kind {kind!r} is not supported; choose one of {', '.join(KINDS)}")
@@ -167,56 +170,88 @@ def classification_transforms(
     if not isinstance(modality, str) or modality.upper() not in {m.upper() for m in MODALITIES}:
         raise ValueError(f"modality {modality!r} is not supported; choose one of {', '.join(MODALITIES)}")
     modality = {"CT": "CT", "MR": "MR", "MRI": "MR", "OTHER": "other"}[modality.upper()]
-    size = _sizes(spatial_size, "spatial_size", int, (2, 3))
+    size = list(_sizes(spatial_size, "spatial_size", int, (2, 3)))
     dims = len(size)
     low_hu, high_hu = _pair(window, "window")
     low_pct, high_pct = _pair(percentiles, "percentiles")
     if not 0.0 <= low_pct < high_pct <= 100.0:
         raise ValueError(f"percentiles must lie within [0, 100], got {percentiles!r}")
     if pixdim is not None:
-        pixdim = _sizes(pixdim, "pixdim", float, (dims,))
-    if png_channels not in (1, 3):
-        raise ValueError(f"png_channels must be 1 or 3, got {png_channels!r}")
-    keys = _keys(keys, "keys")
+        pixdim = list(_sizes(pixdim, "pixdim", float, (dims,)))
+    if isinstance(channels, bool) or not isinstance(channels, (int, np.integer)) or channels < 1:
+        raise ValueError(f"channels must be a positive integer (the network's in_channels), got {channels!r}")
+    if kind == "png" and channels not in (1, 3):
+        raise ValueError(f"a PNG/JPEG pipeline gives 1 (gray) or 3 (RGB) channels; channels is {channels!r}")
+    keys = list(_keys(keys, "keys"))
     if label_key is not None and (not isinstance(label_key, str) or not label_key):
         raise ValueError(f"label_key must be a key (a string) or None, got {label_key!r}")
 
-    steps: list = [CheckedLoadImaged(keys=keys, reader=reader, image_only=True, ensure_channel_first=True)]
-    if kind == "png":
-        steps.append(ImageChannelsd(keys=keys, channels=png_channels))
-    else:
-        steps.append(OrientToRASd(keys=keys))
-    steps.append(MatchSpatialDimsd(keys=keys, spatial_dims=dims))
+    ours, monai_ = "monai_medmerge.data.transforms.", "monai.transforms."
+    steps: list[dict[str, Any]] = [
+        {"_target_": ours + "CheckedLoadImaged", "keys": keys, "reader": reader, "image_only": True},
+        {"_target_": ours + "ImageChannelsd", "keys": keys, "channels": int(channels), "convert": kind == "png"},
+    ]
+    if kind != "png":
+        steps.append({"_target_": ours + "OrientToRASd", "keys": keys})
+    steps.append({"_target_": ours + "MatchSpatialDimsd", "keys": keys, "spatial_dims": dims})
     if pixdim is not None:
-        steps.append(Spacingd(keys=keys, pixdim=pixdim, mode="bilinear"))
+        steps.append({"_target_": monai_ + "Spacingd", "keys": keys, "pixdim": pixdim, "mode": "bilinear"})
     if modality == "CT":
-        steps.append(ScaleIntensityRanged(keys=keys, a_min=low_hu, a_max=high_hu, b_min=0.0, b_max=1.0, clip=True))
+        intensity = {"_target_": monai_ + "ScaleIntensityRanged", "a_min": low_hu, "a_max": high_hu}
     elif modality == "MR":
-        steps.append(
-            ScaleIntensityRangePercentilesd(keys=keys, lower=low_pct, upper=high_pct, b_min=0.0, b_max=1.0, clip=True)
-        )
+        intensity = {"_target_": monai_ + "ScaleIntensityRangePercentilesd", "lower": low_pct, "upper": high_pct}
     else:
-        steps.append(NormalizeIntensityd(keys=keys))
+        intensity = {"_target_": monai_ + "NormalizeIntensityd"}
+    if modality != "other":
+        intensity.update(b_min=0.0, b_max=1.0, clip=True)
+    steps.append({**intensity, "keys": keys})
+    mode = "bilinear" if dims == 2 else "trilinear"
     steps.append(
-        Resized(keys=keys, spatial_size=size, mode="bilinear" if dims == 2 else "trilinear", anti_aliasing=True)
+        {"_target_": monai_ + "Resized", "keys": keys, "spatial_size": size, "mode": mode, "anti_aliasing": True}
     )
     if train and augment:
         steps += [
-            RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
-            RandAffined(
-                keys=keys,
-                prob=0.5,
-                rotate_range=(AUG_ROTATE,) * (1 if dims == 2 else 3),
-                scale_range=(AUG_SCALE,) * dims,
-                mode="bilinear",
-                padding_mode="border",
-            ),
-            RandGaussianNoised(keys=keys, prob=0.3, mean=0.0, std=AUG_NOISE_STD),
+            {"_target_": monai_ + "RandFlipd", "keys": keys, "prob": 0.5, "spatial_axis": 0},
+            {
+                "_target_": monai_ + "RandAffined",
+                "keys": keys,
+                "prob": 0.5,
+                "rotate_range": [AUG_ROTATE] * (1 if dims == 2 else 3),
+                "scale_range": [AUG_SCALE] * dims,
+                "mode": "bilinear",
+                "padding_mode": "border",
+            },
+            {"_target_": monai_ + "RandGaussianNoised", "keys": keys, "prob": 0.3, "mean": 0.0, "std": AUG_NOISE_STD},
         ]
-    steps.append(EnsureTyped(keys=keys, dtype=torch.float32))
+    steps.append({"_target_": monai_ + "EnsureTyped", "keys": keys, "dtype": "float32"})
     if label_key is not None:
-        steps.append(ClassLabeld(keys=label_key, num_classes=num_classes, image_key=keys[0]))
-    return Compose(steps)
+        steps.append(
+            {"_target_": ours + "ClassLabeld", "keys": label_key, "num_classes": num_classes, "image_key": keys[0]}
+        )
+    # through JSON: plain literals only, and no object shared between steps (YAML would write anchors for them)
+    return json.loads(json.dumps(steps))
+
+
+def classification_transforms(*args: Any, **kwargs: Any) -> Compose:
+    """The MONAI transforms that take a datalist item to a network input and a class label.
+
+    Takes the arguments of :func:`preprocessing_config` (see there for the steps) and instantiates that list, the
+    one description of the pipeline, which is also what an exported bundle runs at inference.
+
+    Returns:
+        a ``monai.transforms.Compose``; the image comes out as a ``float32`` tensor of shape
+        ``(channels, *spatial_size)``.
+
+    Raises:
+        ValueError: for the arguments :func:`preprocessing_config` refuses.
+    """
+    return Compose([instantiate_step(step) for step in preprocessing_config(*args, **kwargs)])
+
+
+def instantiate_step(step: Mapping[str, Any]) -> Any:
+    """Build one transform of :func:`preprocessing_config` (a ``_target_`` with literal arguments)."""
+    args = {k: v for k, v in step.items() if k != "_target_"}
+    return instantiate(step["_target_"], "default", **args)
 
 
 def make_dataset(

@@ -11,7 +11,11 @@ names the file and the problem.
 
 from __future__ import annotations
 
+import gzip
+import math
 import os
+import struct
+import zlib
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,9 +38,11 @@ from monai.utils import (
 
 __all__ = [
     "READERS",
+    "READER_PACKAGES",
     "SERIES_READERS",
     "BadImageError",
     "as_class_label",
+    "check_complete",
     "find_bad_image_error",
     "CheckedLoadImaged",
     "ClassLabeld",
@@ -50,7 +56,7 @@ READERS = ("PILReader", "NibabelReader", "PydicomReader", "ITKReader")
 # Only these two read a folder, as a DICOM series.
 SERIES_READERS = ("PydicomReader", "ITKReader")
 _READER_CLASSES = {"PILReader": PILReader, "NibabelReader": NibabelReader, "PydicomReader": PydicomReader}
-_READER_PACKAGES = {"PILReader": "pillow", "NibabelReader": "nibabel", "PydicomReader": "pydicom", "ITKReader": "itk"}
+READER_PACKAGES = {"PILReader": "pillow", "NibabelReader": "nibabel", "PydicomReader": "pydicom", "ITKReader": "itk"}
 _READER_MODULES = {"PILReader": "PIL.Image", "NibabelReader": "nibabel", "PydicomReader": "pydicom", "ITKReader": "itk"}
 # What verify_suffix accepts, for the error message (ITKReader and PydicomReader accept any name).
 _READER_SUFFIXES = {"PILReader": ".png, .jpg, .jpeg, .bmp", "NibabelReader": ".nii, .nii.gz"}
@@ -192,7 +198,7 @@ class CheckedLoadImaged(MapTransform):
         _, has_package = optional_import(_READER_MODULES[reader])
         if not has_package:
             raise OptionalImportError(
-                f"{reader} needs {_READER_PACKAGES[reader]}: pip install {_READER_PACKAGES[reader]}, "
+                f"{reader} needs {READER_PACKAGES[reader]}: pip install {READER_PACKAGES[reader]}, "
                 "or the extra monai_medmerge[io]"
             )
         if spacing_tolerance is not None and not spacing_tolerance > 0:
@@ -268,6 +274,7 @@ class CheckedLoadImaged(MapTransform):
                 f"{name} reads {_READER_SUFFIXES.get(name, 'other files')}, not {path.name!r}; choose the reader "
                 "for this format (no other reader is tried), or pass check_suffix=False",
             )
+        check_complete(path)
         try:
             raw = reader.read(str(path))
         except Exception as e:
@@ -310,7 +317,13 @@ class CheckedLoadImaged(MapTransform):
                 loaded = {Path(f).resolve() for f in ensure_tuple(reader.filenames[0])}
                 unread = [p.name for p in files if p.resolve() not in loaded]
                 raise BadImageError(folder, self._count_reason(len(files), n_read, folder, files, unread), series=True)
-        array, meta = self._get_data(folder, reader, raw, series=True)
+        try:
+            array, meta = self._get_data(folder, reader, raw, series=True)
+        except BadImageError as e:
+            slice_name = _undecodable_slice(raw) if name == "PydicomReader" else None
+            if slice_name is None:
+                raise
+            raise BadImageError(folder, f"slice {slice_name}: {e.reason}", series=True) from e.__cause__
         shape = tuple(int(s) for s in np.atleast_1d(meta.get("spatial_shape", array.shape)))
         n_slices = shape[2] if len(shape) >= 3 else 1
         if len(files) > 1 and n_slices != len(files):
@@ -419,6 +432,16 @@ def _refuse_multiframe(path: Path, dataset: Any, series: bool = False) -> None:
         )
 
 
+def _undecodable_slice(datasets: Any) -> str | None:
+    """The file name of the first pydicom dataset whose pixel data does not decode, or None."""
+    for ds in datasets if isinstance(datasets, list) else [datasets]:
+        try:
+            ds.pixel_array  # noqa: B018 - decoding is the check
+        except Exception:
+            return Path(str(getattr(ds, "filename", "") or "?")).name
+    return None
+
+
 def _itk_unread_files(folder: Path, files: Sequence[Path], series_name: str) -> tuple[list[str], int]:
     """The names of ``files`` that ITK's series selection (as in ``ITKReader``) left out, and the series count."""
     itk, has_itk = optional_import("itk")
@@ -438,6 +461,169 @@ def _itk_unread_files(folder: Path, files: Sequence[Path], series_name: str) -> 
     return [p.name for p in files if p.resolve() not in used], len(uids)
 
 
+# --- files whose data ends early --------------------------------------------------------------------------------
+# Readers differ on a file cut short: nibabel and PIL raise, but ITK fills a NIfTI, JPEG or BMP with zeros where the
+# data ended and only prints a C++ warning. So the file itself is checked against what its own header promises,
+# with the standard library only, whichever reader reads it. Formats are told by their first bytes, not the name.
+_GZIP_MAGIC = b"\x1f\x8b"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_NIFTI2_MAGIC = b"n+2\0\r\n\x1a\n"
+_CHUNK = 1 << 20
+
+
+class _Truncated(Exception):
+    """A file that ends before the data its header describes; the message says where."""
+
+
+def check_complete(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`BadImageError` when a file ends before the data its own header describes.
+
+    Checked by content, whatever the file's name or the reader: gzip streams (decompressed once and counted; a
+    stream cut short or failing its CRC), NIfTI-1 and NIfTI-2 single files (``n+1``/``n+2``, plain or gzipped: the
+    voxel data that ``dim`` and ``bitpix`` describe must fit after ``vox_offset``), PNG (every chunk up to ``IEND``
+    present), JPEG (an end-of-image marker after the first scan) and uncompressed BMP (every pixel row present).
+    Other files are left to their reader. Only reads the file.
+
+    Args:
+        path: the file.
+
+    Raises:
+        BadImageError: for a file whose data ends early; the reason starts with ``truncated``.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(540)
+            if head.startswith(_GZIP_MAGIC):
+                _check_gzip(path)
+            elif head.startswith(_PNG_MAGIC):
+                _check_png(f, path.stat().st_size)
+            elif head.startswith(_JPEG_MAGIC):
+                _check_jpeg(head + f.read())
+            elif head.startswith(b"BM"):
+                _check_bmp(head, path.stat().st_size)
+            else:
+                _check_nifti(head, path.stat().st_size, "the file")
+    except _Truncated as e:
+        raise BadImageError(path, f"truncated: {e}") from None
+    except OSError as e:
+        raise BadImageError(path, f"cannot be read: {_describe(e)}") from e
+
+
+def _check_gzip(path: Path) -> None:
+    head, size = b"", 0
+    try:
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                if len(head) < 540:
+                    head += chunk[: 540 - len(head)]
+                size += len(chunk)
+    except EOFError:
+        raise _Truncated("the gzip stream ends before its end-of-stream marker (the file was cut short)") from None
+    except (gzip.BadGzipFile, zlib.error) as e:
+        raise _Truncated(f"the gzip stream is damaged: {_describe(e)}") from None
+    _check_nifti(head, size, "the uncompressed data")
+
+
+def _nifti_header(head: bytes) -> tuple[str, int, int, Sequence[int]] | None:
+    """(version, vox_offset, bitpix, dims) of a NIfTI-1/-2 single-file header, or None for anything else."""
+    for endian in "<>":
+        if len(head) >= 348 and struct.unpack(endian + "i", head[:4])[0] == 348 and head[344:348] == b"n+1\0":
+            dim = struct.unpack(endian + "8h", head[40:56])
+            bitpix = struct.unpack(endian + "h", head[72:74])[0]
+            vox_offset = int(struct.unpack(endian + "f", head[108:112])[0])
+            return "NIfTI-1", max(vox_offset, 352), bitpix, dim
+        if len(head) >= 540 and struct.unpack(endian + "i", head[:4])[0] == 540 and head[4:12] == _NIFTI2_MAGIC:
+            bitpix = struct.unpack(endian + "h", head[14:16])[0]
+            dim = struct.unpack(endian + "8q", head[16:80])
+            vox_offset = struct.unpack(endian + "q", head[168:176])[0]
+            return "NIfTI-2", max(vox_offset, 544), bitpix, dim
+        if len(head) < 348 and len(head) >= 4 and struct.unpack(endian + "i", head[:4])[0] in (348, 540):
+            raise _Truncated(f"{len(head)} bytes, shorter than the NIfTI header it starts")
+    return None
+
+
+def _check_nifti(head: bytes, size: int, where: str) -> None:
+    header = _nifti_header(head)
+    if header is None:
+        return
+    version, vox_offset, bitpix, dim = header
+    n_dims = dim[0]
+    if not 1 <= n_dims <= 7 or bitpix <= 0 or any(d <= 0 for d in dim[1 : n_dims + 1]):
+        return  # a header this odd is for the reader to refuse
+    n_voxels = math.prod(dim[1 : n_dims + 1])
+    expected = vox_offset + (n_voxels * bitpix + 7) // 8
+    if size < expected:
+        shape = "x".join(str(d) for d in dim[1 : n_dims + 1])
+        raise _Truncated(
+            f"its {version} header describes {shape} voxels of {bitpix} bits, {expected - vox_offset} bytes from "
+            f"byte {vox_offset}, but {where} ends at byte {size} ({expected - size} bytes missing)"
+        )
+
+
+def _check_png(f: Any, size: int) -> None:
+    offset = len(_PNG_MAGIC)
+    while True:
+        f.seek(offset)
+        header = f.read(8)
+        if len(header) < 8:
+            raise _Truncated(f"the PNG ends at byte {size} without its IEND chunk")
+        length, kind = struct.unpack(">I4s", header)
+        end = offset + 12 + length
+        if end > size:
+            raise _Truncated(
+                f"the PNG chunk {kind.decode('latin-1')!r} at byte {offset} needs {end} bytes, the file has {size}"
+            )
+        if kind == b"IEND":
+            return
+        offset = end
+
+
+def _check_jpeg(data: bytes) -> None:
+    offset = 2
+    while offset + 4 <= len(data):
+        if data[offset] != 0xFF:
+            return  # not a marker where one should be: for the reader to refuse
+        marker = data[offset + 1]
+        if marker == 0xFF:  # fill byte
+            offset += 1
+            continue
+        if marker == 0xD9:
+            return
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            offset += 2
+            continue
+        length = struct.unpack(">H", data[offset + 2 : offset + 4])[0]
+        if marker == 0xDA:  # start of scan: entropy-coded data up to the end-of-image marker
+            if data.find(b"\xff\xd9", offset + 2 + length) < 0:
+                raise _Truncated(f"the JPEG ends at byte {len(data)} without its end-of-image marker")
+            return
+        offset += 2 + length
+    raise _Truncated(f"the JPEG ends at byte {len(data)} before its image data")
+
+
+def _check_bmp(head: bytes, size: int) -> None:
+    if len(head) < 30:
+        raise _Truncated(f"{len(head)} bytes, shorter than the BMP header it starts")
+    data_offset, dib_size = struct.unpack("<2I", head[10:18])
+    if dib_size == 12:
+        width, height, _, bits = struct.unpack("<4H", head[18:26])
+        compression = 0
+    elif dib_size >= 40 and len(head) >= 34:
+        width, height, _, bits, compression = struct.unpack("<2i2HI", head[18:34])
+    else:
+        return
+    if compression not in (0, 3, 6) or width <= 0 or bits <= 0:
+        return  # compressed (RLE, JPEG, PNG) or odd: for the reader to refuse
+    expected = data_offset + (width * bits + 31) // 32 * 4 * abs(height)
+    if size < expected:
+        raise _Truncated(
+            f"its BMP header describes {width}x{abs(height)} pixels of {bits} bits ending at byte {expected}, "
+            f"but the file ends at byte {size} ({expected - size} bytes missing)"
+        )
+
+
 def _image_path(data: Mapping[Hashable, Any], image_key: Hashable | None) -> str:
     if image_key is None or image_key not in data:
         return "<no image>"
@@ -448,32 +634,50 @@ def _image_path(data: Mapping[Hashable, Any], image_key: Hashable | None) -> str
 
 
 class ImageChannelsd(MapTransform):
-    """Bring a channel-first 2-D picture (gray, gray+alpha, RGB, RGBA) to 1 (luminance) or 3 (RGB) channels.
+    """Give a channel-first image the network's number of channels: convert a picture, or check any image.
 
-    Alpha is dropped; RGB becomes gray with the ITU-R BT.601 weights that PIL's ``convert("L")`` uses; gray is
-    repeated to three channels when ``channels=3``.
+    With ``convert`` (PNG/JPEG pictures: gray, gray+alpha, RGB, RGBA), alpha is dropped, RGB becomes gray with the
+    ITU-R BT.601 weights that PIL's ``convert("L")`` uses when ``channels=1``, and gray is repeated to three
+    channels when ``channels=3``. Without it (medical images, whose channels are data), an image must already have
+    ``channels`` channels: a 4-D NIfTI whose fourth axis holds 3 values is a 3-channel image, and giving it to a
+    1-channel network is an error that names the file, not a crash in the data loader's collate.
 
     Args:
         keys: keys of the channel-first images.
-        channels: 1 or 3.
+        channels: the number of channels out (1 or 3 with ``convert``; any positive number without).
+        convert: convert pictures (``True``) or only check the count (``False``).
         allow_missing_keys: do not raise when a key is missing.
 
     Raises:
-        ValueError: at construction, when ``channels`` is not 1 or 3.
-        BadImageError: when called on an image with more than 4 channels.
+        ValueError: at construction, for ``channels`` that is not a positive integer, or not 1 or 3 with
+            ``convert``.
+        BadImageError: when called on a picture with more than 4 channels (``convert``), or on an image whose
+            channel count differs from ``channels`` (no ``convert``).
     """
 
-    def __init__(self, keys: KeysCollection, channels: int = 1, allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self, keys: KeysCollection, channels: int = 1, convert: bool = True, allow_missing_keys: bool = False
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
-        if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {channels!r}")
-        self.channels = channels
+        if isinstance(channels, bool) or not isinstance(channels, (int, np.integer)) or channels < 1:
+            raise ValueError(f"channels must be a positive integer, got {channels!r}")
+        if convert and channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3 to convert a picture, got {channels!r}")
+        self.channels = int(channels)
+        self.convert = bool(convert)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
             img = d[key]
             n = img.shape[0]
+            if not self.convert:
+                if n != self.channels:
+                    raise BadImageError(
+                        _image_path(d, key),
+                        f"{n} channels (shape {tuple(img.shape)}, channel first); the network takes {self.channels}",
+                    )
+                continue
             if n > 4:
                 raise BadImageError(_image_path(d, key), f"{n} channels; expected gray, gray+alpha, RGB or RGBA")
             color = img[:3] if n >= 3 else img[:1]  # drop alpha

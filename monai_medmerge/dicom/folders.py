@@ -17,7 +17,6 @@ import logging
 import os
 import re
 import shutil
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,8 @@ from monai_medmerge.dicom.labels import (
     read_labels,
     split_items,
     write_datalist,
-    write_json_atomic,
 )
+from monai_medmerge.io import atomic_folder, write_json
 
 __all__ = ["RECORD_TAGS", "datalist_from_folder", "materialize_series", "scan_folder"]
 
@@ -249,32 +248,26 @@ def materialize_series(record: Mapping[str, Any], out_dir: PathLike, hardlink: b
             raise FileNotFoundError(f"series {series} of study {study}: file {f} does not exist")
     parent = Path(out_dir).expanduser().absolute() / study
     target = parent / series
+    different = f"{target} exists and holds other files than series {series}; remove it to rebuild it"
     if target.exists():
         if target.is_dir() and _same_files(target, files):
             return str(target)
-        raise FileExistsError(f"{target} exists and holds other files than series {series}; remove it to rebuild it")
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = parent / f".{series}.{uuid.uuid4().hex}.tmp"
-    tmp.mkdir()
+        raise FileExistsError(different)
     try:
-        for index, source in enumerate(files):
-            dest = tmp / _slice_name(index)
-            if hardlink:
-                try:
-                    os.link(source, dest)
-                    continue
-                except OSError:
-                    pass  # another device, or a file system without hard links: copy instead
-            shutil.copy2(source, dest)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # Another process may have made the same folder meanwhile; keep it if it is the same series.
-            if not (target.is_dir() and _same_files(target, files)):
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_folder(target, what="series folder") as tmp:
+            for index, source in enumerate(files):
+                dest = tmp / _slice_name(index)
+                if hardlink:
+                    try:
+                        os.link(source, dest)
+                        continue
+                    except OSError:
+                        pass  # another device, or a file system without hard links: copy instead
+                shutil.copy2(source, dest)
+    except FileExistsError:
+        # another process made the same folder meanwhile: keep it if it is the same series
+        if not (target.is_dir() and _same_files(target, files)):
+            raise FileExistsError(different) from None
     return str(target)
 
 
@@ -391,7 +384,7 @@ def datalist_from_folder(
     }
     if not written:
         report["sections"] = {}
-        write_json_atomic(report, report_path)
+        write_json(report_path, report)
         raise ValueError(
             f"no labelled series to write to {target}: {join_report['matched']} of {len(labels)} labels matched "
             f"exactly one series and {len(left_out)} of those had no folder of their own; see {report_path}"

@@ -20,13 +20,12 @@ import re
 import subprocess
 import sys
 import tempfile
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from monai_medmerge.dicom.labels import write_json_atomic
 from monai_medmerge.dicom.web import DICOMwebSource, describe_error, retrieve_records
+from monai_medmerge.io import write_json, write_text
 
 __all__ = ["BundleRunError", "bundle_class_names", "classify_dicomweb", "run_inference_bundle"]
 
@@ -115,7 +114,7 @@ def run_inference_bundle(
     work.mkdir(parents=True, exist_ok=True)
     images = [os.path.abspath(os.fspath(p)) for p in images]  # the bundle runs in its own folder
     listing = work / "datalist.json"
-    listing.write_text(json.dumps([{"image": p} for p in images]))
+    write_json(listing, [{"image": p} for p in images], indent=None)
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(config)]
     for name, flag in (("metadata.json", "--meta_file"), ("logging.conf", "--logging_file")):
         if (bundle / "configs" / name).is_file():
@@ -163,15 +162,6 @@ def _read_predictions(path: Path) -> dict[str, list[float]]:
             rest = head
         rows[rest] = values[::-1]
     return rows
-
-
-def _write_text_atomic(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _choose_series(
@@ -305,8 +295,8 @@ def classify_dicomweb(
         "studies_without_series": without,
         "skipped_instances": skipped,
     }
-    _write_text_atomic(_csv_text(predictions, class_names), out / "predictions.csv")
-    write_json_atomic(result, out / "predictions.json")
+    write_text(out / "predictions.csv", _csv_text(predictions, class_names))
+    write_json(out / "predictions.json", result)
     logger.info(
         "classified %d of %d studies (%d failed, %d with several candidate series, %d without a series); wrote %s",
         len(predictions),

@@ -17,18 +17,18 @@ in for them); studies are named by ``StudyInstanceUID`` only.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import os
 import random
 import re
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from monai.utils import look_up_option
+
+from monai_medmerge.io import write_json
 
 __all__ = [
     "KEYS",
@@ -393,7 +393,8 @@ def _log_join(report: Mapping[str, Any]) -> None:
 
 
 def write_json_atomic(content: Any, path: PathLike) -> Path:
-    """Write ``content`` as indented JSON to a temporary file beside ``path``, then rename it into place.
+    """Write ``content`` as indented JSON, atomically: :func:`monai_medmerge.io.write_json` with the arguments in
+    this module's older order (kept for callers outside the package).
 
     Args:
         content: anything ``json.dumps`` accepts.
@@ -402,16 +403,7 @@ def write_json_atomic(content: Any, path: PathLike) -> Path:
     Returns:
         the path written.
     """
-    target = Path(path).expanduser()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, target)  # a reader never sees half a file
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return target
+    return write_json(path, content)
 
 
 def _check_split(split: Sequence[float]) -> tuple[float, float, float]:
@@ -549,8 +541,8 @@ def write_datalist(
         content = {"labels": {str(i): name for i, name in enumerate(names)}, **content}
     target = Path(path).expanduser()
     if report is not None:
-        write_json_atomic(report, target.with_name(f"{target.stem}_report.json"))
-    write_json_atomic(content, target)
+        write_json(target.with_name(f"{target.stem}_report.json"), report)
+    write_json(target, content)
     logger.info(
         "wrote a datalist of %d items (%s)",
         len(checked),

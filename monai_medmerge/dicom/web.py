@@ -10,7 +10,12 @@ retrieved series laid out as MONAI's DICOM series readers want it::
 Each instance is written under a temporary name outside the series folder and renamed into it, so the folder never
 holds half a file; a series counts as complete only once its marker exists, and a rerun after an interruption asks
 the server only for the SOP instances not yet on disk. Instances without pixel data (structured reports, presentation
-states, a damaged upload) are left out of the folder and reported.
+states, a damaged upload) are left out of the folder and reported. The cache is private: folders ``0700``, files
+``0600``. Downloads are limited per instance and per series (:data:`DEFAULT_MAX_INSTANCE_BYTES`,
+:data:`DEFAULT_MAX_SERIES_BYTES`), counted while the bytes arrive.
+
+Credentials never travel in the URL: a URL with ``user:password@`` is refused (give ``username``/``password`` or
+``token``; on the command line the environment variables ``DICOMWEB_USER``, ``DICOMWEB_PASSWORD``, ``DICOMWEB_TOKEN``).
 
 :func:`datalist_from_dicomweb` goes from "these labels" to a MONAI datalist of cached series folders, with the same
 label joining as folders on disk (:mod:`monai_medmerge.dicom.labels`).
@@ -21,12 +26,14 @@ never written (a search filter on them travels to the server only).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -34,17 +41,23 @@ from urllib.parse import urlsplit, urlunsplit
 
 from monai.utils import optional_import
 
-from monai_medmerge.dicom.labels import filter_series, join_labels, read_labels, write_datalist, write_json_atomic
+from monai_medmerge.dicom.labels import filter_series, join_labels, read_labels, write_datalist
+from monai_medmerge.io import atomic_write, write_json
 
 __all__ = [
+    "DEFAULT_MAX_INSTANCE_BYTES",
+    "DEFAULT_MAX_SERIES_BYTES",
     "DICOMwebAuthError",
     "DICOMwebConnectionError",
     "DICOMwebError",
+    "DICOMwebLimitError",
     "DICOMwebSource",
     "RECORD_FIELDS",
     "datalist_from_dicomweb",
     "default_cache_dir",
     "describe_error",
+    "format_size",
+    "parse_size",
     "redact_url",
     "retrieve_records",
 ]
@@ -73,6 +86,30 @@ _SAFE_UID = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,127}$")
 _QIDO_SAFE = re.compile(r"^[0-9A-Za-z._-]+$")
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _MAX_MESSAGE = 300
+# Download limits: a larger instance or series is refused while it streams (None: no limit).
+DEFAULT_MAX_INSTANCE_BYTES = 512 * 2**20
+DEFAULT_MAX_SERIES_BYTES = 8 * 2**30
+# The cache holds patient images: readable by its owner only.
+CACHE_DIR_MODE = 0o700
+CACHE_FILE_MODE = 0o600
+# How much of an instance is kept while it streams, to name its SOPInstanceUID when it is refused.
+_HEAD_BYTES = 64 * 1024
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 class DICOMwebError(RuntimeError):
@@ -87,6 +124,42 @@ class DICOMwebConnectionError(DICOMwebError):
     """The server could not be reached, or kept answering with a transient error, after every retry."""
 
 
+class DICOMwebLimitError(DICOMwebError):
+    """An instance or a series is larger than the download limit; nothing of the series is kept in the cache."""
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """A size in bytes from ``"512MiB"``, ``"8GiB"``, ``"500MB"``, ``"1e6"`` or an int; ``"none"`` (or None) is
+    no limit.
+
+    Raises:
+        ValueError: for anything else, or a size that is not positive.
+    """
+    if text is None or (isinstance(text, str) and text.strip().lower() in ("none", "unlimited")):
+        return None
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else ""
+    try:
+        if not match or unit not in _SIZE_UNITS:
+            raise ValueError
+        value = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a size: give a number of bytes with a unit, e.g. 512MiB, 8GiB, 500MB, or none"
+        ) from None
+    if value <= 0:
+        raise ValueError(f"a size limit must be positive, got {text!r} (none: no limit)")
+    return value
+
+
+def format_size(size: int) -> str:
+    """``536870912`` -> ``"512 MiB"``: the largest binary unit that leaves at least 1."""
+    for unit, factor in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= factor:
+            return f"{size / factor:.4g} {unit}"
+    return f"{size} bytes"
+
+
 def default_cache_dir() -> Path:
     """``$MEDMERGE_DICOMWEB_CACHE``, else ``$XDG_CACHE_HOME/monai_medmerge/dicomweb`` (``~/.cache/...``)."""
     if os.environ.get("MEDMERGE_DICOMWEB_CACHE"):
@@ -99,9 +172,38 @@ def redact_url(url: str) -> str:
     """``url`` without user name, password, query string and fragment: safe to log."""
     parts = urlsplit(url)
     host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
+    try:
+        port = parts.port
+    except ValueError:  # not a number: possibly part of a password with a '/' in it; never echoed
+        port = None
+    if port:
+        host = f"{host}:{port}"
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def _check_url(url: str) -> None:
+    """Refuse a URL that carries credentials, or that is not ``http(s)://host[:port]/path``, without echoing
+    anything that could be part of a password."""
+    if not isinstance(url, str):
+        raise ValueError(f"the DICOMweb URL must be a string, got {type(url).__name__}")
+    parts = urlsplit(url.strip())
+    if "@" in url:
+        shown = f" ({parts.scheme}://{parts.hostname}...)" if parts.username is not None and parts.hostname else ""
+        raise ValueError(
+            f"the DICOMweb URL has a user name or password in it{shown}: credentials in a URL end up in logs, "
+            "reports and request headers, so they are refused. Give the URL without 'user:password@' and the "
+            "credentials apart: the environment variables DICOMWEB_USER and DICOMWEB_PASSWORD, or DICOMWEB_TOKEN, "
+            "for the medmerge commands; DICOMwebSource(url, username=..., password=...) or token=... in Python"
+        )
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        port_ok = False
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        raise ValueError(
+            "the DICOMweb URL must look like http(s)://host[:port]/path, e.g. http://127.0.0.1:8042/dicom-web; "
+            f"got one with scheme {parts.scheme!r}" + ("" if port_ok else " and a port that is not a number")
+        )
 
 
 def describe_error(error: BaseException) -> str:
@@ -164,17 +266,149 @@ def _has_pixels(dataset: Any) -> bool:
     return any(keyword in dataset for keyword in _PIXEL_KEYWORDS)
 
 
-def _save_dataset(dataset: Any, path: Path) -> None:
+def _save_dataset(dataset: Any, path: Path, tmp_dir: Path) -> int:
     """Write the bytes the server sent when pydicom kept them (``FileDataset.buffer``, pydicom >= 3): verbatim, and
-    about ten times faster than encoding the dataset again; else encode it as a DICOM file."""
+    about ten times faster than encoding the dataset again; else encode it as a DICOM file. The file is written in
+    ``tmp_dir`` and renamed to ``path`` (owner-only); returns its size."""
     buffer = getattr(dataset, "buffer", None)
-    if buffer is not None and hasattr(buffer, "getvalue"):
-        path.write_bytes(buffer.getvalue())
-        return
+    with atomic_write(path, "wb", permissions=CACHE_FILE_MODE, tmp_dir=tmp_dir) as f:
+        if buffer is not None and hasattr(buffer, "getvalue"):
+            f.write(buffer.getvalue())
+        else:
+            try:
+                dataset.save_as(f, enforce_file_format=True)
+            except TypeError:  # pydicom < 3
+                dataset.save_as(f, write_like_original=False)
+    return path.stat().st_size
+
+
+def _boundary(content_type: str) -> bytes | None:
+    """The multipart boundary of a ``multipart/related`` Content-Type, else None."""
+    media_type, *params = [p.strip() for p in content_type.split(";")]
+    if media_type.lower() != "multipart/related":
+        return None
+    for param in params:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "boundary" and value.strip().strip('"'):
+            return value.strip().strip('"').encode("latin-1")
+    return None
+
+
+def _sop_from_head(head: bytes) -> str | None:
+    """The SOPInstanceUID in the first bytes of one multipart part (its headers, then DICOM), or None."""
+    start = head.find(b"\r\n\r\n")
+    if start < 0:
+        return None
     try:
-        dataset.save_as(path, enforce_file_format=True)
-    except TypeError:  # pydicom < 3
-        dataset.save_as(path, write_like_original=False)
+        import pydicom
+
+        dataset = pydicom.dcmread(
+            io.BytesIO(bytes(head[start + 4 :])), stop_before_pixels=True, force=True, specific_tags=["SOPInstanceUID"]
+        )
+        uid = str(dataset.get("SOPInstanceUID") or "")
+    except Exception:  # noqa: BLE001 - a cut-off header names no UID; the message then counts instances instead
+        return None
+    return uid if _SAFE_UID.match(uid) else None
+
+
+class _Budget:
+    """The download limits of one series retrieval, and the bytes of the series on disk so far."""
+
+    def __init__(self, study: str, series: str, max_instance: int | None, max_series: int | None, stored: int) -> None:
+        self.study, self.series = study, series
+        self.max_instance, self.max_series = max_instance, max_series
+        self.stored = stored
+
+
+class _MeteredBody:
+    """A response body (``urllib3`` response) that counts the bytes read through it, per multipart part and in
+    all, and stops the download the moment an instance or the series goes over its limit.
+
+    ``requests`` reads bodies through ``stream()`` (``iter_content``, ``.content``), so the count happens as the
+    bytes arrive, before ``dicomweb-client`` buffers or parses them.
+    """
+
+    def __init__(self, raw: Any, budget: _Budget, sop: str | None, boundary: bytes | None, source: Any) -> None:
+        self._raw = raw
+        self._budget = budget
+        self._sop = sop
+        self._delimiter = b"\r\n--" + boundary if boundary else None
+        self._source = source
+        self._start = budget.stored  # bytes of the series on disk when this request began
+        self._total = 0
+        self._part_start = 0
+        self._part_index = 0
+        self._head = bytearray()
+        self._carry = b""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
+
+    def stream(self, amt: int | None = 2**16, decode_content: bool | None = None) -> Iterator[bytes]:
+        for chunk in self._raw.stream(amt, decode_content=decode_content):
+            self._count(chunk)
+            yield chunk
+
+    def read(self, *args: Any, **kwargs: Any) -> bytes:
+        chunk = self._raw.read(*args, **kwargs)
+        if chunk:
+            self._count(chunk)
+        return chunk
+
+    def _keep_head(self, data: bytes) -> None:
+        if len(self._head) < _HEAD_BYTES:
+            self._head += data[: _HEAD_BYTES - len(self._head)]
+
+    def _count(self, chunk: bytes) -> None:
+        budget = self._budget
+        self._total += len(chunk)
+        self._source.received_bytes += len(chunk)
+        self.check_series(self._start + self._total)
+        if budget.max_instance is None:
+            return
+        if self._delimiter is None:
+            self.check_instance(self._total)
+            return
+        buffer = self._carry + chunk
+        offset = self._total - len(buffer)  # stream position of buffer[0]
+        cursor = len(self._carry)
+        found = buffer.find(self._delimiter)  # a whole delimiter never fits in the carry: each is new
+        while found >= 0:
+            self._keep_head(buffer[cursor:found])
+            self.check_instance(offset + found - self._part_start)
+            cursor = found + len(self._delimiter)
+            self._part_start, self._part_index, self._head = offset + cursor, self._part_index + 1, bytearray()
+            found = buffer.find(self._delimiter, cursor)
+        self._keep_head(buffer[cursor:])
+        self.check_instance(self._total - self._part_start)
+        self._carry = bytes(buffer[-(len(self._delimiter) - 1) :])
+
+    def check_series(self, size: int, how: str = "received when the download was stopped") -> None:
+        budget = self._budget
+        if budget.max_series is not None and size > budget.max_series:
+            self._stop(
+                f"series {budget.series} of study {budget.study} is larger than the maximum series size, "
+                f"{format_size(budget.max_series)} (max_series_bytes; --max-series-size on the command line): "
+                f"{format_size(size)} {how}"
+            )
+
+    def check_instance(self, size: int, how: str = "received when the download was stopped") -> None:
+        budget = self._budget
+        if budget.max_instance is None or size <= budget.max_instance:
+            return
+        sop = self._sop or _sop_from_head(bytes(self._head))
+        which = f"instance {sop}" if sop else f"instance number {self._part_index + 1} of the series stream"
+        self._stop(
+            f"{which} of series {budget.series} of study {budget.study} is larger than the maximum instance size, "
+            f"{format_size(budget.max_instance)} (max_instance_bytes; --max-instance-size on the command line): "
+            f"{format_size(size)} {how}"
+        )
+
+    def _stop(self, message: str) -> None:
+        try:
+            self._raw.close()  # drop the connection: the rest of the body is not wanted
+        finally:
+            raise DICOMwebLimitError(message)
 
 
 class DICOMwebSource:
@@ -191,11 +425,17 @@ class DICOMwebSource:
         timeout: seconds to wait for the server to connect or to send data, per request.
         cache_dir: the cache of retrieved series (made absolute); default :func:`default_cache_dir`.
         session: a ``requests.Session`` to use (for proxies, TLS settings or custom authentication); the
-            credentials given here are set on it.
+            credentials given here are set on it, and a response hook that meters retrievals is added to it.
+        max_instance_bytes: the largest instance retrieved (default 512 MiB); None: no limit. A larger one stops
+            its series' retrieval with :class:`DICOMwebLimitError` while it streams.
+        max_series_bytes: the largest series retrieved, counting what is already in the cache (default 8 GiB);
+            None: no limit.
 
     Raises:
         OptionalImportError: when ``dicomweb-client`` is not installed.
-        ValueError: for both a token and a password, a password without a user, or negative ``retries``/``backoff``.
+        ValueError: for a URL with credentials in it (``user:password@``; the message says where they go instead)
+            or one that is not ``http(s)://host...``; both a token and a password, a password without a user,
+            negative ``retries``/``backoff``, or a limit that is not a positive number of bytes.
     """
 
     def __init__(
@@ -209,7 +449,13 @@ class DICOMwebSource:
         timeout: float = 30,
         cache_dir: str | os.PathLike[str] | None = None,
         session: Any = None,
+        max_instance_bytes: int | None = DEFAULT_MAX_INSTANCE_BYTES,
+        max_series_bytes: int | None = DEFAULT_MAX_SERIES_BYTES,
     ) -> None:
+        _check_url(url)  # first: nothing below may see, log or send a URL with a password in it
+        for name, limit in (("max_instance_bytes", max_instance_bytes), ("max_series_bytes", max_series_bytes)):
+            if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+                raise ValueError(f"{name} must be a positive number of bytes or None (no limit), got {limit!r}")
         web, has_web = optional_import("dicomweb_client.api", name="DICOMwebClient")
         if not has_web:
             from monai.utils import OptionalImportError
@@ -242,9 +488,42 @@ class DICOMwebSource:
         # retries are ours (they also cover connection errors and broken streams, which the client's do not)
         self.client.set_http_retry_params(retry=False)
         self.fetched_instances = 0  # instances received from the server by this object, for reports and tests
+        self.received_bytes = 0  # bytes of WADO-RS responses received by this object
+        self.max_instance_bytes = max_instance_bytes
+        self.max_series_bytes = max_series_bytes
+        self._active: tuple[_Budget, str | None] | None = None  # the retrieval being metered, if any
+        self.session.hooks.setdefault("response", []).append(self._meter_response)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.safe_url!r}, cache_dir={str(self.cache_dir)!r})"
+
+    # --- metering retrievals ---------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _metered(self, budget: _Budget, sop: str | None = None) -> Iterator[None]:
+        """Meter the responses received inside the block against ``budget`` (one instance's when ``sop`` is given,
+        else a series stream's)."""
+        self._active = (budget, sop)
+        try:
+            yield
+        finally:
+            self._active = None
+
+    def _meter_response(self, response: Any, *args: Any, **kwargs: Any) -> Any:
+        """``requests`` response hook: called before the body is read; wraps it in a :class:`_MeteredBody`."""
+        if self._active is None or response.status_code >= 300 or response.raw is None:
+            return response
+        budget, sop = self._active
+        try:
+            length = int(response.headers.get("Content-Length", ""))
+        except ValueError:
+            length = None
+        metered = _MeteredBody(response.raw, budget, sop, _boundary(response.headers.get("Content-Type", "")), self)
+        if length is not None:  # announced too large: refused before a byte of the body is read
+            metered.check_series(budget.stored + length, "announced by the server")
+            if sop is not None:
+                metered.check_instance(length, "announced by the server")
+        response.raw = metered
+        return response
 
     # --- requests with retries --------------------------------------------------------------------------------------
     def _transient(self, error: BaseException) -> bool:
@@ -505,6 +784,8 @@ class DICOMwebSource:
             DICOMwebConnectionError: when the server cannot be reached after the retries.
             DICOMwebError: for a refusal (HTTP 4xx), a series the server lists no instance of, or a series in which
                 no instance has pixel data.
+            DICOMwebLimitError: when an instance or the series is larger than ``max_instance_bytes`` or
+                ``max_series_bytes`` (checked while it streams); what was written of the series is removed.
             Exception: whatever else a retrieval raised (the instances fetched before it stay in the cache).
         """
         folder = self.series_dir(record)
@@ -512,16 +793,18 @@ class DICOMwebSource:
         if self.cached_series(record) is not None:
             content = json.loads(self._marker(folder).read_text())
             return self._finish(record, folder, content["instances"], content.get("skipped", []), fetched=0)
-        folder.mkdir(parents=True, exist_ok=True)
         partial = self._partial_dir(folder)
-        partial.mkdir(parents=True, exist_ok=True)
-        for leftover in partial.glob("*.part"):  # from an interrupted run: never complete files
+        self._private_dirs(folder)
+        self._private_dirs(partial)
+        for leftover in [*partial.glob("*.part"), *partial.glob(".*.tmp")]:  # an interrupted write: never complete
             leftover.unlink(missing_ok=True)
         skipped = self._load_skipped(folder)
         count = record.get("num_instances")
         listed: list[str] = []
         received: list[str] = []
         before = self.fetched_instances
+        stored = sum(p.stat().st_size for p in folder.glob("*.dcm"))
+        budget = _Budget(study, series, self.max_instance_bytes, self.max_series_bytes, stored)
 
         def done() -> set[str]:
             return {p.stem for p in folder.glob("*.dcm")} | {s["SOPInstanceUID"] for s in skipped}
@@ -529,8 +812,9 @@ class DICOMwebSource:
         def fetch() -> None:
             have = done()
             if not have and not listed:
-                for dataset in self.client.iter_series(study, series, media_types=MEDIA_TYPES):
-                    received.append(self._store(dataset, folder, partial, skipped))
+                with self._metered(budget):
+                    for dataset in self.client.iter_series(study, series, media_types=MEDIA_TYPES):
+                        received.append(self._store(dataset, folder, partial, skipped, budget=budget))
                 if isinstance(count, int) and len(set(received)) == count:
                     listed.extend(dict.fromkeys(received))
                     return
@@ -538,10 +822,17 @@ class DICOMwebSource:
             if not listed:
                 listed.extend(self.instance_uids(study, series))
             for sop in [sop for sop in listed if sop not in have]:
-                dataset = self.client.retrieve_instance(study, series, sop, media_types=MEDIA_TYPES)
-                self._store(dataset, folder, partial, skipped, sop)
+                with self._metered(budget, sop):
+                    dataset = self.client.retrieve_instance(study, series, sop, media_types=MEDIA_TYPES)
+                self._store(dataset, folder, partial, skipped, sop, budget=budget)
 
-        self._retry(f"series {series} of study {study}", fetch, progress=lambda: self.fetched_instances)
+        try:
+            self._retry(f"series {series} of study {study}", fetch, progress=lambda: self.fetched_instances)
+        except DICOMwebLimitError as e:
+            # the series cannot be completed under these limits: keep no part of it
+            self.clear_series(record)
+            logger.warning("series %s of study %s: %s; removed from the cache", series, study, e)
+            raise DICOMwebLimitError(f"{e}; nothing of the series is kept in the cache") from None
         if not listed:
             raise DICOMwebError(f"{self.safe_url} lists no instance in series {series} of study {study}")
         have = done()
@@ -558,17 +849,15 @@ class DICOMwebSource:
         if stale:
             logger.warning("series %s: %d cached instances no longer on the server removed", series, len(stale))
         instances = [sop for sop in listed if sop in present]
-        write_json_atomic(
-            {
-                "StudyInstanceUID": study,
-                "SeriesInstanceUID": series,
-                "source": self.safe_url,
-                "retrieved": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "instances": instances,
-                "skipped": skipped,
-            },
-            self._marker(folder),
-        )
+        marker = {
+            "StudyInstanceUID": study,
+            "SeriesInstanceUID": series,
+            "source": self.safe_url,
+            "retrieved": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "instances": instances,
+            "skipped": skipped,
+        }
+        write_json(self._marker(folder), marker, permissions=CACHE_FILE_MODE)  # last: the series is complete
         self._skipped_file(folder).unlink(missing_ok=True)
         for empty in (partial, partial.parent):
             try:
@@ -576,6 +865,22 @@ class DICOMwebSource:
             except OSError:
                 pass
         return self._finish(record, folder, instances, skipped, fetched=self.fetched_instances - before)
+
+    def _private_dirs(self, folder: Path) -> None:
+        """Create ``folder`` and the missing folders above it up to the cache folder, each readable by its owner
+        only (``0700``, whatever the umask); the folders above the cache folder get the usual permissions."""
+        self.cache_dir.parent.mkdir(parents=True, exist_ok=True)
+        missing = []
+        path = folder
+        while not path.is_dir() and (path == self.cache_dir or self.cache_dir in path.parents):
+            missing.append(path)
+            path = path.parent
+        for path in reversed(missing):
+            try:
+                path.mkdir(mode=CACHE_DIR_MODE)
+            except FileExistsError:
+                continue  # made meanwhile by another process
+            os.chmod(path, CACHE_DIR_MODE)
 
     def _finish(self, record: dict, folder: Path, instances: list, skipped: list, fetched: int) -> Path:
         study, series = folder.parent.name, folder.name
@@ -602,7 +907,15 @@ class DICOMwebSource:
         except (OSError, ValueError, TypeError):
             return []
 
-    def _store(self, dataset: Any, folder: Path, partial: Path, skipped: list[dict], sop: str | None = None) -> str:
+    def _store(
+        self,
+        dataset: Any,
+        folder: Path,
+        partial: Path,
+        skipped: list[dict],
+        sop: str | None = None,
+        budget: _Budget | None = None,
+    ) -> str:
         """Write one retrieved instance into the series folder (or record it as skipped); returns its SOP UID."""
         self.fetched_instances += 1
         sop = _safe_uid(getattr(dataset, "SOPInstanceUID", None) or sop, "SOPInstanceUID")
@@ -612,17 +925,14 @@ class DICOMwebSource:
         if not _has_pixels(dataset):
             if sop not in {s["SOPInstanceUID"] for s in skipped}:
                 skipped.append({"SOPInstanceUID": sop, "reason": "no pixel data"})
-                write_json_atomic(skipped, self._skipped_file(folder))
+                write_json(self._skipped_file(folder), skipped, permissions=CACHE_FILE_MODE)
             logger.warning(
                 "series %s of study %s: instance %s has no pixel data; skipped", folder.name, folder.parent.name, sop
             )
             return sop
-        tmp = partial / f"{sop}.dcm.{os.getpid()}.part"
-        try:
-            _save_dataset(dataset, tmp)
-            os.replace(tmp, folder / f"{sop}.dcm")
-        finally:
-            tmp.unlink(missing_ok=True)
+        size = _save_dataset(dataset, folder / f"{sop}.dcm", tmp_dir=partial)
+        if budget is not None:
+            budget.stored += size
         return sop
 
     def clear_series(self, record: Mapping[str, Any]) -> None:
@@ -630,10 +940,14 @@ class DICOMwebSource:
         import shutil
 
         folder = self.series_dir(record)
+        self._marker(folder).unlink(missing_ok=True)  # first: the series stops counting as complete
         shutil.rmtree(folder, ignore_errors=True)
         shutil.rmtree(self._partial_dir(folder), ignore_errors=True)
-        self._marker(folder).unlink(missing_ok=True)
         self._skipped_file(folder).unlink(missing_ok=True)
+        try:
+            self._partial_dir(folder).parent.rmdir()  # the study's .partial folder, when no other series uses it
+        except OSError:
+            pass
 
 
 def _progress(items: Iterable[Any], show: bool, desc: str, total: int | None = None) -> Iterable[Any]:

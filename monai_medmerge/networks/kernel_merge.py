@@ -10,7 +10,14 @@ import torch
 from monai.utils import look_up_option
 from torch import nn
 
-from monai_medmerge.networks.units import MergeUnit, find_units, from_channel_major, to_channel_major
+from monai_medmerge.networks.units import (
+    MergeUnit,
+    find_units,
+    from_channel_major,
+    module_names,
+    tied_parameters,
+    to_channel_major,
+)
 from monai_medmerge.sources import check_compatible
 
 __all__ = ["KernelMerge", "GRANULARITIES", "DEFAULT_ANCHOR_WEIGHT"]
@@ -51,8 +58,10 @@ class KernelMerge(nn.Module):
 
     Raises:
         ValueError: when fewer than two sources are given, they differ in class, names or shapes, hold NaN or Inf
-            values, ``head`` does not exist or cannot be rebuilt, ``out_channels`` is given without ``head``,
-            ``granularity`` is unknown, or ``anchor``/``anchor_weight`` are out of range.
+            values, tie weights (one Parameter held by two modules; the message names both; a module reached under
+            two names, as in MONAI's DynUNet, is one unit and fine), ``head`` does not exist or cannot be rebuilt,
+            ``out_channels`` is given without ``head``, ``granularity`` is unknown, or ``anchor``/``anchor_weight``
+            are out of range.
 
     Example::
 
@@ -92,7 +101,19 @@ class KernelMerge(nn.Module):
                         f"head {head!r} is not a module of source {i} ({type(s).__name__}); "
                         f"candidates: {_linear_like_names(s)}."
                     )
-        check_compatible(sources, exclude=[head] if head is not None else ())
+        excluded = [head] if head is not None else []
+        if head is not None and len(sources) and isinstance(sources[0], nn.Module):
+            # a head reached under several names (DynUNet's deep-supervision heads) is left out under all of them
+            excluded = module_names(sources[0], sources[0].get_submodule(head))
+        check_compatible(sources, exclude=excluded)
+        for i, s in enumerate(sources):
+            tied = tied_parameters(s)
+            if tied:
+                shown = "; ".join(" and ".join(names) for names in tied[:5])
+                raise ValueError(
+                    f"source {i} ({type(s).__name__}) ties weights: one Parameter is held by different modules "
+                    f"({shown}); tied weights cannot be merged yet."
+                )
         n = len(sources)
         if head is not None and out_channels is None:
             sizes = [_head_size(s.get_submodule(head)) for s in sources]
@@ -115,11 +136,7 @@ class KernelMerge(nn.Module):
         self.anchor_weight = anchor_weight
         ref = sources[0 if anchor is None else anchor]
 
-        unique = dict(ref.named_parameters())
-        tied = [name for name, _ in ref.named_parameters(remove_duplicate=False) if name not in unique]
-        if tied:
-            raise ValueError(f"parameters shared between modules (tied weights) cannot be merged yet: {tied[:5]}.")
-        template = copy.deepcopy(ref)
+        template = _copy_network(ref)
         if head is not None:
             _replace_head(template, head, out_channels)
         self.units: list[MergeUnit] = find_units(template, exclude=head)
@@ -269,11 +286,12 @@ class KernelMerge(nn.Module):
         """A plain network of the sources' class holding the merged weights and the new head, in eval mode.
 
         It does not depend on this package: its ``state_dict`` has the keys of the sources (with the new head's
-        shapes), and in eval mode its outputs equal this module's outputs in eval mode.
+        shapes; a module reached under several names, as in DynUNet, under each of them with the same values), and
+        in eval mode its outputs equal this module's outputs in eval mode.
         """
         with torch.no_grad():
             merged = {k: v.detach().clone() for k, v in self.merged_parameters().items()}
-        plain = copy.deepcopy(self.network)
+        plain = _copy_network(self.network)
         # register in the sources' order (merged is in storage-group order), so state_dict() keys come out the same
         for full in (name for unit in self.units for name in unit.full_names()):
             value = merged[full]
@@ -288,6 +306,25 @@ class KernelMerge(nn.Module):
             f"num_sources={self.num_sources}, granularity={self.granularity!r}, head={self.head!r}, "
             f"anchor={self.anchor}, coefficients={self.merge_logits.numel()}"
         )
+
+
+def _copy_network(network: nn.Module) -> nn.Module:
+    """``copy.deepcopy(network)``, also for a network that keeps activations of its last forward.
+
+    DynUNet with deep supervision stores its heads' outputs in a plain list attribute; after a forward with
+    gradients they are non-leaf tensors, which ``deepcopy`` refuses. They are copied detached (every forward
+    overwrites them); parameters, buffers and the sharing of modules and lists are copied as ``deepcopy`` does.
+    """
+    memo: dict[int, object] = {}
+    for module in network.modules():
+        for name, value in vars(module).items():
+            if name in ("_parameters", "_buffers", "_modules"):
+                continue
+            items = value.values() if isinstance(value, dict) else value if isinstance(value, list | tuple) else [value]
+            for t in items:
+                if isinstance(t, torch.Tensor) and t.grad_fn is not None:
+                    memo[id(t)] = t.detach()
+    return copy.deepcopy(network, memo)
 
 
 def _ref_device(module: nn.Module) -> torch.device:
@@ -371,6 +408,7 @@ def _replace_head(template: nn.Module, head: str, out_channels: int | None) -> N
     ref = next(old.parameters(), None)
     if ref is not None:
         new = new.to(device=ref.device, dtype=ref.dtype)
-    parent_name, _, local = head.rpartition(".")
-    parent = template.get_submodule(parent_name)
-    setattr(parent, local, new)
+    # every parent that holds the old head (DynUNet holds a deep-supervision head in a list and in a skip layer)
+    for name in module_names(template, old):
+        parent_name, _, local = name.rpartition(".")
+        setattr(template.get_submodule(parent_name), local, new)

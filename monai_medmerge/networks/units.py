@@ -10,7 +10,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-__all__ = ["MergeUnit", "find_units", "to_channel_major", "from_channel_major"]
+__all__ = ["MergeUnit", "find_units", "from_channel_major", "module_names", "tied_parameters", "to_channel_major"]
 
 # Modules whose every parameter has the output channels on axis 0 (bias shares the kernel's coefficient).
 _AXIS0_TYPES = (_ConvNd, nn.Linear, _BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm)
@@ -49,17 +49,32 @@ def find_units(network: nn.Module, exclude: str | None = None) -> list[MergeUnit
     channel. Any other parameter (a PReLU slope, an embedding, a custom layer's tensor) becomes a whole-tensor
     unit with a single coefficient per source, so that nothing is left unmerged.
 
+    A module reached under several names (MONAI's DynUNet reaches its encoder, decoder and deep-supervision heads
+    both as ``input_block``/``downsamples``/... and through ``skip_layers``) is one unit, named by its first name in
+    ``named_modules`` order; its parameters are merged once.
+
     Args:
         network: the template network.
-        exclude: dotted name of a module (the replaced head) whose parameters are not merged.
+        exclude: dotted name of a module (the replaced head) whose parameters are not merged. The module is
+            left out under every name it is reached by.
 
     Returns:
         the units; every parameter of ``network`` outside ``exclude`` belongs to exactly one.
+
+    Raises:
+        ValueError: when ``exclude`` is not a module of ``network``.
     """
+    excluded: set[int] = set()
+    if exclude is not None:
+        try:
+            excluded = {id(m) for m in network.get_submodule(exclude).modules()}
+        except AttributeError as e:
+            raise ValueError(f"exclude {exclude!r} is not a module of {type(network).__name__}: {e}") from e
     units: list[MergeUnit] = []
-    covered: set[str] = set()
+    covered: set[int] = set()
+    # named_modules() and named_parameters() yield each module and parameter once, under its first name
     for mod_name, module in network.named_modules():
-        if exclude is not None and (mod_name == exclude or mod_name.startswith(exclude + ".")):
+        if id(module) in excluded:
             continue
         own = [(n, p) for n, p in module.named_parameters(recurse=False) if p is not None]
         if not own:
@@ -72,13 +87,37 @@ def find_units(network: nn.Module, exclude: str | None = None) -> list[MergeUnit
             continue
         names = tuple(n for n, _ in own)
         units.append(MergeUnit(mod_name, mod_name, names, int(channels), groups))
-        covered.update(u for u in units[-1].full_names())
-    for full, _ in network.named_parameters():
-        if full in covered or (exclude is not None and (full.startswith(exclude + "."))):
+        covered.update(id(p) for _, p in own)
+    excluded_params = {id(p) for m in network.modules() if id(m) in excluded for p in m.parameters(recurse=False)}
+    for full, p in network.named_parameters():
+        if id(p) in covered or id(p) in excluded_params:
             continue
         mod_name, _, local = full.rpartition(".")
         units.append(MergeUnit(full, mod_name, (local,), 1, 0, whole=True))
     return units
+
+
+def module_names(network: nn.Module, module: nn.Module) -> list[str]:
+    """Every dotted name under which ``network`` reaches ``module`` (one for most networks; more for DynUNet)."""
+    return [name for name, m in network.named_modules(remove_duplicate=False) if m is module]
+
+
+def tied_parameters(network: nn.Module) -> list[tuple[str, ...]]:
+    """Real weight tying: each group of names under which one ``nn.Parameter`` is held by different modules.
+
+    A module reached under several names is not tying (its parameters are reached under several names too, but
+    they are one module's, and merge as one unit); one Parameter assigned to two modules (or to two attributes of
+    one module), as in a language model whose output layer reuses its embedding, is.
+
+    Returns:
+        one tuple of parameter names per tied Parameter, in ``named_modules`` order; empty when nothing is tied.
+    """
+    owners: dict[int, dict[tuple[int, str], str]] = {}
+    for mod_name, module in network.named_modules(remove_duplicate=False):
+        for local, p in module.named_parameters(recurse=False, remove_duplicate=False):
+            full = f"{mod_name}.{local}" if mod_name else local
+            owners.setdefault(id(p), {}).setdefault((id(module), local), full)
+    return [tuple(names.values()) for names in owners.values() if len(names) > 1]
 
 
 def to_channel_major(t: torch.Tensor, unit: MergeUnit) -> torch.Tensor:

@@ -1,9 +1,13 @@
-"""Training workflows: two-phase merge training (coefficients, then fine-tuning) and evaluation metrics."""
+"""Two-phase merge training on MONAI engines (phase 1: merge coefficients and a new head; phase 2: fine-tuning),
+evaluation and metrics. The bundle configs and these Python functions build their engines with the same
+:func:`~monai_medmerge.workflows.engines.phase_trainer` and :func:`~monai_medmerge.workflows.engines.phase_evaluator`.
+"""
 
 from __future__ import annotations
 
-from monai_medmerge.workflows.loops import History, evaluate, fine_tune, fit, learn_coefficients, predict, split_batch
+from monai_medmerge.workflows.engines import phase1_network, phase_evaluator, phase_trainer
 from monai_medmerge.workflows.metrics import classification_metrics, confusion_matrix
+from monai_medmerge.workflows.training import History, evaluate, fine_tune, fit, learn_coefficients, predict
 
 __all__ = [
     "History",
@@ -13,6 +17,8 @@ __all__ = [
     "fine_tune",
     "fit",
     "learn_coefficients",
+    "phase1_network",
+    "phase_evaluator",
+    "phase_trainer",
     "predict",
-    "split_batch",
 ]

@@ -1,15 +1,20 @@
-"""The pieces that the bundle configs put on MONAI/Ignite engines for two-phase merge training.
+"""Two-phase merge training on MONAI engines: the ONE implementation the bundle configs and the Python API share.
 
-Phase 1 trains the merge coefficients and the new head of a :class:`~monai_medmerge.networks.KernelMerge` (a
-``SupervisedTrainer`` over :func:`merge_parameter_groups`); :func:`collapse_merge` turns its best checkpoint into a
-plain network with recomputed norm statistics; phase 2 fine-tunes that network. :class:`ClassificationScore` gives
-macro-F1, accuracy, balanced accuracy and AUROC as Ignite metrics (gathered across processes under torchrun);
-:class:`ResumableCheckpoint` and :class:`PhaseMarker` let an interrupted run continue where it stopped.
+:func:`phase_evaluator` and :func:`phase_trainer` build a phase: a MONAI ``SupervisedTrainer`` that validates with a
+``SupervisedEvaluator`` every epoch, keeps the state of the best validation macro-F1 (in memory and, when asked, in a
+file), stops early after ``patience`` epochs without improvement and shows a progress bar. Phase 1 trains the merge
+coefficients and the new head of a :class:`~monai_medmerge.networks.KernelMerge` (:func:`phase1_network`,
+:func:`merge_parameter_groups`); :func:`collapse_merge` turns its best state into a plain network with recomputed
+norm statistics; phase 2 fine-tunes that network. ``bundles/medmerge_classification/configs/train.yaml`` builds its
+engines with these functions, and :func:`monai_medmerge.workflows.fit` (with ``learn_coefficients`` and
+``fine_tune`` on top) calls them too. :class:`ClassificationScore` gives the scores as Ignite metrics (gathered
+across processes under torchrun); :class:`ResumableCheckpoint` and :class:`PhaseMarker` let an interrupted run
+continue where it stopped.
 """
 
 from __future__ import annotations
 
-import json
+import copy
 import logging
 import os
 import re
@@ -19,34 +24,38 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.handlers import CheckpointSaver
+from monai.engines import SupervisedEvaluator, SupervisedTrainer, default_prepare_batch
 from monai.utils import optional_import
 from torch import nn
 
+from monai_medmerge.io import atomic_write, write_json
 from monai_medmerge.merging import get_method, recalibrate_norm
 from monai_medmerge.networks import KernelMerge
-from monai_medmerge.sources import load_checkpoint, load_source
-from monai_medmerge.workflows.metrics import classification_metrics
+from monai_medmerge.sources import load_checkpoint, load_source, state_dict_diff
+from monai_medmerge.workflows.metrics import SCORES, classification_metrics
 
 Events, _ = optional_import("ignite.engine", name="Events")
 Metric, has_ignite = optional_import("ignite.metrics", name="Metric", as_type="base")
 reinit__is_reduced, _ = optional_import("ignite.metrics.metric", name="reinit__is_reduced", as_type="decorator")
+ProgressBar, _ = optional_import("ignite.handlers", name="ProgressBar")
 
 __all__ = [
     "SCORES",
-    "AtomicCheckpointSaver",
+    "BestState",
     "ClassificationScore",
     "PhaseMarker",
     "ResumableCheckpoint",
-    "build_merge",
     "collapse_merge",
     "latest_checkpoint",
     "load_sources",
     "merge_parameter_groups",
+    "phase1_network",
     "phase_completed",
+    "phase_evaluator",
+    "phase_trainer",
+    "save_states",
+    "without_ddp",
 ]
-
-SCORES = ("macro_f1", "accuracy", "balanced_accuracy", "auroc")
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +67,9 @@ def load_sources(specs: Sequence[str | os.PathLike | Mapping[str, Any]]) -> list
         specs: one entry per source: a bundle folder (path), or a mapping with either ``bundle`` (a folder) or
             ``checkpoint`` (a ``.pt``/``.safetensors`` file, loaded without unpickling code) plus ``network_def``
             (a MONAI config with a full dotted ``_target_``, or a module); optional ``key`` (the checkpoint entry
-            that holds the state dict) and ``strict``.
+            that holds the state dict) and ``strict``; a ``bundle`` entry may set ``trust_config: true`` to evaluate
+            that bundle's config as MONAI does (by default it is read as data, see
+            :func:`~monai_medmerge.sources.load_source`).
 
     Returns:
         the networks, in eval mode, in the order given.
@@ -74,16 +85,18 @@ def load_sources(specs: Sequence[str | os.PathLike | Mapping[str, Any]]) -> list
             continue
         if not isinstance(spec, Mapping):
             raise ValueError(f"sources[{i}] must be a bundle folder or a mapping, got {type(spec).__name__}.")
-        unknown = sorted(set(spec) - {"bundle", "checkpoint", "network_def", "key", "strict"})
+        unknown = sorted(set(spec) - {"bundle", "checkpoint", "network_def", "key", "strict", "trust_config"})
         if unknown:
             raise ValueError(
                 f"sources[{i}] has unknown field(s) {unknown}; expected bundle, or checkpoint + network_def "
-                "(optional key, strict)."
+                "(optional key, strict, trust_config)."
             )
         if ("bundle" in spec) == ("checkpoint" in spec):
             raise ValueError(f"sources[{i}] needs exactly one of 'bundle' or 'checkpoint', got fields {sorted(spec)}.")
         if "checkpoint" in spec and spec.get("network_def") is None:
             raise ValueError(f"sources[{i}]: checkpoint {spec['checkpoint']} needs a 'network_def'.")
+        if not isinstance(spec.get("trust_config", False), bool):
+            raise ValueError(f"sources[{i}]: trust_config must be true or false, got {spec['trust_config']!r}.")
     out = []
     for spec in specs:
         if isinstance(spec, (str, os.PathLike)):
@@ -91,7 +104,13 @@ def load_sources(specs: Sequence[str | os.PathLike | Mapping[str, Any]]) -> list
             continue
         path = spec.get("bundle", spec.get("checkpoint"))
         out.append(
-            load_source(path, spec.get("network_def"), key=spec.get("key"), strict=bool(spec.get("strict", True)))
+            load_source(
+                path,
+                spec.get("network_def"),
+                key=spec.get("key"),
+                strict=bool(spec.get("strict", True)),
+                trust_config=spec.get("trust_config", False),
+            )
         )
     return out
 
@@ -110,7 +129,7 @@ def _image_batches(loader: Iterable | None, max_batches: int, key: str = "image"
     return batches
 
 
-def build_merge(
+def phase1_network(
     sources: Sequence[nn.Module],
     head: str,
     num_classes: int,
@@ -175,8 +194,10 @@ def merge_parameter_groups(network: nn.Module, coef_lr: float, head_lr: float) -
     return groups
 
 
-def _unwrap(network: nn.Module) -> nn.Module:
-    return network.module if hasattr(network, "module") and isinstance(network.module, nn.Module) else network
+def without_ddp(network: nn.Module) -> nn.Module:
+    """The network inside a ``DistributedDataParallel`` (or ``DataParallel``) wrapper; any other network as it is."""
+    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    return network.module if isinstance(network, wrappers) else network
 
 
 def collapse_merge(
@@ -192,8 +213,8 @@ def collapse_merge(
 
     Args:
         merge: the phase-1 :class:`KernelMerge` (possibly wrapped in DistributedDataParallel).
-        checkpoint: the best phase-1 checkpoint (a state dict of ``merge``, as the bundle's CheckpointSaver writes
-            it); ``None`` uses ``merge`` as it is.
+        checkpoint: the best phase-1 checkpoint (a state dict of ``merge``, as :class:`BestState` writes it);
+            ``None`` uses ``merge`` as it is.
         loader: target training batches for norm recalibration (dicts with ``"image"``); ``None`` keeps the
             anchor's statistics.
         device: device of the returned network.
@@ -206,7 +227,7 @@ def collapse_merge(
         ValueError: when the checkpoint was written for other sources or another order, or when the collapsed
             network does not fit ``network_def`` (the message lists the first differences).
     """
-    merge = _unwrap(merge)
+    merge = without_ddp(merge)
     if not isinstance(merge, KernelMerge):
         raise ValueError(f"collapse_merge needs a KernelMerge, got {type(merge).__name__}.")
     if checkpoint is not None:
@@ -221,14 +242,14 @@ def collapse_merge(
         merge.load_state_dict(state)
     plain = merge.collapse()
     if network_def is not None:
-        try:
-            network_def.load_state_dict(plain.state_dict(), strict=True)
-        except RuntimeError as e:
+        problems = state_dict_diff(network_def, plain.state_dict(), source="the collapsed merge")
+        if problems:
             raise ValueError(
                 f"the collapsed merge ({type(plain).__name__}) does not fit network_def "
                 f"({type(network_def).__name__}): set network_def to the sources' architecture with the target's "
-                f"number of classes. {str(e)[:600]}"
-            ) from e
+                f"number of classes. {'; '.join(problems)}"
+            )
+        network_def.load_state_dict(plain.state_dict(), strict=True)
         plain = network_def
     plain = plain.to(device)
     if loader is not None:
@@ -237,13 +258,14 @@ def collapse_merge(
 
 
 class ClassificationScore(Metric):
-    """One classification score as an Ignite metric, computed over the whole epoch from softmax outputs.
+    """One classification score as an Ignite metric, computed over the whole epoch from class scores.
 
     ``score`` is one of ``macro_f1`` (the primary metric), ``accuracy``, ``balanced_accuracy`` or ``auroc``
-    (macro one-vs-rest, NaN when a class is missing). Under torch.distributed the predictions of every process are
-    gathered first, so every rank reports the same value. The engine output is turned into ``(pred, label)`` by
-    ``output_transform`` (default: ``monai.handlers.from_engine(["pred", "label"])``); ``pred`` holds class scores
-    per item, ``label`` a class index or a one-hot vector.
+    (macro one-vs-rest; see :func:`~monai_medmerge.workflows.metrics.classification_metrics`). Under
+    torch.distributed the predictions of every process are gathered first, so every rank reports the same value. The
+    engine output is turned into ``(pred, label)`` by ``output_transform`` (default:
+    ``monai.handlers.from_engine(["pred", "label"])``); ``pred`` holds probabilities or logits per item, ``label`` a
+    class index or a one-hot vector; batched tensors and decollated lists both work.
 
     Args:
         score: which score.
@@ -298,6 +320,29 @@ class ClassificationScore(Metric):
         return float(scores[self.score])
 
 
+def _rank0() -> bool:
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return not dist or torch.distributed.get_rank() == 0
+
+
+def _state(obj: Any) -> Any:
+    return without_ddp(obj).state_dict() if isinstance(obj, nn.Module) else obj.state_dict()
+
+
+def save_states(objects: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write the state dicts of ``objects`` to ``path`` atomically (a kill leaves the old file or the new one).
+
+    One object is written as its bare state dict (what ``load_state_dict`` and exported bundles expect), several as
+    ``{name: state dict}`` (what ``monai.handlers.CheckpointLoader`` reads). Networks are unwrapped from
+    DistributedDataParallel first.
+    """
+    states = {name: _state(obj) for name, obj in objects.items()}
+    data = next(iter(states.values())) if len(states) == 1 else states
+    with atomic_write(path, "wb") as f:
+        torch.save(data, f)
+    return Path(path)
+
+
 _EPOCH = re.compile(r"_checkpoint_epoch=(\d+)\.pt$")
 
 
@@ -311,60 +356,15 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str) -> Path | None:
     return max(found)[1] if found else None
 
 
-BaseSaveHandler, _ = optional_import("ignite.handlers.checkpoint", name="BaseSaveHandler", as_type="base")
-
-
-class _SaveBeforeRemove(BaseSaveHandler):
-    """Wraps an Ignite disk saver: write the new checkpoint atomically first, delete the old ones after.
-
-    Ignite's ``Checkpoint`` deletes the oldest file *before* it writes the new one, so with ``n_saved=1`` a process
-    killed while saving leaves no checkpoint at all; and MONAI's fixed-name saver deletes the very file it is about to
-    replace. Here removals wait until the new file is in place, and a fixed-name file is only ever replaced.
-    """
-
-    def __init__(self, handler) -> None:
-        self.handler = handler
-        self.handler._atomic = True
-        self.pending: list[str] = []
-
-    def __call__(self, checkpoint, filename: str, metadata=None) -> None:
-        self.handler(checkpoint, filename, metadata)
-        fixed = getattr(self.handler, "filename", None)
-        pending, self.pending = self.pending, []
-        if fixed is None:
-            for old in pending:
-                if old != filename:
-                    self.handler.remove(old)
-
-    def remove(self, filename: str) -> None:
-        self.pending.append(filename)
-
-
-class AtomicCheckpointSaver(CheckpointSaver):
-    """MONAI's ``CheckpointSaver`` (same arguments), made safe against a run killed while it saves.
-
-    Each file is written under a temporary name in the same folder and renamed into place, and older checkpoints
-    are deleted only after the new one is complete. MONAI's saver writes in place and Ignite deletes the previous
-    checkpoint before writing the next: the bundle's resume test, killing a run as the file appeared, found an
-    empty ``.pt``, and a kill inside a save could leave no checkpoint at all.
-    """
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
-            if ckpt is not None:
-                ckpt.save_handler = _SaveBeforeRemove(ckpt.save_handler)
-
-
 class ResumableCheckpoint:
     """Periodic checkpoints of a phase and, with ``resume``, continuing from the latest one.
 
     At the end of every ``interval`` epochs it saves ``save_dict`` plus the trainer itself (its epoch and
-    iteration) as ``{prefix}_checkpoint_epoch=N.pt`` in ``ckpt_dir``, keeping the newest only (MONAI
-    ``CheckpointSaver``, written atomically; only process 0 writes under torch.distributed). With ``resume`` true,
-    when the trainer starts it restores the newest such file with ``weights_only`` loading, so the trainer
-    continues with the next epoch; without a checkpoint it starts from the beginning. The trainer is taken from the
-    engine the handler is attached to, so configs need not reference the trainer from its own handlers.
+    iteration) as ``{prefix}_checkpoint_epoch=N.pt`` in ``ckpt_dir`` (written atomically; only process 0 writes
+    under torch.distributed); older files of the phase are deleted only after the new one is complete, so a run
+    killed at any moment leaves a whole checkpoint. With ``resume`` true, when the trainer starts it restores the
+    newest such file (MONAI ``CheckpointLoader``, ``weights_only`` loading), so the trainer continues with the next
+    epoch; without a checkpoint it starts from the beginning. The trainer is the engine the handler is attached to.
 
     Args:
         ckpt_dir: folder of the checkpoints.
@@ -373,6 +373,9 @@ class ResumableCheckpoint:
         resume: continue from the latest checkpoint if there is one.
         interval: save every this many epochs.
         map_location: passed to ``torch.load``.
+
+    Raises:
+        ValueError: when ``save_dict`` holds ``"trainer"`` (the engine is added) or ``interval`` < 1.
     """
 
     def __init__(
@@ -386,6 +389,8 @@ class ResumableCheckpoint:
     ) -> None:
         if "trainer" in save_dict:
             raise ValueError("save_dict must not hold 'trainer': the engine the handler is attached to is added.")
+        if int(interval) < 1:
+            raise ValueError(f"interval must be >= 1, got {interval}.")
         self.ckpt_dir = Path(ckpt_dir)
         self.prefix = prefix
         self.save_dict = dict(save_dict)
@@ -397,16 +402,15 @@ class ResumableCheckpoint:
     def attach(self, engine) -> None:
         objects = {**self.save_dict, "trainer": engine}
         engine.add_event_handler(Events.STARTED, self._restore, objects)
-        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if not dist or torch.distributed.get_rank() == 0:
-            AtomicCheckpointSaver(
-                save_dir=str(self.ckpt_dir),
-                save_dict=objects,
-                file_prefix=self.prefix,
-                save_interval=self.interval,
-                n_saved=1,
-                epoch_level=True,
-            ).attach(engine)
+        if _rank0():
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self._save, objects)
+
+    def _save(self, engine, objects) -> None:
+        path = self.ckpt_dir / f"{self.prefix}_checkpoint_epoch={engine.state.epoch}.pt"
+        save_states(objects, path)
+        for old in self.ckpt_dir.glob(f"{self.prefix}_checkpoint_epoch=*.pt"):
+            if old != path and _EPOCH.search(old.name):
+                old.unlink(missing_ok=True)
 
     def _restore(self, engine, objects) -> None:
         if not self.resume:
@@ -422,9 +426,54 @@ class ResumableCheckpoint:
         logger.info(f"resume: {self.prefix} continues after epoch {engine.state.epoch} from {path}")
 
 
+class BestState:
+    """Keep the network's state of the best validation score: in memory (restored when the trainer completes, so
+    the network ends in its best state) and, with ``path``, in a file (process 0 only, written atomically).
+
+    Attached to the evaluator, it acts when MONAI's evaluator has just recorded a new best key metric
+    (``state.best_metric_epoch`` equals the epoch that ran); it also copies the best score and epoch into the
+    trainer's state, so that handlers of the trainer (e.g. :class:`PhaseMarker`) report the validation best.
+
+    Args:
+        network: the network whose state is kept (possibly DistributedDataParallel; the file holds the bare state).
+        trainer: the trainer of the phase.
+        path: a file for the best state (``None``: none).
+        restore: load the best state into ``network`` when the trainer completes.
+    """
+
+    def __init__(
+        self, network: nn.Module, trainer, path: str | os.PathLike | None = None, restore: bool = True
+    ) -> None:
+        self.network = network
+        self.trainer = trainer
+        self.path = None if path is None else Path(path)
+        self.restore = bool(restore)
+        self.best: dict[str, torch.Tensor] | None = None
+
+    def attach(self, evaluator) -> None:
+        evaluator.add_event_handler(Events.EPOCH_COMPLETED, self)
+        if self.restore:
+            self.trainer.add_event_handler(Events.COMPLETED, self._restore)
+
+    def __call__(self, evaluator) -> None:
+        state = evaluator.state
+        self.trainer.state.best_metric = state.best_metric
+        self.trainer.state.best_metric_epoch = state.best_metric_epoch
+        if state.best_metric_epoch != state.epoch:
+            return
+        if self.restore:
+            self.best = copy.deepcopy(self.network.state_dict())
+        if self.path is not None and _rank0():
+            save_states({"network": self.network}, self.path)
+
+    def _restore(self, _engine) -> None:
+        if self.best is not None:
+            self.network.load_state_dict(self.best)
+
+
 class PhaseMarker:
     """Write ``path`` (JSON: epochs run, best validation score) when a phase completes, including after early
-    stopping, so that a resumed run skips a finished phase. Written to a temporary file, then renamed.
+    stopping, so that a resumed run skips a finished phase. Written atomically.
 
     Args:
         path: the marker file.
@@ -439,28 +488,22 @@ class PhaseMarker:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine) -> None:
-        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if self.rank0_only and dist and torch.distributed.get_rank() != 0:
+        if self.rank0_only and not _rank0():
             return
         state = engine.state
         info = {
             "epochs": int(state.epoch),
             "iterations": int(state.iteration),
-            "best_metric": getattr(state, "best_metric", None),
-            "best_metric_epoch": getattr(state, "best_metric_epoch", None),
+            "best_metric": _plain(getattr(state, "best_metric", None)),
+            "best_metric_epoch": _plain(getattr(state, "best_metric_epoch", None)),
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(info, default=_json_default) + "\n")
-        os.replace(tmp, self.path)
+        write_json(self.path, info, indent=None)
 
 
-def _json_default(v):
-    if isinstance(v, (np.floating, np.integer)):
+def _plain(v):
+    if isinstance(v, (np.floating, np.integer, torch.Tensor)):
         return v.item()
-    if isinstance(v, torch.Tensor):
-        return v.item()
-    return str(v)
+    return v
 
 
 def phase_completed(marker: str | os.PathLike, resume: bool) -> bool:
@@ -469,3 +512,145 @@ def phase_completed(marker: str | os.PathLike, resume: bool) -> bool:
     if done:
         logger.info(f"resume: {marker} says this phase completed earlier; skipping it")
     return done
+
+
+def _scores_of_logits(output: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.softmax(output["pred"].float(), dim=1), output["label"]
+
+
+def phase_evaluator(
+    network: nn.Module,
+    val_data_loader: Iterable,
+    device: torch.device | str = "cpu",
+    num_classes: int | None = None,
+    val_handlers: Sequence | None = None,
+    prefix: str = "val",
+    inferer: Any = None,
+    prepare_batch: Callable = default_prepare_batch,
+    amp: bool = False,
+) -> SupervisedEvaluator:
+    """The validation engine of a phase: a MONAI ``SupervisedEvaluator`` with ``{prefix}_macro_f1`` as its key
+    metric and ``{prefix}_accuracy``, ``{prefix}_balanced_accuracy`` and ``{prefix}_auroc`` beside it, computed
+    from the softmax of the network's outputs over the whole loader.
+
+    Args:
+        network: the network to validate (the trainer's network).
+        val_data_loader: validation batches: dicts with ``image``/``label`` or ``(image, label)`` pairs.
+        device: where to run.
+        num_classes: classes of the task (default: the width of the network's output).
+        val_handlers: more handlers of the evaluator (statistics, TensorBoard).
+        prefix: name prefix of the metrics.
+        inferer: a MONAI inferer (default: ``SimpleInferer``).
+        prepare_batch: how a batch becomes ``(input, label)`` (MONAI's default reads both batch forms above).
+        amp: automatic mixed precision.
+    """
+    metrics = {
+        f"{prefix}_{score}": ClassificationScore(score, num_classes, output_transform=_scores_of_logits)
+        for score in SCORES
+    }
+    key = f"{prefix}_macro_f1"
+    return SupervisedEvaluator(
+        device=device,
+        val_data_loader=val_data_loader,
+        network=network,
+        inferer=inferer,
+        prepare_batch=prepare_batch,
+        key_val_metric={key: metrics.pop(key)},
+        additional_metrics=metrics,
+        val_handlers=list(val_handlers or []),
+        amp=amp,
+        decollate=False,
+    )
+
+
+def phase_trainer(
+    network: nn.Module,
+    train_data_loader: Iterable,
+    evaluator: SupervisedEvaluator,
+    optimizer: torch.optim.Optimizer,
+    max_epochs: int,
+    device: torch.device | str = "cpu",
+    loss_function: Callable | None = None,
+    patience: int | None = None,
+    val_interval: int = 1,
+    best_path: str | os.PathLike | None = None,
+    restore_best: bool = True,
+    checkpoint: ResumableCheckpoint | None = None,
+    train_handlers: Sequence | None = None,
+    progress: bool = True,
+    desc: str = "train",
+    prepare_batch: Callable = default_prepare_batch,
+    amp: bool = False,
+) -> SupervisedTrainer:
+    """The training engine of a phase (phase 1, phase 2 or a fine-tuning baseline), with its semantics attached.
+
+    A MONAI ``SupervisedTrainer`` that, in this order at the end of every ``val_interval`` epochs: runs
+    ``evaluator``; keeps the network's state of the best validation key metric (:class:`BestState`, restored when
+    the phase completes; also written to ``best_path``); stops after ``patience`` validations without improvement
+    (MONAI ``EarlyStopHandler``); saves ``checkpoint`` (after validation, so a checkpoint includes its epoch's
+    validation). A progress bar labelled ``desc`` shows the epochs when ``progress``. ``train_handlers`` come last.
+
+    Args:
+        network: the network to train (possibly DistributedDataParallel).
+        train_data_loader: training batches: dicts with ``image``/``label`` or ``(image, label)`` pairs.
+        evaluator: the validation engine (:func:`phase_evaluator`) of the same network.
+        optimizer: the optimizer (Adam over :func:`merge_parameter_groups` in phase 1).
+        max_epochs: the most epochs to run.
+        device: where to train.
+        loss_function: ``loss(pred, label)``; default cross-entropy.
+        patience: stop after this many validations without improvement (``None``: run every epoch).
+        val_interval: validate every this many epochs.
+        best_path: a file for the best state (process 0 writes it).
+        restore_best: load the best state into ``network`` when the phase completes.
+        checkpoint: periodic checkpoints and resuming (:class:`ResumableCheckpoint`).
+        train_handlers: more handlers of the trainer (markers, statistics, TensorBoard).
+        progress: show a progress bar.
+        desc: the progress bar's label: say what is trained, e.g. ``"phase 2: fine-tune (MedMerge)"``.
+        prepare_batch: how a batch becomes ``(input, label)``.
+        amp: automatic mixed precision.
+
+    Raises:
+        ValueError: when ``max_epochs``, ``patience`` or ``val_interval`` is below 1.
+    """
+    from monai.handlers import EarlyStopHandler, ValidationHandler
+
+    if int(max_epochs) < 1:
+        raise ValueError(f"max_epochs must be >= 1, got {max_epochs}.")
+    if patience is not None and int(patience) < 1:
+        raise ValueError(f"patience must be >= 1 or None, got {patience}.")
+    if int(val_interval) < 1:
+        raise ValueError(f"val_interval must be >= 1, got {val_interval}.")
+    trainer = SupervisedTrainer(
+        device=device,
+        max_epochs=int(max_epochs),
+        train_data_loader=train_data_loader,
+        network=network,
+        optimizer=optimizer,
+        loss_function=loss_function if loss_function is not None else nn.CrossEntropyLoss(),
+        prepare_batch=prepare_batch,
+        amp=amp,
+        decollate=False,
+        optim_set_to_none=True,
+    )
+    ValidationHandler(interval=int(val_interval), validator=evaluator, epoch_level=True).attach(trainer)
+    BestState(network, trainer, best_path, restore=restore_best).attach(evaluator)
+    if patience is not None:
+        EarlyStopHandler(patience=int(patience), score_function=_key_metric, trainer=trainer, epoch_level=True).attach(
+            evaluator
+        )
+    if checkpoint is not None:
+        checkpoint.attach(trainer)
+    if progress:
+        ProgressBar(desc=desc, persist=False).attach(trainer, output_transform=_loss_of)
+    for handler in train_handlers or []:
+        handler.attach(trainer)
+    return trainer
+
+
+def _key_metric(engine) -> float:
+    return float(engine.state.metrics[engine.state.key_metric_name])
+
+
+def _loss_of(output) -> dict[str, float]:
+    loss = output["loss"] if isinstance(output, Mapping) else output[0]["loss"]
+    return {"loss": float(loss.detach())}

@@ -45,3 +45,28 @@ def run_bundle(bundle_root: Path, configs: list[str], args: list[str], run_id: s
     proc = subprocess.run(cmd, cwd=bundle_root, capture_output=True, text=True, timeout=timeout)
     proc.stdout = proc.stdout + proc.stderr
     return proc
+
+
+META_SCHEMA_NAME = "meta_schema_20240725.json"
+META_SCHEMA = Path(__file__).resolve().parents[3] / "shared" / "monai" / META_SCHEMA_NAME
+
+
+def metadata_schema() -> dict:
+    """MONAI's bundle metadata schema, to validate metadata offline: the file ``$MEDMERGE_META_SCHEMA``, else
+    ``../shared/monai/meta_schema_20240725.json`` beside the checkout. Skips the calling test, saying where the schema
+    comes from, when neither exists (no pip package ships it; the project does not keep a copy)."""
+    import json
+    import os
+
+    import pytest
+
+    from monai_medmerge.bundle.export import SCHEMA_URL
+
+    path = Path(os.environ.get("MEDMERGE_META_SCHEMA") or META_SCHEMA)
+    if not path.is_file():
+        pytest.skip(
+            f"MONAI's metadata schema is not at {path}: it is the `schema` URL of every bundle's metadata, "
+            f"{SCHEMA_URL} (MONAI-extra-test-data, Apache-2.0). Download it once (`curl -fLo {META_SCHEMA_NAME} "
+            f"{SCHEMA_URL}`) and set MEDMERGE_META_SCHEMA to the file, or put it at {META_SCHEMA}."
+        )
+    return json.loads(path.read_text())

@@ -12,11 +12,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from bundle_utils import BUNDLE, WIDTHS, bundle_copy, overrides, run_bundle
+from bundle_utils import BUNDLE, WIDTHS, bundle_copy, metadata_schema, overrides, run_bundle
 
 from monai_medmerge.bundle.example import example_network_def
-
-SCHEMA = Path(__file__).resolve().parents[3] / "shared" / "monai" / "meta_schema_20240725.json"
 
 
 def _plain_network(num_classes: int) -> torch.nn.Module:
@@ -83,12 +81,22 @@ def test_train_evaluate_infer(example_workspace, tmp_path):
     for p in images:
         (folder / p.name).write_bytes(p.read_bytes())
     out = tmp_path / "predictions"
-    proc = run_bundle(
-        root,
-        ["train.yaml", "inference.yaml"],
-        overrides(example, root, input_dir=folder, output_dir=out),
-    )
+    # inference.yaml stands alone: network, classes and preprocessing from the run's record, not from train.yaml
+    record = json.loads((models / "model_config.json").read_text())
+    assert record["class_names"] == example["class_names"]  # the command-line override, as trained
+    assert record["network_args"]["block_inplanes"] == WIDTHS
+    assert record["preprocessing_options"]["kind"] == "nifti"
+    assert record["preprocessing_options"]["reader"] == "NibabelReader"
+    args = ["--bundle_root", str(root), "--input_dir", str(folder), "--output_dir", str(out)]
+    proc = run_bundle(root, ["inference.yaml"], args)
     assert proc.returncode == 0, proc.stdout[-4000:]
+    from monai.bundle import ConfigWorkflow
+
+    infer = ConfigWorkflow(
+        config_file=str(root / "configs" / "inference.yaml"), workflow_type="infer", bundle_root=str(root)
+    )
+    infer.initialize()
+    assert infer.check_properties() == []  # MONAI's inference properties, from inference.yaml alone
     got = {Path(r[0]).name: [float(v) for v in r[1:]] for r in csv.reader((out / "predictions.csv").open())}
     expected = {Path(r[0]).name: [float(v) for v in r[1:]] for r in rows}
     assert sorted(got) == [p.name for p in images]
@@ -118,7 +126,9 @@ def test_train_evaluate_infer(example_workspace, tmp_path):
     ]
     proc = subprocess.run(cmd, cwd=exported, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    got2 = {Path(r[0]).name: [float(v) for v in r[1:]] for r in csv.reader((out2 / "predictions.csv").open())}
+    header, *rows2 = csv.reader((out2 / "predictions.csv").open())
+    assert header[1:] == example["class_names"]  # the exported bundle's CSV names its columns
+    got2 = {Path(r[0]).name: [float(v) for v in r[1:]] for r in rows2}
     assert sorted(got2) == sorted(got)
     for name, p in got2.items():
         np.testing.assert_allclose(p, got[name], atol=1e-4)
@@ -144,8 +154,16 @@ def test_properties_metadata_and_network_def(example_workspace, tmp_path):
     root = bundle_copy(tmp_path / "bundle")
     train = _workflow(example, root, ["train.yaml"], "train")
     assert train.check_properties() == []
-    infer = _workflow(example, root, ["train.yaml", "inference.yaml"], "infer")
-    assert infer.check_properties() == []
+    from monai.bundle import ConfigWorkflow
+
+    infer = ConfigWorkflow(
+        config_file=str(root / "configs" / "inference.yaml"), workflow_type="infer", bundle_root=str(root)
+    )
+    infer.initialize()
+    # alone and untrained: the missing record is named, with what writes it (properties: after training, above)
+    with pytest.raises(RuntimeError) as info:
+        infer.parser.get_parsed_content("network_def")
+    assert "model_config.json not found" in str(info.value.__cause__ or info.value)
     # network_def builds the plain class the merge collapses to
     net = train.parser.get_parsed_content("network_def")
     merge = train.parser.get_parsed_content("merge_network")
@@ -153,10 +171,9 @@ def test_properties_metadata_and_network_def(example_workspace, tmp_path):
     net.load_state_dict(merge.collapse().state_dict(), strict=True)
     meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
     assert "required_packages_version" in meta and "optional_packages_version" not in meta
-    if not SCHEMA.exists():
-        pytest.skip(f"MONAI metadata schema not found at {SCHEMA}")
+    schema = metadata_schema()  # skips, saying where to get it, when absent
     jsonschema = pytest.importorskip("jsonschema")
-    jsonschema.validate(meta, json.loads(SCHEMA.read_text()))
+    jsonschema.validate(meta, schema)
 
 
 @pytest.mark.parametrize("matching", ["weights", "activations"])

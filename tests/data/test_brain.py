@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from monai_medmerge.data import brain
+from medmerge_bench.data import brain
 
 INSTALLED = (brain.MRICRON_DIR / "ch2bet.nii.gz").is_file()
 HAS_NILEARN = importlib.util.find_spec("nilearn") is not None

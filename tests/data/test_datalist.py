@@ -73,7 +73,12 @@ def test_load_datalist_base_dir_and_missing_sections(tmp_path, pngs):
     datalist = _write(tmp_path / "lists" / "d.json", {"training": [{"image": "0.png", "label": 0}]})
     data = load_datalist(datalist, base_dir=pngs[0].parent, num_classes=2)
     assert data == {"training": [{"image": str(pngs[0]), "label": 0}], "validation": [], "test": []}
-    assert load_datalist(datalist, base_dir=pngs[0].parent, sections="validation") == {"validation": []}
+    assert load_datalist(datalist, base_dir=pngs[0].parent, sections=["validation", "training"])["validation"] == []
+    # Asking only for sections the file lacks is a mistake ("train" for "training"), not an empty list.
+    with pytest.raises(ValueError, match=r"d\.json has none of the sections validation; its keys: training$"):
+        load_datalist(datalist, base_dir=pngs[0].parent, sections="validation")
+    with pytest.raises(ValueError, match=r"d\.json, section 'validation' is missing: it needs at least one item"):
+        load_datalist(datalist, base_dir=pngs[0].parent, required=["training", "validation"])
 
 
 def _error(tmp_path, content, **kwargs) -> str:
@@ -150,7 +155,7 @@ def mixed_items(tmp_path, pngs):
 
 
 def test_check_items_raises_at_the_first_bad_item(mixed_items, tmp_path):
-    with pytest.raises(BadImageError, match=r"cut\.png: PILReader cannot read it") as info:
+    with pytest.raises(BadImageError, match=r"cut\.png: truncated: the PNG ends at byte 40 without its IEND") as info:
         check_items(mixed_items, reader="PILReader", num_classes=3)
     assert info.value.path == mixed_items[1]["image"]
     with pytest.raises(BadImageError, match=r"2\.png: label 5 is outside the classes \[0, 3\)"):
@@ -167,8 +172,8 @@ def test_check_items_skip_bad_returns_good_items_and_writes_report(mixed_items, 
     assert [s["image"] for s in skipped] == [mixed_items[i]["image"] for i in (1, 3, 4, 5)]
     assert [s["label"] for s in skipped] == [1, 0, 5, 0]
     reasons = [s["reason"] for s in skipped]
-    assert reasons[0].startswith("PILReader cannot read it: UnidentifiedImageError")
-    assert reasons[1].startswith("PILReader cannot read it")
+    assert reasons[0] == "truncated: the PNG ends at byte 40 without its IEND chunk"
+    assert reasons[1].startswith("PILReader cannot read it: UnidentifiedImageError")
     assert reasons[2] == "label 5 is outside the classes [0, 3)"
     assert reasons[3].startswith("is a folder, and PILReader reads single files")
     assert [p.name for p in report.parent.iterdir()] == ["skipped.json"]  # no temporary file left behind
@@ -189,7 +194,8 @@ def test_check_items_all_good_writes_an_empty_report(pngs, tmp_path):
     items = [{"image": str(p), "label": 0} for p in pngs]
     assert check_items(items, reader="PILReader", skip_bad=True, report_path=report, progress=True) == items
     assert json.loads(report.read_text()) == []
-    assert check_items([], reader="PILReader") == []
+    with pytest.raises(ValueError, match=r"no items to check: section 'validation' is empty"):
+        check_items([], reader="PILReader", section="validation")
 
 
 def test_check_items_dicom_problems(tmp_path):
@@ -219,3 +225,71 @@ def test_check_items_argument_errors(pngs):
         check_items([{"image": str(pngs[0])}], reader="LoadImage")
     with pytest.raises(ValueError, match="item 0 must be a dict with an 'image' key"):
         check_items([{"label": 0}], reader="PILReader")
+
+
+# --- faults across items and degenerate images --------------------------------------------------------------------
+
+
+def test_load_datalist_same_image_in_two_sections_or_with_two_labels(tmp_path, pngs):
+    leak = {
+        "training": [{"image": "images/0.png", "label": 0}],
+        "test": [{"image": "images/../images/0.png", "label": 0}],
+    }
+    message = _error(tmp_path, leak)
+    assert f"{pngs[0]} is item 0 of 'training' and item 0 of 'test'; an image in two sections leaks" in message
+    (tmp_path / "link.png").symlink_to(pngs[1])  # the same file under another name
+    leak = {"training": [{"image": "images/1.png", "label": 0}], "validation": [{"image": "link.png", "label": 0}]}
+    assert "item 0 of 'training' and item 0 of 'validation'" in _error(tmp_path, leak)
+    clash = {"training": [{"image": "images/2.png", "label": 0}, {"image": "images/2.png", "label": 1}]}
+    assert _error(tmp_path, clash).endswith("item 0 of 'training' and item 1 of the same section, with labels 0 and 1")
+
+
+def test_load_datalist_repeated_items_are_one_warning_with_the_count(tmp_path, pngs, caplog):
+    items = [{"image": "images/0.png", "label": 0}] * 3 + [{"image": "images/1.png", "label": 1}] * 2
+    path = _write(tmp_path / "d.json", {"training": items})
+    with caplog.at_level(logging.WARNING, logger="monai_medmerge.data.datalist"):
+        assert len(load_datalist(path)["training"]) == 5
+    assert len(caplog.records) == 1
+    assert "3 item(s) repeat an earlier item of their section" in caplog.records[0].getMessage()
+
+
+def test_check_items_counts_degenerate_images_once_per_kind(tmp_path, caplog):
+    nib = pytest.importorskip("nibabel")
+    ramp = np.linspace(-500, 500, 8 * 8 * 8, dtype=np.float32).reshape(8, 8, 8)
+    images = {
+        "blank": np.zeros((8, 8, 8), np.float32),
+        "blank2": np.full((8, 8, 8), 7, np.float32),
+        "air": np.full((8, 8, 8), -3000, np.float32) + np.arange(8, dtype=np.float32),
+        "small": np.stack([ramp[0]] * 2, -1),  # 8 x 8 x 2
+        "good": ramp,
+    }
+    items = []
+    for name, array in images.items():
+        nib.save(nib.Nifti1Image(array, np.eye(4)), str(tmp_path / f"{name}.nii"))
+        items.append({"image": str(tmp_path / f"{name}.nii"), "label": 0})
+    with caplog.at_level(logging.WARNING, logger="monai_medmerge.data.datalist"):
+        good = check_items(
+            items, "NibabelReader", section="training", spatial_size=[8, 8, 16], modality="CT", window=[-1000, 1000]
+        )
+    assert good == items
+    messages = sorted(r.getMessage() for r in caplog.records)
+    assert len(messages) == 3
+    assert messages[0].startswith(
+        "1 of 5 images of section 'training' are far smaller than the network input [8, 8, 16]"
+    )
+    assert "small.nii (8x8x2)" in messages[0]
+    assert messages[1].startswith("1 of 5 images of section 'training' lie entirely outside the CT window")
+    assert (
+        messages[2].startswith("2 of 5 images of section 'training' are constant") and "blank2.nii (7)" in messages[2]
+    )
+    # MR: a mostly-zero image whose 1st and 99th percentiles are equal.
+    caplog.clear()
+    sparse = np.zeros((8, 8, 8), np.float32)
+    sparse[0, 0, 0] = 1
+    nib.save(nib.Nifti1Image(sparse, np.eye(4)), str(tmp_path / "sparse.nii"))
+    with caplog.at_level(logging.WARNING, logger="monai_medmerge.data.datalist"):
+        check_items([{"image": str(tmp_path / "sparse.nii"), "label": 0}, items[-1]], "NibabelReader", modality="MRI")
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        "1 of 2 images have equal 1th and 99th percentiles, so MR percentile scaling divides by zero (nearly "
+        "constant images)"
+    ]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from monai_medmerge.data import fashion
+from medmerge_bench.data import fashion
 
 INSTALLED = (fashion.FASHION_DIR / fashion.FASHION_FILES["train_images"]).is_file()
 needs_data = pytest.mark.skipif(not INSTALLED, reason=f"Fashion-MNIST is not installed: {fashion.INSTALL_FASHION}")

@@ -63,7 +63,7 @@ def test_png_gray_rgb_and_normalisation(tmp_path):
     rgb = _png(tmp_path / "c.jpg", rng.integers(0, 256, (20, 24, 3), dtype=np.uint8))
     image, label = _run(rgb, kind="png", spatial_size=(16, 16))
     _check_output(image, label, (1, 16, 16))
-    image, _ = _run(rgb, kind="png", spatial_size=(16, 16), png_channels=3)
+    image, _ = _run(rgb, kind="png", spatial_size=(16, 16), channels=3)
     assert tuple(image.shape) == (3, 16, 16)
 
 
@@ -201,7 +201,8 @@ def test_label_checks_and_unlabelled_items(tmp_path):
         ({"percentiles": (1, 101)}, "percentiles must lie within"),
         ({"pixdim": (1.0, 1.0, 1.0)}, "pixdim must have 2 values"),
         ({"pixdim": (1.0, -1.0)}, "pixdim must hold positive numbers"),
-        ({"png_channels": 4}, "png_channels must be 1 or 3, got 4"),
+        ({"channels": 4}, "a PNG/JPEG pipeline gives 1 .gray. or 3 .RGB. channels; channels is 4"),
+        ({"channels": 0}, "channels must be a positive integer"),
         ({"keys": ()}, "keys must be a key or a list of keys"),
         ({"label_key": ["label"]}, "label_key must be a key"),
     ],
@@ -263,3 +264,39 @@ def test_make_dataset_modes(tmp_path):
         make_dataset(items, chain, cache="disk")
     with pytest.raises(ValueError, match="cache 'ram' is not supported; choose one of none, memory, disk"):
         make_dataset(items, chain, cache="ram")
+
+
+def test_channel_count_is_checked_per_file_and_named(tmp_path):
+    """A 4-D NIfTI with a singleton third axis and 3 values on the fourth is a 3-channel image: into a 1-channel
+    network it is an error that names the file, not a crash in collate; into a 3-channel network it passes."""
+    path = _nifti(tmp_path / "rgbish.nii.gz", np.random.default_rng(0).random((32, 32, 1, 3)).astype(np.float32))
+    with pytest.raises(RuntimeError) as info:
+        classification_transforms("nifti", (16, 16), label_key=None)({"image": str(path)})
+    error = find_bad_image_error(info.value)
+    assert error is not None and error.path == str(path)
+    assert "3 channels" in error.reason and "the network takes 1" in error.reason
+    out = classification_transforms("nifti", (16, 16), label_key=None, channels=3)({"image": str(path)})
+    assert tuple(out["image"].shape) == (3, 16, 16)
+
+
+def test_transforms_are_the_preprocessing_description(tmp_path):
+    """classification_transforms builds exactly the steps of preprocessing_config, in order, with their arguments;
+    the description is plain data (it survives JSON) and holds no shared objects."""
+    import json
+
+    from monai_medmerge.data.pipelines import preprocessing_config
+
+    settings = {
+        "kind": "nifti",
+        "spatial_size": (8, 8, 8),
+        "modality": "CT",
+        "window": (-100, 200),
+        "pixdim": (2, 2, 2),
+    }
+    steps = preprocessing_config(**settings, train=True, num_classes=3)
+    assert json.loads(json.dumps(steps)) == steps
+    assert steps[0] is not steps[1] and steps[0]["keys"] is not steps[1]["keys"]
+    chain = classification_transforms(**settings, train=True, num_classes=3)
+    assert [type(t).__name__ for t in chain.transforms] == [s["_target_"].rsplit(".", 1)[1] for s in steps]
+    window = next(s for s in steps if s["_target_"].endswith("ScaleIntensityRanged"))
+    assert (window["a_min"], window["a_max"]) == (-100.0, 200.0)

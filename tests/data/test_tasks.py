@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from monai_medmerge.data import fashion
-from monai_medmerge.data.tasks import (
+from medmerge_bench.data import fashion
+from medmerge_bench.data.tasks import (
     BENCHMARKS,
     BenchmarkTasks,
     cache_dir,

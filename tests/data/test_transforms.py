@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import pickle
 import shutil
 from pathlib import Path
@@ -19,6 +20,7 @@ from monai_medmerge.data.transforms import (
     ImageChannelsd,
     MatchSpatialDimsd,
     OrientToRASd,
+    check_complete,
     find_bad_image_error,
     series_files,
 )
@@ -93,8 +95,13 @@ def test_image_channels_gray_to_rgb_and_too_many_channels():
     assert tuple(rgb.shape) == (3, 4, 5) and torch.equal(rgb[2], gray[0])
     with pytest.raises(BadImageError, match="5 channels"):
         ImageChannelsd("image")({"image": MetaTensor(torch.rand(5, 4, 4))})
-    with pytest.raises(ValueError, match="channels must be 1 or 3, got 2"):
+    with pytest.raises(ValueError, match="channels must be 1 or 3 to convert a picture, got 2"):
         ImageChannelsd("image", channels=2)
+    # without convert: the count is checked, never changed
+    two = MetaTensor(torch.rand(2, 4, 4), meta={"filename_or_obj": "/data/two.nii.gz"})
+    assert ImageChannelsd("image", channels=2, convert=False)({"image": two})["image"] is two
+    with pytest.raises(BadImageError, match=r"^/data/two\.nii\.gz: 2 channels .* the network takes 1$"):
+        ImageChannelsd("image", channels=1, convert=False)({"image": two})
 
 
 def test_nifti_3d_keeps_affine_and_values(tmp_path):
@@ -365,3 +372,108 @@ def test_class_label():
         ClassLabeld("label")({"image": "/a.png", "label": -1})
     with pytest.raises(ValueError, match="num_classes must be a positive integer"):
         ClassLabeld("label", num_classes=0)
+
+
+# --- files whose data ends early (every reader that reads the format) ---------------------------------------------
+
+
+def _nifti_bytes(version: int, array: np.ndarray, big_endian: bool = False) -> bytes:
+    nib = pytest.importorskip("nibabel")
+    header_class = nib.Nifti1Header if version == 1 else nib.Nifti2Header
+    image_class = nib.Nifti1Image if version == 1 else nib.Nifti2Image
+    header = header_class(endianness=">" if big_endian else "<")
+    return image_class(array, np.eye(4), header=header).to_bytes()
+
+
+VOLUME = np.arange(1, 16 * 16 * 8 + 1, dtype=np.float32).reshape(16, 16, 8)
+
+
+@pytest.mark.parametrize("reader", ["NibabelReader", "ITKReader"])
+@pytest.mark.parametrize(
+    "name, make, reason",
+    [
+        (
+            "nifti1",
+            lambda b: b[:-100],
+            r"its NIfTI-1 header describes 16x16x8 voxels of 32 bits, 8192 bytes from byte "
+            r"352, but the file ends at byte 8444 \(100 bytes missing\)$",
+        ),
+        ("nifti2", lambda b: b[:-1], r"its NIfTI-2 header describes 16x16x8 .* \(1 bytes missing\)$"),
+        ("header_only", lambda b: b[:352], r".*16x16x8 .* but the file ends at byte 352 \(8192 bytes missing\)$"),
+        ("half_header", lambda b: b[:200], r"200 bytes, shorter than the NIfTI header it starts$"),
+        ("gz_cut", lambda b: gzip.compress(b)[:-200], r"the gzip stream ends before its end-of-stream marker"),
+        ("gz_trailer_cut", lambda b: gzip.compress(b)[:-4], r"the gzip stream ends before its end-of-stream marker"),
+        ("gz_of_cut", lambda b: gzip.compress(b[:-8]), r".*but the uncompressed data ends at byte 8536 \(8 bytes"),
+    ],
+    ids=["nifti1", "nifti2", "header_only", "half_header", "gz_cut", "gz_trailer_cut", "gz_of_cut"],
+)
+def test_truncated_nifti_is_refused_by_every_reader(tmp_path, reader, name, make, reason):
+    pytest.importorskip("itk")
+    version = 2 if name == "nifti2" else 1  # ITKReader cannot read NIfTI-2 at all, but it is refused before reading
+    path = tmp_path / (f"{name}.nii.gz" if name.startswith("gz") else f"{name}.nii")
+    path.write_bytes(make(_nifti_bytes(version, VOLUME)))
+    with pytest.raises(BadImageError, match=rf"^{path}: truncated: {reason}") as info:
+        _load(path, reader)
+    assert info.value.path == str(path)
+
+
+def test_complete_nifti_passes_and_extra_bytes_are_not_truncation(tmp_path):
+    pytest.importorskip("itk")
+    for version, big_endian in [(1, False), (1, True), (2, False)]:
+        path = tmp_path / f"v{version}{big_endian}.nii"
+        path.write_bytes(_nifti_bytes(version, VOLUME, big_endian) + b"\0" * 16)
+        check_complete(path)
+        gz = tmp_path / f"v{version}{big_endian}.nii.gz"
+        gz.write_bytes(gzip.compress(_nifti_bytes(version, VOLUME, big_endian)))
+        check_complete(gz)
+        for reader in ("NibabelReader", "ITKReader") if version == 1 else ("NibabelReader",):  # ITK: no NIfTI-2
+            assert torch.equal(_load(gz, reader).flatten().sort().values, torch.from_numpy(VOLUME).flatten())
+    big = tmp_path / "big_endian_cut.nii"
+    big.write_bytes(_nifti_bytes(1, VOLUME, big_endian=True)[:-4])
+    with pytest.raises(BadImageError, match=r"\(4 bytes missing\)$"):
+        check_complete(big)
+
+
+def _picture_bytes(fmt: str) -> bytes:
+    image = pytest.importorskip("PIL.Image")
+    import io
+
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(0).integers(1, 255, (32, 32), dtype=np.uint8)
+    image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("reader", ["PILReader", "ITKReader"])
+@pytest.mark.parametrize(
+    "fmt, cut, reason",
+    [
+        ("PNG", 10, r"the PNG ends at byte \d+ without its IEND chunk$"),
+        ("PNG", 300, r"the PNG chunk 'IDAT' at byte 33 needs \d+ bytes, the file has \d+$"),
+        ("JPEG", 10, r"the JPEG ends at byte \d+ without its end-of-image marker$"),
+        (
+            "BMP",
+            10,
+            r"its BMP header describes 32x32 pixels of 8 bits ending at byte 2102, but the file ends at "
+            r"byte 2092 \(10 bytes missing\)$",
+        ),
+    ],
+)
+def test_truncated_pictures_are_refused_by_every_reader(tmp_path, reader, fmt, cut, reason):
+    # ITKReader fills a cut JPEG or BMP with zeros (a C++ warning only); PIL takes a PNG cut inside IEND.
+    pytest.importorskip("itk")
+    path = tmp_path / f"cut.{fmt.lower()}"
+    path.write_bytes(_picture_bytes(fmt)[:-cut])
+    with pytest.raises(BadImageError, match=rf"^{path}: truncated: {reason}"):
+        _load(path, reader, check_suffix=False)
+    whole = tmp_path / f"whole.{fmt.lower()}"
+    whole.write_bytes(_picture_bytes(fmt))
+    assert _load(whole, reader, check_suffix=False).shape[-2:] == (32, 32)
+
+
+def test_check_complete_leaves_other_files_to_their_reader(tmp_path):
+    (tmp_path / "notes.txt").write_text("not an image")
+    check_complete(tmp_path / "notes.txt")
+    check_complete(_pydicom_file("CT_small.dcm"))
+    with pytest.raises(BadImageError, match=r"nothere\.nii: cannot be read: FileNotFoundError"):
+        check_complete(tmp_path / "nothere.nii")

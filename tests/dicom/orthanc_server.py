@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from monai_medmerge.dicom.orthanc import OrthancServer, OrthancUnavailable
+from medmerge_bench.orthanc import OrthancServer, OrthancUnavailable
 
 USER = "medmerge"
 PASSWORD = "s3cret-Pa55"

@@ -8,6 +8,7 @@ import csv
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import snapshot
 from orthanc_server import (
     PASSWORD,
     SKIP_HINT,
@@ -28,8 +30,8 @@ from orthanc_server import (
     without_pixels,
 )
 
+from medmerge_bench.orthanc import OrthancServer, OrthancUnavailable, free_port
 from monai_medmerge.data.transforms import series_files
-from monai_medmerge.dicom.orthanc import OrthancServer, OrthancUnavailable, free_port
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "medmerge_classification"
 CLASS_NAMES = ["dark", "bright"]
@@ -241,7 +243,7 @@ def test_half_way_failure_is_reported_and_rerun_fetches_only_missing(server, stu
     (record,) = source.search_series(study_uids=[broken])
     folder = source.series_dir(record)
     assert len(list(folder.iterdir())) == 1 and source.cached_series(record) is None
-    assert not list(folder.parent.rglob("*.part"))
+    assert not list(folder.parent.rglob("*.part")) and not list(folder.parent.rglob("*.tmp"))
 
     def counting_iter(*args, **kwargs):
         calls["iter_series"] += 1
@@ -338,16 +340,241 @@ def test_server_not_running_is_a_connection_error_after_retries(tmp_path):
     assert url in message and "2 retries" in message and PASSWORD not in message
 
 
-def test_unsafe_uid_and_credentials_in_url(tmp_path):
+def test_unsafe_uid_is_refused(tmp_path):
     require_dicomweb_client()
     from monai_medmerge.dicom.web import DICOMwebError, DICOMwebSource, describe_error
 
-    source = DICOMwebSource("http://user:pw@127.0.0.1:9/dicom-web", cache_dir=tmp_path)
+    source = DICOMwebSource("http://127.0.0.1:9/dicom-web", cache_dir=tmp_path)
     assert source.safe_url == "http://127.0.0.1:9/dicom-web"
     with pytest.raises(DICOMwebError, match="cannot be a file name"):
         source.series_dir({"StudyInstanceUID": "../../etc", "SeriesInstanceUID": "1.2"})
     text = describe_error(RuntimeError("GET http://u:p@h/dicom-web/series?PatientID=PID-1 failed"))
     assert "PID-1" not in text and "u:p" not in text
+    assert os.listdir(tmp_path) == []
+
+
+# --- credentials ------------------------------------------------------------------------------------------------------
+def _secrets(password: str = PASSWORD) -> list[str]:
+    import base64
+
+    return [password, base64.b64encode(f"{USER}:{password}".encode()).decode()]
+
+
+def _assert_no_secret(texts, password: str = PASSWORD) -> None:
+    for text in texts:
+        leaked = [s for s in _secrets(password) if s in text]
+        assert not leaked, f"a credential in the output: {text[:300]!r}"
+
+
+def test_credentials_in_the_url_are_refused_and_never_shown(server, studies, tmp_path, caplog, capsys, monkeypatch):
+    from monai_medmerge.cli import main
+    from monai_medmerge.dicom.web import DICOMwebSource
+
+    caplog.set_level(logging.DEBUG)
+    host = server.dicomweb_url.split("://", 1)[1]
+    urls = [
+        f"http://{USER}:{PASSWORD}@{host}",
+        f"http://{USER}@{host}",
+        f"http://{USER}:pa/{PASSWORD}@{host}",  # a '/' in the password: the host part is not even the host
+        f"http://{USER}:12#{PASSWORD}@{host}",  # a '#': the rest looks like a fragment
+        f"https://{USER}:{PASSWORD}@{host}?x=1",
+    ]
+    before = snapshot(tmp_path)
+    for url in urls:
+        with pytest.raises(ValueError, match="DICOMWEB_USER and DICOMWEB_PASSWORD, or DICOMWEB_TOKEN") as info:
+            DICOMwebSource(url, cache_dir=tmp_path / "cache")
+        assert str(info.value).startswith("the DICOMweb URL has a user name or password in it")
+        _assert_no_secret([str(info.value), repr(info.value)])
+    assert "127.0.0.1" in str(info.value)  # a well-formed URL's host is named, nothing before the '@'
+    # the command line: one line naming the fix, status 2, nothing written, nothing sent
+    monkeypatch.setenv("DICOMWEB_USER", USER)
+    monkeypatch.setenv("DICOMWEB_PASSWORD", PASSWORD)
+    out, cache = tmp_path / "datalist.json", tmp_path / "cache"
+    for url in urls[:3]:
+        code = main(["dicomweb-datalist", url, "--labels", str(studies["labels"]), "--out", str(out)])
+        captured = capsys.readouterr()
+        assert code == 2 and captured.out == ""
+        assert captured.err.startswith("medmerge: error: the DICOMweb URL has a user name or password in it")
+        assert captured.err.count("\n") == 1 and "DICOMWEB_PASSWORD" in captured.err
+        _assert_no_secret([captured.err, caplog.text])
+    assert not caplog.records, "no request is made and nothing is logged"
+    assert snapshot(tmp_path) == before and not out.exists() and not cache.exists()
+    with pytest.raises(ValueError, match="must look like http"):
+        DICOMwebSource("ftp://127.0.0.1/dicom-web")
+    with pytest.raises(ValueError, match="a port that is not a number"):
+        DICOMwebSource("http://127.0.0.1:port/dicom-web")
+
+
+def test_credentials_never_reach_logs_reports_or_errors(server, studies, tmp_path, caplog, capsys, monkeypatch):
+    """A whole run with basic authentication at DEBUG level, then a wrong password: no password and no encoded
+    Authorization header in any log record, printed line, report or cache file."""
+    from monai_medmerge.cli import main
+
+    caplog.set_level(logging.DEBUG)
+    study = list(studies["labelled"])[4]
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"StudyInstanceUID,label\n{study},{studies['labelled'][study]}\n")
+    monkeypatch.setenv("DICOMWEB_USER", USER)
+    monkeypatch.setenv("DICOMWEB_PASSWORD", PASSWORD)
+    args = [server.dicomweb_url, "--labels", str(labels), "--classes", *CLASS_NAMES, "--no-progress"]
+    args += ["--cache-dir", str(tmp_path / "cache"), "--retries", "0"]
+    assert main(["dicomweb-datalist", *args, "--out", str(tmp_path / "ok" / "datalist.json")]) == 0
+    first = capsys.readouterr()
+    assert json.loads(first.out)["matched"] == 1
+    wrong = "Wr0ng-Secret-Value"
+    monkeypatch.setenv("DICOMWEB_PASSWORD", wrong)
+    assert main(["dicomweb-datalist", *args, "--out", str(tmp_path / "bad" / "datalist.json")]) == 2
+    second = capsys.readouterr()
+    assert second.err.startswith("medmerge: error: ") and "HTTP 401" in second.err
+    assert any("GET" in r.getMessage() for r in caplog.records), "the client's DEBUG records were captured"
+    texts = [first.out, first.err, second.out, second.err, caplog.text]
+    texts += [p.read_text() for p in tmp_path.rglob("*.json")]
+    _assert_no_secret(texts)
+    _assert_no_secret(texts, wrong)
+    assert not (tmp_path / "bad").exists()
+
+
+# --- download limits and the private cache --------------------------------------------------------------------------
+def _mode(path: Path) -> int:
+    import stat
+
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_cache_is_private_whatever_the_umask(server, studies, tmp_path):
+    study = list(studies["labelled"])[5]
+    cache = tmp_path / "cache"
+    old = os.umask(0o022)
+    try:
+        source = _source(server, cache)
+        (record,) = source.search_series(study_uids=[study])
+        folder = source.retrieve_series(record)
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+    entries = [cache, *cache.rglob("*")]
+    assert {str(p.relative_to(cache)) for p in entries if p.is_dir()} == {".", study, f"{study}/{folder.name}"}
+    assert {_mode(p) for p in entries if p.is_dir()} == {0o700}
+    files = [p for p in entries if p.is_file()]
+    assert len(files) == SLICES + 1 and {_mode(p) for p in files} == {0o600}  # the instances and the marker
+
+
+def test_instance_limit_stops_the_stream_and_keeps_nothing(server, studies, tmp_path):
+    from monai_medmerge.dicom.web import DICOMwebLimitError
+
+    study = list(studies["labelled"])[6]
+    source = _source(server, tmp_path / "cache", max_instance_bytes=1000)
+    (record,) = source.search_series(study_uids=[study])
+    series = record["SeriesInstanceUID"]
+    sops = source.instance_uids(study, series)
+    before = snapshot(tmp_path)
+    with pytest.raises(DICOMwebLimitError) as info:
+        source.retrieve_series(record)
+    message = str(info.value)
+    named = re.match(
+        rf"instance (\S+) of series {re.escape(series)} of study {re.escape(study)} is larger than the maximum "
+        r"instance size, 1000 bytes \(max_instance_bytes; --max-instance-size on the command line\): .* received "
+        r"when the download was stopped; nothing of the series is kept in the cache$",
+        message,
+    )
+    assert named and named.group(1) in sops, message
+    assert source.fetched_instances == 0  # stopped inside the first instance, before it was parsed
+    assert source.cached_series(record) is None and not source.series_dir(record).exists()
+    after = snapshot(tmp_path)
+    assert {k: v for k, v in after.items() if v[0] != "dir"} == {k: v for k, v in before.items() if v[0] != "dir"}
+    assert not list((tmp_path / "cache").rglob("*.dcm")) and not list((tmp_path / "cache").rglob(".*"))
+
+
+def test_series_limit_is_checked_while_streaming(server, studies, tmp_path):
+    from monai_medmerge.dicom.web import DICOMwebLimitError
+
+    study = list(studies["labelled"])[7]
+    probe = _source(server, tmp_path / "probe")
+    (record,) = probe.search_series(study_uids=[study])
+    size = os.path.getsize(next(probe.retrieve_series(dict(record)).iterdir()))
+    limit = int(3.5 * size)
+    source = _source(server, tmp_path / "cache", max_series_bytes=limit)
+    source.client.set_chunk_size(512)  # the stream arrives in small pieces, as from a far server
+    with pytest.raises(
+        DICOMwebLimitError,
+        match=rf"^series {record['SeriesInstanceUID']} of study {study} is larger "
+        r"than the maximum series size, [0-9.]+ KiB \(max_series_bytes; --max-series-size",
+    ) as info:
+        source.retrieve_series(record)
+    assert "nothing of the series is kept in the cache" in str(info.value)
+    # three instances came and were written before the fourth went over the limit: counted while streaming
+    assert source.fetched_instances == 3 and limit < source.received_bytes <= limit + 512
+    assert not source.series_dir(record).exists() and source.cached_series(record) is None
+    assert [p.name for p in (tmp_path / "cache").rglob("*")] == [study]  # the (private) study folder only
+
+
+def test_instance_limit_on_a_resumed_series_names_the_instance(server, studies, tmp_path):
+    """A series with instances in the cache is completed instance by instance; one announced (Content-Length)
+    larger than the limit is refused before its body is read, by its SOPInstanceUID, and the series is dropped."""
+    from monai_medmerge.dicom.web import DICOMwebLimitError
+
+    study = list(studies["labelled"])[8]
+    first = _source(server, tmp_path / "cache")
+    (record,) = first.search_series(study_uids=[study])
+    real_iter = first.client.iter_series
+
+    def broken(*args, **kwargs):
+        for n, dataset in enumerate(real_iter(*args, **kwargs)):
+            if n == 2:
+                raise RuntimeError("simulated: the connection dropped")
+            yield dataset
+
+    first.client.iter_series = broken
+    with pytest.raises(RuntimeError, match="simulated"):
+        first.retrieve_series(dict(record))
+    folder = first.series_dir(record)
+    assert len(list(folder.iterdir())) == 2
+    source = _source(server, tmp_path / "cache", max_instance_bytes=1000)
+    have = {p.stem for p in folder.iterdir()}
+    missing = [sop for sop in source.instance_uids(study, record["SeriesInstanceUID"]) if sop not in have]
+    with pytest.raises(DICOMwebLimitError) as info:
+        source.retrieve_series(record)
+    assert str(info.value).startswith(
+        f"instance {missing[0]} of series {record['SeriesInstanceUID']} of study {study} is larger than the maximum "
+        "instance size, 1000 bytes"
+    )
+    assert "announced by the server" in str(info.value) and source.received_bytes == 0
+    assert not folder.exists() and not list((tmp_path / "cache").rglob("*.dcm"))
+
+
+def test_limits_from_the_command_line(server, studies, tmp_path, capsys, monkeypatch):
+    from monai_medmerge.cli import main
+    from monai_medmerge.dicom.web import DICOMwebSource, parse_size
+
+    assert parse_size("512MiB") == 512 * 2**20 and parse_size("8GiB") == 8 * 2**30 and parse_size("500MB") == 5e8
+    assert parse_size("4096") == 4096 and parse_size("none") is None and parse_size(None) is None
+    for bad in ("12 parsecs", "-1MiB", "0", "MiB"):
+        with pytest.raises(ValueError, match="size"):
+            parse_size(bad)
+    positive = r"^max_series_bytes must be a positive number of bytes or None \(no limit\), got 0$"
+    with pytest.raises(ValueError, match=positive):
+        DICOMwebSource(server.dicomweb_url, max_series_bytes=0)
+    with pytest.raises(SystemExit):
+        main(["dicomweb-datalist", server.dicomweb_url, "--labels", "x", "--out", "y", "--max-series-size", "big"])
+    assert "'big' is not a size" in capsys.readouterr().err
+
+    study = list(studies["labelled"])[9]
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"StudyInstanceUID,label\n{study},{studies['labelled'][study]}\n")
+    monkeypatch.setenv("DICOMWEB_USER", USER)
+    monkeypatch.setenv("DICOMWEB_PASSWORD", PASSWORD)
+    out = tmp_path / "datalist.json"
+    args = ["dicomweb-datalist", server.dicomweb_url, "--labels", str(labels), "--out", str(out), "--no-progress"]
+    args += ["--classes", *CLASS_NAMES, "--cache-dir", str(tmp_path / "cache"), "--max-series-size", "20KiB"]
+    assert main(args) == 0
+    assert len(json.loads(capsys.readouterr().out)["failed"]) == 1
+    (failed,) = json.loads(out.with_name("datalist_report.json").read_text())["failed"]
+    assert failed["StudyInstanceUID"] == study
+    assert failed["error"].startswith(f"DICOMwebLimitError: series {failed['SeriesInstanceUID']} of study {study} is")
+    assert "maximum series size, 20 KiB" in failed["error"]
+    assert not list((tmp_path / "cache").rglob("*.dcm"))
+    assert main([*args[:-2], "--max-instance-size", "none", "--max-series-size", "none"]) == 0
+    assert json.loads(capsys.readouterr().out)["failed"] == []
 
 
 # --- datalist, training, inference ------------------------------------------------------------------------------------
@@ -490,7 +717,7 @@ def test_datalist_train_and_classify_over_dicomweb(server, studies, tmp_path, ca
         + ["--query", "all", "--no-progress", *cli_selection]
     )
     err = capsys.readouterr().err
-    assert code == 2 and "medmerge dicomweb-classify" in err and "not-the-password" not in err
+    assert code == 2 and err.startswith("medmerge: error: ") and "not-the-password" not in err
     assert "auth" in err.lower() or "401" in err
 
 
@@ -508,7 +735,9 @@ def test_classify_lists_an_unreadable_series_and_classifies_the_rest(server, stu
 
     net_def = tiny_resnet3d(2)
     net = ConfigParser({"n": net_def}).get_parsed_content("n")
-    bundle = export_bundle(net, net_def, tmp_path / "exported", CLASS_NAMES, [16, 16, 16], torchscript=False)
+    bundle = export_bundle(
+        net, net_def, tmp_path / "exported", CLASS_NAMES, [16, 16, 16], torchscript=False, kind="dicom_series"
+    )
     source = _source(server, tmp_path / "cache")
     good, bad = list(studies["labelled"])[3:5]
     (record,) = source.search_series(study_uids=[bad])

@@ -159,7 +159,7 @@ class MonaiLabelServer:
         log_path: Path,
         env: Mapping[str, str] | None = None,
     ) -> None:
-        from monai_medmerge.dicom.orthanc import free_port
+        from medmerge_bench.orthanc import free_port
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

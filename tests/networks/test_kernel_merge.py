@@ -5,11 +5,12 @@ import functools
 import pytest
 import torch
 from conftest import TinyNet, make_source
-from monai.networks.nets import DenseNet121, SEResNet50, resnet18
+from monai.networks.nets import DenseNet121, DynUNet, SEResNet50, resnet18
 from torch import nn
 
 from monai_medmerge.merging import recalibrate_norm
-from monai_medmerge.networks import KernelMerge
+from monai_medmerge.networks import KernelMerge, find_units
+from monai_medmerge.networks.units import tied_parameters
 
 # (constructor taking spatial_dims and num_classes, head name, input side for 2-D, input side for 3-D)
 ARCHS = {
@@ -300,11 +301,142 @@ def test_tied_weights_are_refused_by_name():
     def tied(seed):
         net = make_source(TinyNet, seed, spatial_dims=2, num_classes=3)
         net.extra = nn.Linear(16, 3)
-        net.extra.weight = net.fc.weight  # one Parameter under two names
+        net.extra.weight = net.fc.weight  # one Parameter held by two different modules
         return net
 
-    with pytest.raises(ValueError, match=r"tied weights.*extra\.weight"):
+    assert tied_parameters(tied(0)) == [("fc.weight", "extra.weight")]
+    with pytest.raises(ValueError, match=r"source 0 \(TinyNet\) ties weights.*\(fc\.weight and extra\.weight\)"):
         KernelMerge([tied(0), tied(1)])
+    # only the second source ties: it is named
+    with pytest.raises(ValueError, match=r"source 1 .*fc\.weight and extra\.weight"):
+        untied = make_source(TinyNet, 2, spatial_dims=2, num_classes=3)
+        untied.extra = nn.Linear(16, 3)
+        KernelMerge([untied, tied(1)])
+
+
+class _SharedModule(nn.Module):
+    """One conv reached under two attribute names, as DynUNet reaches its blocks: one module, not tied weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.again = self.conv
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.again(torch.relu(self.conv(x).mean(1, keepdim=True))).mean((2, 3)))
+
+
+def test_module_under_two_names_is_one_unit():
+    sources = [make_source(_SharedModule, seed) for seed in (0, 1)]
+    assert tied_parameters(sources[0]) == []
+    merge = KernelMerge(sources)
+    assert [u.name for u in merge.units] == ["conv", "fc"]
+    assert merge.merge_logits.shape == (2, 4 + 3)
+    with torch.no_grad():
+        merge.merge_logits.normal_()
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = merge.eval()(x)
+        plain = merge.collapse()
+    torch.testing.assert_close(plain(x), expected, rtol=1e-5, atol=1e-6)
+    assert plain.again is plain.conv
+    state = plain.state_dict()
+    assert list(state) == list(sources[0].state_dict())
+    assert torch.equal(state["again.weight"], state["conv.weight"])
+    alpha = merge.coefficients()["conv"]
+    reference = sum(alpha[i].view(-1, 1, 1, 1) * sources[i].conv.weight for i in range(2))
+    torch.testing.assert_close(state["conv.weight"], reference)
+
+
+def _dynunet(spatial_dims: int, num_classes: int, deep_supervision: bool) -> nn.Module:
+    return DynUNet(
+        spatial_dims=spatial_dims,
+        in_channels=1,
+        out_channels=num_classes,
+        kernel_size=[3, 3, 3, 3],
+        strides=[1, 2, 2, 2],
+        upsample_kernel_size=[2, 2, 2],
+        filters=[8, 16, 16, 32],
+        deep_supervision=deep_supervision,
+        deep_supr_num=2,
+        res_block=True,
+    )
+
+
+@pytest.mark.parametrize("deep_supervision", [False, True])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_dynunet_merge_equals_collapse(dims, deep_supervision):
+    # DynUNet reaches every block twice (e.g. input_block and skip_layers.downsample): one unit each, merged once
+    def source(seed):
+        return make_source(_dynunet, seed, spatial_dims=dims, num_classes=3, deep_supervision=deep_supervision)
+
+    sources = [source(0), source(10), source(20)]
+    side = 16
+    x = torch.randn((2, 1) + (side,) * dims, generator=torch.Generator().manual_seed(7))
+    # a source that has run a training step keeps its deep-supervision outputs, with gradients; it still merges
+    sources[0].train()(x).sum().backward()
+    sources[0].eval()
+    # deep supervision stacks the heads' outputs with the main output, so they keep the sources' classes: the
+    # output head is replaced only without it
+    head, classes = (None, 3) if deep_supervision else ("output_block.conv.conv", 4)
+    merge = KernelMerge(sources, head=head, out_channels=None if head is None else classes, anchor=0)
+    names = [u.name for u in merge.units]
+    assert len(names) == len(set(names)) and not any(n.startswith("skip_layers") for n in names)
+    heads = [n for n in names if n.startswith("deep_supervision_heads")]
+    assert heads == (["deep_supervision_heads.0.conv.conv", "deep_supervision_heads.1.conv.conv"] * deep_supervision)
+    unique = {id(p): p for p in sources[0].parameters()}
+    head_size = 0 if head is None else sum(p.numel() for p in sources[0].get_submodule(head).parameters())
+    assert sum(merge._shapes[k].numel() for k in merge._shapes) == sum(p.numel() for p in unique.values()) - head_size
+
+    with torch.no_grad():
+        merge.merge_logits.normal_(0.0, 1.0)
+    # a training step first: DynUNet then holds its deep-supervision outputs, with gradients, and collapse copes
+    merge.train()
+    out = merge(x)
+    assert out.shape == ((2, 3, 3) if deep_supervision else (2, classes)) + (side,) * dims
+    out.square().mean().backward()
+    assert merge.merge_logits.grad.abs().sum() > 0
+    merge.eval()
+    with torch.no_grad():
+        expected = merge(x)
+        plain = merge.collapse()
+        got = plain(x)
+    assert type(plain) is DynUNet and not plain.training
+    assert got.shape == (2, classes) + (side,) * dims
+    scale = expected.abs().max().item()
+    assert scale > 0
+    assert (got - expected).abs().max().item() <= 1e-5 * scale
+    if deep_supervision:  # the heads, merged as units, give the same training-mode outputs (instance norm: no stats)
+        with torch.no_grad():
+            torch.testing.assert_close(plain.train()(x), merge.train()(x), rtol=1e-5, atol=1e-5 * scale)
+        plain.eval()
+
+    # the collapsed state dict covers every name of the sources', aliases with identical values
+    state = plain.state_dict()
+    assert list(state) == list(sources[0].state_dict())
+    aliases = [("input_block.conv1.conv.weight", "skip_layers.downsample.conv1.conv.weight")]
+    if deep_supervision:
+        aliases.append(
+            ("deep_supervision_heads.0.conv.conv.weight", "skip_layers.next_layer.super_head.conv.conv.weight")
+        )
+    for a, b in aliases:
+        assert torch.equal(state[a], state[b]), (a, b)
+    # and loads strictly into a fresh DynUNet of the target's classes, which then computes the same outputs
+    fresh = _dynunet(dims, classes, deep_supervision).eval()
+    fresh.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), got, rtol=0, atol=0)
+
+
+def test_head_reached_under_two_names_is_excluded_under_both():
+    net = _dynunet(2, 3, deep_supervision=True)
+    units = find_units(net, exclude="skip_layers.next_layer.next_layer.super_head")
+    names = [u.name for u in units]
+    assert "deep_supervision_heads.1.conv.conv" not in names
+    assert "deep_supervision_heads.0.conv.conv" in names
+    with pytest.raises(ValueError, match="exclude 'nowhere' is not a module of DynUNet"):
+        find_units(net, exclude="nowhere")
 
 
 def test_weighted_sum_gradient():

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from monai_medmerge.workflows.transfer import METHODS, Recipe
+from medmerge_bench.transfer import COMPARISON_METHODS, Recipe
 
 # the benchmark's network with one or two epochs per phase: a couple of minutes on 2 CPU cores for the pipeline
 QUICK = Recipe(source_epochs=1, coef_epochs=2, ft_epochs=2, lp_epochs=1, patience=2)
@@ -18,7 +18,7 @@ QUICK = Recipe(source_epochs=1, coef_epochs=2, ft_epochs=2, lp_epochs=1, patienc
 
 @pytest.fixture(scope="module")
 def brain_available(tmp_path_factory):
-    from monai_medmerge.data.tasks import load_benchmark_tasks
+    from medmerge_bench.data.tasks import load_benchmark_tasks
 
     try:
         load_benchmark_tasks("brain", k=10, seed=0, progress=False)
@@ -29,11 +29,11 @@ def brain_available(tmp_path_factory):
 
 
 def test_quick_comparison_completes_with_sane_metrics(brain_available, tmp_path, monkeypatch):
-    from monai_medmerge.workflows.comparison import run_comparison
+    from medmerge_bench.comparison import run_comparison
 
     monkeypatch.setenv("MONAI_MEDMERGE_CACHE", str(brain_available))
     report = run_comparison("brain", 10, [0, 1], tmp_path, recipe=QUICK, progress=False)
-    assert set(report["summary"]["methods"]) == set(METHODS)
+    assert set(report["summary"]["methods"]) == set(COMPARISON_METHODS)
     for name, table in report["summary"]["methods"].items():
         for key in ("test_macro_f1", "test_accuracy", "test_balanced_accuracy"):
             assert all(0.0 <= v <= 1.0 for v in table[key]["values"]), (name, key)
@@ -46,7 +46,7 @@ def test_quick_comparison_completes_with_sane_metrics(brain_available, tmp_path,
     written = json.loads((tmp_path / "brain_k10.json").read_text())
     assert written["machine"]["torch"] == torch.__version__ and written["seeds"] == [0, 1]
     rows = (tmp_path / "brain_k10_per_seed.csv").read_text().splitlines()
-    assert len(rows) == 1 + 2 * len(METHODS) * 2
+    assert len(rows) == 1 + 2 * len(COMPARISON_METHODS) * 2
     for picture in ("brain_k10_macro_f1.png", "brain_k10_coefficients.png", "brain_k10_curves.png"):
         assert (tmp_path / picture).read_bytes()[:4] == b"\x89PNG"
     # the second run reuses the cached sources
@@ -55,7 +55,7 @@ def test_quick_comparison_completes_with_sane_metrics(brain_available, tmp_path,
 
 
 def test_quick_demo_writes_report_and_plain_bundle(brain_available, tmp_path, monkeypatch):
-    from monai_medmerge.demo import run_demo
+    from medmerge_bench.demo import run_demo
 
     monkeypatch.setenv("MONAI_MEDMERGE_CACHE", str(brain_available))
     report = run_demo(tmp_path / "demo", k=10, recipe=QUICK, progress=False)

@@ -4,23 +4,42 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_source
+from monai.networks.nets import ResNet
 
 from monai_medmerge.networks import KernelMerge
 from monai_medmerge.sources import save_checkpoint
 from monai_medmerge.workflows.engines import (
-    AtomicCheckpointSaver,
+    BestState,
     ClassificationScore,
+    ResumableCheckpoint,
     collapse_merge,
     latest_checkpoint,
     load_sources,
     merge_parameter_groups,
 )
 from monai_medmerge.workflows.metrics import classification_metrics
-from monai_medmerge.workflows.transfer import Recipe, build_network
 
 pytest.importorskip("ignite")
 
-RECIPE = Recipe(widths=(8, 8, 16, 16))
+RECIPE = (8, 8, 16, 16)  # widths of the test network
+HEAD = "fc"
+
+
+def build_network(num_classes: int, widths) -> torch.nn.Module:
+    """A small 2-D MONAI ResNet (basic blocks, one per stage) for 1-channel patches."""
+    return ResNet(
+        block="basic",
+        layers=[1, 1, 1, 1],
+        block_inplanes=list(widths),
+        spatial_dims=2,
+        n_input_channels=1,
+        conv1_t_size=3,
+        conv1_t_stride=1,
+        no_max_pool=True,
+        num_classes=num_classes,
+    )
+
+
 NET_DEF = {
     "_target_": "monai.networks.nets.ResNet",
     "block": "basic",
@@ -122,35 +141,60 @@ def test_classification_score_equals_the_metrics_over_all_updates(score):
         ClassificationScore("f2")
 
 
-def test_atomic_saver_keeps_the_last_checkpoint_when_a_save_dies(tmp_path, monkeypatch):
-    from ignite.engine import Engine
-
-    net = torch.nn.Linear(2, 2)
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    engine = Engine(lambda e, b: None)
-    AtomicCheckpointSaver(
-        save_dir=str(tmp_path), save_dict={"model": net, "optimizer": opt}, file_prefix="p", save_interval=1, n_saved=1
-    ).attach(engine)
-    engine.run([0], max_epochs=1)
-    assert latest_checkpoint(tmp_path, "p").name == "p_checkpoint_epoch=1.pt"
-    before = torch.load(tmp_path / "p_checkpoint_epoch=1.pt", weights_only=True)
-
-    real_save = torch.save
-
+def _dying_save(real_save):
     def dying_save(obj, f, *args, **kwargs):  # writes half a file, then the process "dies"
         real_save(obj, f, *args, **kwargs)
         if hasattr(f, "truncate"):
             f.truncate(10)
         raise KeyboardInterrupt("killed while saving")
 
-    monkeypatch.setattr(torch, "save", dying_save)
+    return dying_save
+
+
+def test_resumable_checkpoint_keeps_the_last_checkpoint_when_a_save_dies(tmp_path, monkeypatch):
+    from ignite.engine import Engine
+
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    engine = Engine(lambda e, b: None)
+    ResumableCheckpoint(tmp_path, "p", {"model": net, "optimizer": opt}).attach(engine)
+    engine.run([0], max_epochs=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p_checkpoint_epoch=2.pt"]  # the older one is gone
+    before = torch.load(tmp_path / "p_checkpoint_epoch=2.pt", weights_only=True)
+    assert before["trainer"]["iteration"] == 2 and set(before) == {"model", "optimizer", "trainer"}
+
+    monkeypatch.setattr(torch, "save", _dying_save(torch.save))
     with pytest.raises(KeyboardInterrupt):
-        engine.run([0], max_epochs=2)
-    monkeypatch.setattr(torch, "save", real_save)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["p_checkpoint_epoch=1.pt"]
-    after = torch.load(tmp_path / "p_checkpoint_epoch=1.pt", weights_only=True)
+        engine.run([0], max_epochs=3)
+    monkeypatch.undo()
+    # the interrupted save left neither a temporary file nor a damaged checkpoint
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p_checkpoint_epoch=2.pt"]
+    after = torch.load(tmp_path / "p_checkpoint_epoch=2.pt", weights_only=True)
     assert torch.equal(after["model"]["weight"], before["model"]["weight"])
     assert torch.equal(after["model"]["weight"], net.weight.detach())
+
+
+def test_resumable_checkpoint_continues_after_the_saved_epoch(tmp_path):
+    from ignite.engine import Engine, Events
+
+    net = torch.nn.Linear(2, 2)
+    first = Engine(lambda e, b: None)
+    ResumableCheckpoint(tmp_path, "p", {"model": net}).attach(first)
+    first.run([0, 0], max_epochs=3)
+    with torch.no_grad():
+        saved = net.weight.clone()
+        net.weight.zero_()
+    epochs = []
+    second = Engine(lambda e, b: None)
+    second.add_event_handler(Events.EPOCH_STARTED, lambda e: epochs.append(e.state.epoch))
+    handler = ResumableCheckpoint(tmp_path, "p", {"model": net}, resume=True)
+    handler.attach(second)
+    second.run([0, 0], max_epochs=5)
+    assert handler.loaded == tmp_path / "p_checkpoint_epoch=3.pt"
+    assert epochs == [4, 5]
+    assert torch.equal(net.weight.detach(), saved)
+    with pytest.raises(ValueError, match="must not hold 'trainer'"):
+        ResumableCheckpoint(tmp_path, "p", {"trainer": net})
 
 
 def test_latest_checkpoint_is_the_highest_epoch(tmp_path):
@@ -160,39 +204,39 @@ def test_latest_checkpoint_is_the_highest_epoch(tmp_path):
     assert latest_checkpoint(tmp_path, "phase1").name == "phase1_checkpoint_epoch=10.pt"
 
 
-def test_atomic_saver_keeps_the_best_checkpoint_when_a_save_dies(tmp_path, monkeypatch):
-    from ignite.engine import Engine, Events
+def test_best_state_writes_the_best_and_survives_a_dying_save(tmp_path, monkeypatch):
+    from ignite.engine import Engine
 
     net = torch.nn.Linear(2, 2)
-    engine = Engine(lambda e, b: None)
+    trainer = Engine(lambda e, b: None)
+    evaluator = Engine(lambda e, b: None)
+    scores = iter([0.5, 0.7, 0.6, 0.9])
 
-    @engine.on(Events.EPOCH_COMPLETED)
-    def _improve(e):  # a score that improves every epoch, so every epoch replaces best.pt
-        e.state.metrics["acc"] = float(e.state.epoch)
+    def validated(e):  # what MONAI's evaluator records after computing its key metric
+        score = next(scores)
+        e.state.epoch = trainer.state.epoch
+        if score > getattr(e.state, "best_metric", -1):
+            e.state.best_metric, e.state.best_metric_epoch = score, e.state.epoch
         with torch.no_grad():
             net.weight.add_(1.0)
 
-    AtomicCheckpointSaver(
-        save_dir=str(tmp_path),
-        save_dict={"model": net},
-        save_key_metric=True,
-        key_metric_name="acc",
-        key_metric_filename="best.pt",
-    ).attach(engine)
-    engine.run([0], max_epochs=2)
-    best = torch.load(tmp_path / "best.pt", weights_only=True)
-    assert torch.equal(best["weight"], net.weight.detach())
+    from ignite.engine import Events
 
-    real_save = torch.save
+    evaluator.add_event_handler(Events.EPOCH_COMPLETED, validated)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: evaluator.run([0]))
+    best = BestState(net, trainer, tmp_path / "best.pt")
+    best.attach(evaluator)
+    weights = []
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: weights.append(net.weight.detach().clone()))
+    trainer.run([0], max_epochs=3)
+    # epoch 2 (score 0.7) is the best of three: its state is in the file and back in the network
+    assert torch.equal(torch.load(tmp_path / "best.pt", weights_only=True)["weight"], weights[1])
+    assert torch.equal(net.weight.detach(), weights[1])
+    assert trainer.state.best_metric == 0.7 and trainer.state.best_metric_epoch == 2
 
-    def dying_save(obj, f, *args, **kwargs):
-        real_save(obj, f, *args, **kwargs)
-        f.truncate(10)
-        raise KeyboardInterrupt("killed while saving")
-
-    monkeypatch.setattr(torch, "save", dying_save)
+    monkeypatch.setattr(torch, "save", _dying_save(torch.save))
     with pytest.raises(KeyboardInterrupt):
-        engine.run([0], max_epochs=3)
-    monkeypatch.setattr(torch, "save", real_save)
+        trainer.run([0], max_epochs=4)  # epoch 4 improves (0.9) and dies while saving
+    monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt"]
-    assert torch.equal(torch.load(tmp_path / "best.pt", weights_only=True)["weight"], best["weight"])
+    assert torch.equal(torch.load(tmp_path / "best.pt", weights_only=True)["weight"], weights[1])

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from medmerge_bench.transfer import SeedResult, summarize
 from monai_medmerge.workflows.metrics import classification_metrics
-from monai_medmerge.workflows.transfer import SeedResult, summarize
 
 
 def _rec(val_f1, test_f1):

@@ -104,6 +104,8 @@ def load_state_dict_strictly(network: nn.Module, path: str | os.PathLike, device
         raise MONAILabelException(
             MONAILabelError.MODEL_IMPORT_ERROR, f"model file {path} holds a {type(state).__name__}, not a state dict"
         )
+    # the same comparison as monai_medmerge.sources.state_dict_diff, written out because the app serves exported
+    # bundles where monai_medmerge is not installed: this file imports only MONAI, MONAI Label and torch
     expected = network.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

@@ -108,6 +108,13 @@ class MergeTrainTask(BundleTrainTask):
         )
         if config_path is None:
             raise ValueError(f"{self.served_bundle}/configs has no inference.yaml or inference.json")
+        # the served bundle's preprocessing settings (data, read without evaluating the config): the new model is
+        # trained with the pipeline the served one was, and exported with it again
+        served = ConfigParser.load_config_file(str(config_path))
+        options = served.get("preprocessing_options") if isinstance(served, dict) else None
+        self.preprocessing_options = dict(options) if isinstance(options, dict) else {}
+        if modality:
+            self.preprocessing_options["modality"] = modality
         network_def = ConfigParser.load_config_file(str(config_path)).get("network_def")
         if not isinstance(network_def, dict) or "_target_" not in network_def:
             raise ValueError(f"{config_path}: network_def must be a mapping with '_target_', got {network_def!r}")
@@ -166,6 +173,7 @@ class MergeTrainTask(BundleTrainTask):
     def _update_overrides(self, overrides: dict[str, Any]) -> dict[str, Any]:
         request = self._request
         train, val = overrides["train#dataset#data"], overrides.get("validate#dataset#data", [])
+        kind = image_kind_of([item["image"] for item in train + val])
         overrides.update(
             {
                 "bundle_root": self.work_dir,
@@ -178,8 +186,9 @@ class MergeTrainTask(BundleTrainTask):
                 "network_args": dict(self.network_args),
                 "spatial_size": list(self.spatial_size),
                 "in_channels": self.in_channels,
-                "image_kind": image_kind_of([item["image"] for item in train + val]),
+                "image_kind": kind,
                 "modality": self.modality,
+                "preprocessing_options": self._preprocessing_options(kind),
                 "sources": list(self.sources),
                 "export_dir": self.served_bundle,
                 "progress": False,
@@ -191,6 +200,23 @@ class MergeTrainTask(BundleTrainTask):
             if key in request:
                 overrides[key] = request[key]
         return overrides
+
+    def _preprocessing_options(self, kind: str) -> dict[str, Any]:
+        """The training bundle's ``preprocessing_options``: the served bundle's, for the kind of the labelled
+        images (its reader only when the kind is the served one; else the kind's default reader)."""
+        options = {
+            "kind": kind,
+            "reader": "@reader",
+            "modality": self.modality,
+            "window": "@window",
+            "percentiles": "@percentiles",
+            "pixdim": "@pixdim",
+        }
+        served = self.preprocessing_options
+        options.update({k: served[k] for k in ("modality", "window", "percentiles", "pixdim") if k in served})
+        if served.get("kind") == kind and served.get("reader"):
+            options["reader"] = served["reader"]
+        return options
 
     def __call__(self, request: dict[str, Any], datastore: Any) -> dict[str, Any]:
         request = {**self.defaults, **{k: v for k, v in request.items() if v is not None}}

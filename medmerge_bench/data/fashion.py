@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from monai_medmerge.data.tasks import (
+from medmerge_bench.data.tasks import (
     BenchmarkTasks,
     TaskData,
     k_shot_indices,
@@ -174,7 +174,7 @@ def load_fashion_tasks(k: int, seed: int, progress: bool = True) -> BenchmarkTas
 
     Returns:
         Source A (classes 0-4, 600 train / 100 val per class), source B (classes 5-9, same sizes) and the target
-        (10 classes: ``k`` train, 50 val and 300 test per class), as :class:`~monai_medmerge.data.tasks.BenchmarkTasks`.
+        (10 classes: ``k`` train, 50 val and 300 test per class), as :class:`~medmerge_bench.data.tasks.BenchmarkTasks`.
         Source labels are renumbered from 0 (B's label 0 is "Sandal").
 
     Raises:

@@ -8,8 +8,6 @@ set. CPU only, about two minutes on two cores.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from monai_medmerge.data import make_blob_dataset
 from monai_medmerge.data.synthetic import TASKS
+from monai_medmerge.io import atomic_write, write_json
 from monai_medmerge.networks import KernelMerge
 from monai_medmerge.workflows import evaluate, fine_tune, fit, learn_coefficients
 
@@ -65,7 +64,7 @@ def run_quickstart(
             [{"params": net.parameters(), "lr": 1e-3}],
             epochs=3,
             progress=progress,
-            desc=f"source {task}",
+            desc=f"pretrain source {task!r}",
         )
         print(f"[quickstart]   source {task!r}: validation macro-F1 {hist.best_score:.3f}", flush=True)
         sources[task] = net.eval()
@@ -81,7 +80,9 @@ def run_quickstart(
         torch.manual_seed(seed)
         model = _network(target.num_classes)
         model.load_state_dict({k: v for k, v in src.state_dict().items() if not k.startswith("fc.")}, strict=False)
-        model, hist = fine_tune(model, train, val, epochs=20, patience=6, progress=progress)
+        model, hist = fine_tune(
+            model, train, val, epochs=20, patience=6, progress=progress, desc=f"fine-tune (from {task})"
+        )
         val_f1[task] = hist.best_score
         results[f"fine-tune from {task}"] = evaluate(model, test)
 
@@ -90,14 +91,16 @@ def run_quickstart(
     print(f"[quickstart] MedMerge anchored on source {list(sources)[anchor]!r}", flush=True)
     torch.manual_seed(seed)
     merge = KernelMerge(list(sources.values()), head="fc", out_channels=target.num_classes, anchor=anchor)
-    plain, _ = learn_coefficients(merge, train, val, epochs=10, patience=4, progress=progress)
+    plain, _ = learn_coefficients(
+        merge, train, val, epochs=10, patience=4, progress=progress, desc="phase 1: coefficients (MedMerge)"
+    )
     results["MedMerge (collapsed, no fine-tuning)"] = evaluate(plain, test)
-    plain, _ = fine_tune(plain, train, val, epochs=20, patience=6, progress=progress)
+    desc = "phase 2: fine-tune (MedMerge)"
+    plain, _ = fine_tune(plain, train, val, epochs=20, patience=6, progress=progress, desc=desc)
     results["MedMerge + fine-tuning"] = evaluate(plain, test)
 
-    tmp = out / "merged_model.pt.tmp"
-    torch.save(plain.state_dict(), tmp)
-    os.replace(tmp, out / "merged_model.pt")
+    with atomic_write(out / "merged_model.pt", "wb") as f:
+        torch.save(plain.state_dict(), f)
     report = {
         "seed": seed,
         "shots_per_class": shots,
@@ -106,7 +109,7 @@ def run_quickstart(
         "test": results,
         "seconds": round(time.time() - t0, 1),
     }
-    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out / "results.json", report)
     print(f"\n{'method':40s} {'macro-F1':>9s} {'accuracy':>9s}")
     for name, m in results.items():
         print(f"{name:40s} {m['macro_f1']:9.3f} {m['accuracy']:9.3f}")

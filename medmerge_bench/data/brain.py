@@ -10,7 +10,7 @@ T1 template in the axial, coronal or sagittal plane, labelled by the class of it
 
 Source A and the target show the same brain, so the target's test patches come from spatial blocks (mirror-symmetric
 in x, since the template is symmetric) that no other split of either task samples. The volumes are built once per
-process and kept on disk under :func:`~monai_medmerge.data.tasks.cache_dir`; the files they come from are checked on
+process and kept on disk under :func:`~medmerge_bench.data.tasks.cache_dir`; the files they come from are checked on
 every call, so a cache never hides missing data.
 """
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import os
 import time
 import zipfile
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from torch.utils.data import TensorDataset
 
-from monai_medmerge.data.tasks import (
+from medmerge_bench.data.tasks import (
     PATCH_SIZE,
     BenchmarkTasks,
     TaskData,
@@ -40,6 +39,7 @@ from monai_medmerge.data.tasks import (
     make_tensor_dataset,
     report_progress,
 )
+from monai_medmerge.io import atomic_write
 
 __all__ = [
     "ANATOMY_CLASSES",
@@ -331,9 +331,8 @@ def _volumes(progress: bool) -> BrainVolumes:
     report_progress(progress, f"brain volumes built in {time.perf_counter() - start:.1f} s")
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        partial = file.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(partial, **{name: getattr(volumes, name) for name in fields})
-        os.replace(partial, file)  # atomic: a concurrent reader never sees half a file
+        with atomic_write(file, "wb") as f:  # a concurrent reader never sees half a file
+            np.savez(f, **{name: getattr(volumes, name) for name in fields})
     except OSError as e:
         report_progress(progress, f"could not write the cache {file}: {e}")
     return volumes
@@ -520,7 +519,7 @@ def load_brain_tasks(k: int, seed: int, progress: bool = True) -> BenchmarkTasks
     Returns:
         Source A (3 tissue classes, 600 train / 100 val per class), source B (7 AAL macro-regions, 600 / 100 per
         class) and the target (7 Brodmann systems: ``k`` train, 50 val and up to 150 test per class), as
-        :class:`~monai_medmerge.data.tasks.BenchmarkTasks`.
+        :class:`~medmerge_bench.data.tasks.BenchmarkTasks`.
 
     Raises:
         ValueError: when ``k`` < 1 or exceeds a class's training pool.

@@ -1,9 +1,8 @@
-"""Run the comparison of :mod:`monai_medmerge.workflows.transfer` over seeds and write its results and pictures."""
+"""Run the comparison of :mod:`medmerge_bench.transfer` over seeds and write its results and pictures."""
 
 from __future__ import annotations
 
 import csv
-import json
 import os
 import platform
 import time
@@ -15,8 +14,9 @@ import monai
 import torch
 
 import monai_medmerge
-from monai_medmerge.workflows.plots import plot_coefficients, plot_curves, plot_scores
-from monai_medmerge.workflows.transfer import METHOD_LABELS, METHODS, Recipe, pretrain_sources, run_seed, summarize
+from medmerge_bench.plots import plot_coefficients, plot_curves, plot_scores
+from medmerge_bench.transfer import COMPARISON_METHODS, METHOD_LABELS, Recipe, pretrain_sources, run_seed, summarize
+from monai_medmerge.io import atomic_write, write_json
 
 __all__ = ["run_comparison", "machine_description"]
 
@@ -66,18 +66,12 @@ def _git_revision() -> str | None:
     return rev + ("+dirty" if dirty else "")
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def run_comparison(
     task: str,
     k: int,
     seeds: Sequence[int],
     out_dir: str | Path,
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] = COMPARISON_METHODS,
     recipe: Recipe | None = None,
     progress: bool = True,
     name: str | None = None,
@@ -86,11 +80,11 @@ def run_comparison(
     """Pretrain (or load cached) sources, run every method for every seed, write results and pictures.
 
     Args:
-        task: ``"brain"`` or ``"fashion"`` (see :func:`monai_medmerge.data.tasks.load_benchmark_tasks`).
+        task: ``"brain"`` or ``"fashion"`` (see :func:`medmerge_bench.data.tasks.load_benchmark_tasks`).
         k: labelled target training examples per class.
         seeds: each seed draws the k-shot subset and the new heads' initialisation.
         out_dir: folder for ``<name>.json``, ``<name>_per_seed.csv`` and the PNG pictures.
-        methods: subset of :data:`~monai_medmerge.workflows.transfer.METHODS`.
+        methods: subset of :data:`~medmerge_bench.transfer.COMPARISON_METHODS`.
         recipe: training settings (defaults of :class:`Recipe`).
         progress: progress bars.
         name: file stem (default ``<task>_k<k>``).
@@ -99,7 +93,7 @@ def run_comparison(
     Returns:
         the written report (also in ``<name>.json``), or ``(report, results, tasks)`` with ``return_results``.
     """
-    from monai_medmerge.data.tasks import load_benchmark_tasks
+    from medmerge_bench.data.tasks import load_benchmark_tasks
 
     recipe = recipe or Recipe()
     name = name or f"{task}_k{k}"
@@ -154,8 +148,8 @@ def run_comparison(
         "seconds": round(time.time() - t0, 1),
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    _write_json(out / f"{name}.json", report)
-    with open(out / f"{name}_per_seed.csv.tmp", "w", newline="") as f:
+    write_json(out / f"{name}.json", report)
+    with atomic_write(out / f"{name}_per_seed.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["seed", "method", "split", "macro_f1", "accuracy", "balanced_accuracy", "auroc"])
         for r in results:
@@ -163,7 +157,6 @@ def run_comparison(
                 for split in ("val", "test"):
                     s = rec[split]
                     w.writerow([r.seed, m, split, s["macro_f1"], s["accuracy"], s["balanced_accuracy"], s["auroc"]])
-    os.replace(out / f"{name}_per_seed.csv.tmp", out / f"{name}_per_seed.csv")
     title = f"{task}, k = {k}, {len(seeds)} seed(s)"
     pictures = [plot_scores(summary, METHOD_LABELS, out / f"{name}_macro_f1.png", title)]
     if results[0].coefficients:
@@ -185,5 +178,5 @@ def run_comparison(
     if curves:
         pictures.append(plot_curves(curves, out / f"{name}_curves.png", f"validation curves ({task}, seed {seeds[0]})"))
     report["pictures"] = [p.name for p in pictures]
-    _write_json(out / f"{name}.json", report)
+    write_json(out / f"{name}.json", report)
     return (report, results, tasks) if return_results else report

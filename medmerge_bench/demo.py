@@ -6,13 +6,13 @@ CSV), the pictures, a Markdown report and a standard MONAI bundle of the merged 
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
+from medmerge_bench.comparison import run_comparison
+from medmerge_bench.transfer import Recipe, network_def
 from monai_medmerge.bundle import export_bundle
-from monai_medmerge.workflows.comparison import run_comparison
-from monai_medmerge.workflows.transfer import Recipe, network_def
+from monai_medmerge.io import write_text
 
 __all__ = ["run_demo", "DEMO_METHODS"]
 
@@ -62,9 +62,7 @@ def run_demo(
     )
     report["bundle"] = str(bundle)
     md = _markdown(report, out)
-    tmp = out / "report.md.tmp"
-    tmp.write_text(md)
-    os.replace(tmp, out / "report.md")
+    write_text(out / "report.md", md)
     report["report"] = str(out / "report.md")
     print(f"\n[medmerge demo] done in {time.time() - t0:.0f} s: report {out / 'report.md'}, bundle {bundle}")
     return report

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from monai.utils import optional_import
+
+from monai_medmerge.io import atomic_write
 
 plt, has_matplotlib = optional_import(
     "matplotlib.pyplot", descriptor="{} is needed for the pictures: pip install matplotlib"
@@ -18,10 +19,9 @@ __all__ = ["plot_scores", "plot_coefficients", "plot_curves"]
 
 def _save(fig, path: Path) -> Path:
     path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

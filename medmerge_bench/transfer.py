@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -34,19 +33,23 @@ from monai.networks.nets import ResNet
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from monai_medmerge.data.tasks import cache_dir
+from medmerge_bench.data.tasks import cache_dir
+from monai_medmerge.io import write_json
 from monai_medmerge.merging import align_sources, get_method, recalibrate_norm
 from monai_medmerge.networks import KernelMerge
 from monai_medmerge.sources import load_checkpoint, save_checkpoint
-from monai_medmerge.workflows.loops import fine_tune, fit, learn_coefficients, predict
-from monai_medmerge.workflows.metrics import classification_metrics
+from monai_medmerge.workflows import classification_metrics, fine_tune, fit, learn_coefficients, predict
 
 __all__ = [
     "Recipe",
-    "METHODS",
+    "COMPARISON_METHODS",
     "build_network",
     "network_def",
-    "learned_merge",
+    "coefficient_penalty",
+    "from_source",
+    "loader",
+    "new_merge",
+    "record",
     "pretrain_sources",
     "run_seed",
     "summarize",
@@ -54,7 +57,7 @@ __all__ = [
 ]
 
 HEAD = "fc"
-METHODS = (
+COMPARISON_METHODS = (
     "scratch",
     "ft_a",
     "ft_b",
@@ -120,6 +123,20 @@ class Recipe:
     lp_lr: float = 1e-2
     alignment: str = "activations"
 
+    def phase1(self, merge: KernelMerge | None = None) -> dict:
+        """Keyword arguments of :func:`~monai_medmerge.workflows.learn_coefficients` for this recipe; with
+        ``coef_penalty`` > 0 they include the penalised loss of ``merge`` (:func:`coefficient_penalty`)."""
+        kwargs = {"epochs": self.coef_epochs, "lr": self.coef_lr, "head_lr": self.head_lr, "patience": self.patience}
+        if self.coef_penalty:
+            if merge is None:
+                raise ValueError("a recipe with a coefficient penalty needs the merge: recipe.phase1(merge).")
+            kwargs["loss_function"] = coefficient_penalty(merge, self.coef_penalty)
+        return kwargs
+
+    def phase2(self) -> dict:
+        """Keyword arguments of :func:`~monai_medmerge.workflows.fine_tune` (phase 2 and every fine-tuning)."""
+        return {"epochs": self.ft_epochs, "lr": self.ft_lr, "patience": self.patience}
+
     def source_key(self, task: str, data_version: str = "") -> str:
         fields = {k: v for k, v in asdict(self).items() if k.startswith("source") or k in ("widths", "batch_size")}
         blob = json.dumps({"task": task, "data": data_version, **fields}, sort_keys=True)
@@ -149,7 +166,7 @@ def build_network(num_classes: int, recipe: Recipe) -> nn.Module:
     return ResNet(**kwargs)
 
 
-def _loader(ds: TensorDataset, shuffle: bool, seed: int, batch_size: int) -> DataLoader:
+def loader(ds: TensorDataset, shuffle: bool, seed: int, batch_size: int) -> DataLoader:
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(seed))
 
 
@@ -186,8 +203,8 @@ def pretrain_sources(
             net.load_state_dict(load_checkpoint(path))
             meta = json.loads(meta_path.read_text()) | {"cached": True}
         else:
-            train = _loader(data.train, True, seed, recipe.batch_size)
-            val = _loader(data.val, False, seed, 256)
+            train = loader(data.train, True, seed, recipe.batch_size)
+            val = loader(data.val, False, seed, 256)
             hist = fit(
                 net,
                 train,
@@ -201,16 +218,14 @@ def pretrain_sources(
             if cache:
                 folder.mkdir(parents=True, exist_ok=True)
                 save_checkpoint(net, path)
-                tmp = meta_path.with_suffix(".json.tmp")
-                tmp.write_text(json.dumps(meta))
-                os.replace(tmp, meta_path)
+                write_json(meta_path, meta, indent=None)
             meta |= {"cached": False}
         info["sources"][tag] = meta
         sources.append(net.eval())
     return sources, info
 
 
-def _from_source(source: nn.Module, num_classes: int, recipe: Recipe) -> nn.Module:
+def from_source(source: nn.Module, num_classes: int, recipe: Recipe) -> nn.Module:
     net = build_network(num_classes, recipe)
     body = {k: v for k, v in source.state_dict().items() if not k.startswith(HEAD + ".")}
     missing, unexpected = net.load_state_dict(body, strict=False)
@@ -218,7 +233,7 @@ def _from_source(source: nn.Module, num_classes: int, recipe: Recipe) -> nn.Modu
     return net
 
 
-def _record(model: nn.Module, val_loader, test_loader, history=None) -> dict:
+def record(model: nn.Module, val_loader, test_loader, history=None) -> dict:
     vp, vy = predict(model, val_loader)
     tp, ty = predict(model, test_loader)
     rec = {"val": classification_metrics(vy, vp), "test": classification_metrics(ty, tp), "_probs": (vp, tp)}
@@ -243,7 +258,7 @@ def run_seed(
     sources: Sequence[nn.Module],
     recipe: Recipe,
     seed: int,
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] = COMPARISON_METHODS,
     progress: bool = True,
 ) -> SeedResult:
     """Run the chosen methods for one seed (``tasks.target`` already holds this seed's k-shot subset).
@@ -251,25 +266,24 @@ def run_seed(
     ``ensemble`` needs ``ft_a`` and ``ft_b``; MedMerge's anchor is the source whose fine-tuning validated better
     (``ft_a``/``ft_b`` are run for that even when not asked for).
     """
-    unknown = sorted(set(methods) - set(METHODS))
+    unknown = sorted(set(methods) - set(COMPARISON_METHODS))
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}.")
+        raise ValueError(f"unknown method(s) {unknown}; choose from {list(COMPARISON_METHODS)}.")
     target = tasks.target
     k = target.num_classes
 
     def train() -> DataLoader:
         # a fresh loader per method: every method sees the same sequence of shuffled batches (paired methods)
-        return _loader(target.train, True, seed, recipe.batch_size)
+        return loader(target.train, True, seed, recipe.batch_size)
 
-    val = _loader(target.val, False, seed, 256)
-    test = _loader(target.test, False, seed, 256)
-    ft = {"epochs": recipe.ft_epochs, "lr": recipe.ft_lr, "patience": recipe.patience, "progress": progress}
+    val = loader(target.val, False, seed, 256)
+    test = loader(target.test, False, seed, 256)
     out = SeedResult(seed)
     recs = out.records
 
     def finetuned(net: nn.Module, name: str) -> nn.Module:
-        net, hist = fine_tune(net, train(), val, **ft)
-        recs[name] = _record(net, val, test, hist)
+        net, hist = fine_tune(net, train(), val, **recipe.phase2(), progress=progress, desc=METHOD_LABELS[name])
+        recs[name] = record(net, val, test, hist)
         return net
 
     if "scratch" in methods:
@@ -289,10 +303,10 @@ def run_seed(
     for i, tag in enumerate(("a", "b")):
         if need_ft:
             torch.manual_seed(seed)
-            ft_nets[tag] = finetuned(_from_source(sources[i], k, recipe), f"ft_{tag}")
+            ft_nets[tag] = finetuned(from_source(sources[i], k, recipe), f"ft_{tag}")
         if f"lpft_{tag}" in methods:
             torch.manual_seed(seed)
-            net = _from_source(sources[i], k, recipe)
+            net = from_source(sources[i], k, recipe)
             head = net.get_submodule(HEAD)
             for p in net.parameters():
                 p.requires_grad_(False)
@@ -306,7 +320,7 @@ def run_seed(
                 [{"params": head.parameters(), "lr": recipe.lp_lr}],
                 recipe.lp_epochs,
                 patience=recipe.patience,
-                desc=f"linear probe {tag.upper()}",
+                desc=f"linear probe (from {tag.upper()})",
                 progress=progress,
             )
             finetuned(net, f"lpft_{tag}")
@@ -338,23 +352,30 @@ def run_seed(
         if name not in methods and not plain_medmerge:
             continue
         torch.manual_seed(seed)
-        merge, plain, hist1 = learned_merge(pool, k, train(), val, recipe, granularity, out.anchor, progress)
+        merge = new_merge(pool, k, recipe, granularity, out.anchor)
+        desc = f"phase 1: coefficients ({METHOD_LABELS[name]})"
+        plain, hist1 = learn_coefficients(merge, train(), val, **recipe.phase1(merge), progress=progress, desc=desc)
         if name == "medmerge_ft":
-            recs["medmerge"] = _record(plain, val, test, hist1)
+            recs["medmerge"] = record(plain, val, test, hist1)
             out.coefficients = {u: a.mean(1).tolist() for u, a in merge.coefficients().items()}
             if name not in methods:
                 continue
-        net, hist2 = fine_tune(plain, train(), val, **ft)
-        recs[name] = _record(net, val, test, hist2)
+        desc = f"phase 2: fine-tune ({METHOD_LABELS[name]})"
+        net, hist2 = fine_tune(plain, train(), val, **recipe.phase2(), progress=progress, desc=desc)
+        recs[name] = record(net, val, test, hist2)
         out.models[name] = net
         recs[name]["curve_phase1"] = [v["macro_f1"] for v in hist1.val]
     if "aligned_ftmerge_ft" in methods:
+        name = "aligned_ftmerge_ft"
         pool = aligned_onto_anchor([ft_nets["a"], ft_nets["b"]])
         torch.manual_seed(seed)
-        merge, plain, hist1 = learned_merge(pool, k, train(), val, recipe, "kernel", out.anchor, progress)
-        net, hist2 = fine_tune(plain, train(), val, **ft)
-        recs["aligned_ftmerge_ft"] = _record(net, val, test, hist2)
-        recs["aligned_ftmerge_ft"]["curve_phase1"] = [v["macro_f1"] for v in hist1.val]
+        merge = new_merge(pool, k, recipe, "kernel", out.anchor)
+        desc = f"phase 1: coefficients ({METHOD_LABELS[name]})"
+        plain, hist1 = learn_coefficients(merge, train(), val, **recipe.phase1(merge), progress=progress, desc=desc)
+        desc = f"phase 2: fine-tune ({METHOD_LABELS[name]})"
+        net, hist2 = fine_tune(plain, train(), val, **recipe.phase2(), progress=progress, desc=desc)
+        recs[name] = record(net, val, test, hist2)
+        recs[name]["curve_phase1"] = [v["macro_f1"] for v in hist1.val]
     if "ensemble" in methods:
         (va, ta), (vb, tb) = recs["ft_a"]["_probs"], recs["ft_b"]["_probs"]
         probs = (ta + tb) / 2
@@ -370,19 +391,16 @@ def run_seed(
     return out
 
 
-def learned_merge(
+def new_merge(
     sources: Sequence[nn.Module],
     num_classes: int,
-    train,
-    val,
     recipe: Recipe,
     granularity: str = "kernel",
     anchor: int | None = None,
-    progress: bool = True,
-    recalibrate: bool = True,
-):
-    """Phase 1 with the recipe's settings: returns ``(KernelMerge, collapsed plain network, History)``."""
-    merge = KernelMerge(
+) -> KernelMerge:
+    """The phase-1 network of the comparison: a :class:`KernelMerge` of ``sources`` with a fresh ``num_classes``
+    head, anchored on ``anchor`` with the recipe's starting share."""
+    return KernelMerge(
         list(sources),
         head=HEAD,
         out_channels=num_classes,
@@ -390,24 +408,20 @@ def learned_merge(
         anchor=anchor,
         anchor_weight=recipe.anchor_weight if anchor is not None else None,
     )
-    plain, history = learn_phase1(merge, train, val, recipe, progress, recalibrate)
-    return merge, plain, history
 
 
-def learn_phase1(merge: KernelMerge, train, val, recipe: Recipe, progress: bool = True, recalibrate: bool = True):
-    """:func:`~monai_medmerge.workflows.loops.learn_coefficients` with the recipe's phase-1 settings."""
-    return learn_coefficients(
-        merge,
-        train,
-        val,
-        epochs=recipe.coef_epochs,
-        lr=recipe.coef_lr,
-        head_lr=recipe.head_lr,
-        patience=recipe.patience,
-        progress=progress,
-        recalibrate=recalibrate,
-        anchor_penalty=recipe.coef_penalty,
-    )
+def coefficient_penalty(merge: KernelMerge, weight: float):
+    """A phase-1 loss (the engine's ``loss_function``): cross-entropy plus ``weight`` times the mean squared distance
+    of the merge logits from where they start, which keeps the coefficients near the anchor's share."""
+    if weight < 0:
+        raise ValueError(f"the coefficient penalty must be >= 0, got {weight}.")
+    start = merge.merge_logits.detach().clone()
+    cross_entropy = nn.CrossEntropyLoss()
+
+    def loss(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(pred, label) + weight * (merge.merge_logits - start.to(pred.device)).pow(2).mean()
+
+    return loss
 
 
 class _Probe(nn.Module):
@@ -432,7 +446,7 @@ def summarize(
     The paired comparison gives per-seed test macro-F1 differences, their mean, a paired t-test and (with at least
     5 seeds) a Wilcoxon signed-rank test.
     """
-    methods = [m for m in METHODS if all(m in r.records for r in results)]
+    methods = [m for m in COMPARISON_METHODS if all(m in r.records for r in results)]
     table = {}
     for m in methods:
         table[m] = {}

@@ -5,8 +5,8 @@ labelled images per class, a fixed validation set and a fixed test set. ``seed``
 training subset: everything else is the same for every seed and every ``k``, so runs with different seeds are paired
 and differ only in which few target images were labelled.
 
-- ``"brain"``: 32 x 32 patches of brain MRI templates on one MNI grid (see :mod:`monai_medmerge.data.brain`).
-- ``"fashion"``: Fashion-MNIST, a non-medical control (see :mod:`monai_medmerge.data.fashion`).
+- ``"brain"``: 32 x 32 patches of brain MRI templates on one MNI grid (see :mod:`medmerge_bench.data.brain`).
+- ``"fashion"``: Fashion-MNIST, a non-medical control (see :mod:`medmerge_bench.data.fashion`).
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def k_shot_indices(labels: np.ndarray, k: int, seed: int, num_classes: int) -> n
 def report_progress(progress: bool, message: str) -> None:
     """Print ``message`` to stderr when ``progress`` is set."""
     if progress:
-        print(f"[monai_medmerge.data] {message}", file=sys.stderr, flush=True)
+        print(f"[medmerge_bench.data] {message}", file=sys.stderr, flush=True)
 
 
 def load_benchmark_tasks(task: str, k: int, seed: int, progress: bool = True) -> BenchmarkTasks:
@@ -155,11 +155,11 @@ def load_benchmark_tasks(task: str, k: int, seed: int, progress: bool = True) ->
     """
     # imported here, not at the top: both loaders import TaskData and BenchmarkTasks from this module
     if task == "brain":
-        from monai_medmerge.data.brain import load_brain_tasks
+        from medmerge_bench.data.brain import load_brain_tasks
 
         return load_brain_tasks(k, seed, progress=progress)
     if task == "fashion":
-        from monai_medmerge.data.fashion import load_fashion_tasks
+        from medmerge_bench.data.fashion import load_fashion_tasks
 
         return load_fashion_tasks(k, seed, progress=progress)
     raise ValueError(f"unknown benchmark task {task!r}; choose one of {', '.join(BENCHMARKS)}.")

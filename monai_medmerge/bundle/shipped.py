@@ -1,0 +1,266 @@
+"""What an exported bundle's inference needs beyond MONAI: a predictions table a person can open, and inputs that
+cannot be read listed instead of stopping the run.
+
+An exported bundle carries this file, byte for byte, as ``scripts/medmerge_inference.py`` (beside
+``scripts/medmerge_transforms.py``, the copy of ``monai_medmerge/data/transforms.py``), so it imports only MONAI,
+torch, numpy, the standard library and that sibling. Its ``configs/inference.yaml`` uses it like this:
+
+- :class:`UnreadableInputs` collects the inputs whose loading raised ``BadImageError`` (the file or DICOM series
+  and the reason); :meth:`UnreadableInputs.finish` writes them to ``<output_dir>/unreadable.csv`` after the run and
+  ends the process with a non-zero status and one line that says what happened when there were any.
+- :class:`ReadableDataset` is MONAI's ``Dataset`` that gives ``None`` for such an input (after recording it) instead
+  of raising; :func:`collate_readable` leaves those out of the batch, and :func:`iterate_readable`, the evaluator's
+  ``iteration_update``, skips a batch that is left empty. Every readable input is classified.
+- :class:`PredictionsCSVWriter` writes ``<output_dir>/predictions.csv``: a header row (``file`` and one column per
+  class name), then one row per classified input; or, with ``csv_format="monai"``, the rows of MONAI's
+  ``ClassificationSaver`` (no header; the path, then the probabilities).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import sys
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import Dataset, list_data_collate
+from monai.utils import IgniteInfo, ImageMetaKey, min_version, optional_import
+
+if (__package__ or "").split(".")[0] == "monai_medmerge":
+    from monai_medmerge.data.transforms import find_bad_image_error
+else:  # in an exported bundle: the copy of the transforms beside this file, scripts/medmerge_transforms.py
+    from .medmerge_transforms import find_bad_image_error
+
+Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
+
+__all__ = [
+    "CSV_FORMATS",
+    "PredictionsCSVWriter",
+    "ReadableDataset",
+    "UnreadableInputs",
+    "collate_readable",
+    "iterate_readable",
+]
+
+CSV_FORMATS = ("medmerge", "monai")
+logger = logging.getLogger(__name__)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file beside it: a reader never sees half a table."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+class UnreadableInputs:
+    """The inputs of a run that could not be read, with the reason for each.
+
+    Args:
+        output_dir: the run's output folder; the report is ``<output_dir>/<filename>``.
+        filename: the report's file name.
+
+    Attributes:
+        items: ``(file, reason)`` pairs in the order they were met.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, filename: str = "unreadable.csv") -> None:
+        self.path = Path(output_dir) / filename
+        self.items: list[tuple[str, str]] = []
+
+    def add(self, file: str, reason: str) -> None:
+        """Record one input that could not be read (and log it as a warning)."""
+        self.items.append((str(file), str(reason)))
+        logger.warning(f"unreadable input, no prediction: {file}: {reason}")
+
+    def write(self) -> Path:
+        """Write the report, ``file,reason`` and one row per unreadable input (only the header when there is none),
+        and return its path."""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["file", "reason"])
+        writer.writerows(self.items)
+        _write_atomically(self.path, buffer.getvalue())
+        return self.path
+
+    def finish(self, total: int | None = None, predictions: str | os.PathLike | None = None) -> Path:
+        """Write the report; then, when any input was unreadable, end the process with status 1 and one line that
+        names the first one, the report and where the other predictions are.
+
+        Args:
+            total: how many inputs the run had, for the message.
+            predictions: the predictions file, for the message.
+
+        Returns:
+            the report's path, when every input was read.
+
+        Raises:
+            SystemExit: (status 1) when any input was unreadable; everything is written before.
+        """
+        path = self.write()
+        if not self.items:
+            return path
+        n = len(self.items)
+        of = f" of {total}" if total is not None else ""
+        first_file, first_reason = self.items[0]
+        where = f"; the predictions of the others are in {predictions}" if predictions else ""
+        sys.exit(
+            f"{n}{of} input(s) could not be read and have no prediction (the first: {first_file}: {first_reason}); "
+            f"all of them, with the reason, are listed in {path}{where}"
+        )
+
+
+class ReadableDataset(Dataset):
+    """MONAI's ``Dataset`` that records an input whose transform raises ``BadImageError`` and gives ``None``.
+
+    Other errors are raised as they are: only an image that cannot be used (unreadable, truncated, the wrong number
+    of channels, ...) is skipped. Use with :func:`collate_readable` and :func:`iterate_readable`.
+
+    Args:
+        data: the datalist, dicts with ``image_key``.
+        transform: the preprocessing.
+        unreadable: where the skipped inputs are recorded.
+        image_key: the key of the input's path in an item.
+    """
+
+    def __init__(
+        self,
+        data: Sequence[Mapping[Hashable, Any]],
+        transform: Callable | None,
+        unreadable: UnreadableInputs,
+        image_key: str = "image",
+    ) -> None:
+        super().__init__(data=data, transform=transform)
+        self.unreadable = unreadable
+        self.image_key = image_key
+
+    def _transform(self, index: int) -> Any:
+        try:
+            return super()._transform(index)
+        except Exception as e:
+            bad = find_bad_image_error(e)
+            if bad is None:
+                raise
+            item = self.data[index]
+            file = str(item.get(self.image_key, bad.path)) if isinstance(item, Mapping) else bad.path
+            # the reason names the file inside when it is not the input itself (a slice of a series)
+            reason = bad.reason if os.path.abspath(bad.path) == os.path.abspath(file) else f"{bad.path}: {bad.reason}"
+            self.unreadable.add(file, reason)
+            return None
+
+
+def collate_readable(batch: Sequence[Any]) -> Any:
+    """MONAI's ``list_data_collate`` of the items that are not ``None``; ``None`` when none is left."""
+    items = [item for item in batch if item is not None]
+    return list_data_collate(items) if items else None
+
+
+def iterate_readable(engine: Any, batch: Any) -> Any:
+    """``iteration_update`` of a ``SupervisedEvaluator``: its own iteration, skipped for an empty batch (``None``,
+    every input of it unreadable)."""
+    if batch is None:
+        return None
+    return engine._iteration(engine, batch)
+
+
+class PredictionsCSVWriter:
+    """An Ignite handler that writes a classifier's probabilities to a CSV table when the run completes.
+
+    ``csv_format="medmerge"`` (the default) writes a header row, ``file`` then one column per class name, then one
+    row per input: its path and one probability per class (7 significant digits), quoted where a path holds a comma,
+    as a spreadsheet opens it. ``csv_format="monai"`` writes what MONAI's ``ClassificationSaver`` writes: no header,
+    each row the path then the probabilities (Python's ``str`` of each), unquoted.
+
+    Rows come from the evaluator's decollated ``engine.state.batch`` (the path is the metadata's
+    ``filename_or_obj``) and ``engine.state.output`` (the ``pred_key`` entry); an iteration without output (every
+    input of the batch unreadable) adds nothing.
+
+    Args:
+        output_dir: the folder of the table (created when missing).
+        class_names: one name per output channel, in output order.
+        filename: the table's file name.
+        csv_format: ``"medmerge"`` or ``"monai"``.
+        image_key: the key of the input image in a batch item.
+        pred_key: the key of the probabilities in an output item.
+
+    Raises:
+        ValueError: for an unknown ``csv_format``; when the run completes, for an output whose length is not the
+            number of classes.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        class_names: Sequence[str],
+        filename: str = "predictions.csv",
+        csv_format: str = "medmerge",
+        image_key: str = "image",
+        pred_key: str = "pred",
+    ) -> None:
+        if csv_format not in CSV_FORMATS:
+            raise ValueError(
+                f"csv_format {csv_format!r} is not supported; choose 'medmerge' (a header row: file and the class "
+                "names) or 'monai' (MONAI's ClassificationSaver format, no header)"
+            )
+        self.path = Path(output_dir) / filename
+        self.class_names = [str(c) for c in class_names]
+        self.csv_format = csv_format
+        self.image_key = image_key
+        self.pred_key = pred_key
+        self.rows: list[tuple[str, np.ndarray]] = []
+
+    def attach(self, engine: Any) -> None:
+        engine.add_event_handler(Events.STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
+        engine.add_event_handler(Events.COMPLETED, self.finalize)
+
+    def reset(self, engine: Any = None) -> None:
+        self.rows = []
+
+    def collect(self, engine: Any) -> None:
+        outputs = engine.state.output
+        if not outputs:
+            return
+        batch = engine.state.batch
+        if isinstance(outputs, Mapping):  # not decollated
+            raise ValueError("PredictionsCSVWriter needs the evaluator's decollated output (decollate=True)")
+        for item, output in zip(batch, outputs, strict=True):
+            image = item[self.image_key]
+            meta = getattr(image, "meta", None) or item.get(f"{self.image_key}_meta_dict", {})
+            name = meta.get(ImageMetaKey.FILENAME_OR_OBJ, str(len(self.rows)))
+            pred = output[self.pred_key]
+            pred = pred.detach().cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
+            self.rows.append((str(name), np.asarray(pred, dtype=float).reshape(-1)))
+
+    def text(self) -> str:
+        """The table as it is written."""
+        buffer = io.StringIO()
+        if self.csv_format == "monai":
+            for name, values in self.rows:
+                buffer.write(name + "".join("," + str(v) for v in values) + "\n")
+            return buffer.getvalue()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["file", *self.class_names])
+        for name, values in self.rows:
+            if len(values) != len(self.class_names):
+                raise ValueError(f"{name}: the network gave {len(values)} outputs for {len(self.class_names)} classes")
+            writer.writerow([name, *(f"{v:.7g}" for v in values)])
+        return buffer.getvalue()
+
+    def finalize(self, engine: Any = None) -> Path:
+        """Write the table (atomically) and return its path."""
+        _write_atomically(self.path, self.text())
+        logger.info(f"predictions of {len(self.rows)} input(s) written to {self.path}")
+        return self.path
