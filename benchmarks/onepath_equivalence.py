@@ -45,6 +45,7 @@ def old_loops(rev: str):
     )
     spec = importlib.util.spec_from_file_location("old_loops", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["old_loops"] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 

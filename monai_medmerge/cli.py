@@ -27,17 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     except Exception as e:
-        if debug or not _user_error(e):
+        from monai_medmerge.errors import user_error
+
+        found = None if debug else user_error(e)
+        if found is None:
             raise
-        lines = str(e).strip().splitlines() or [type(e).__name__]
+        lines = str(found).strip().splitlines() or [type(found).__name__]
         more = f" (and {len(lines) - 1} more lines: run with --debug or {_DEBUG_ENV}=1)" if len(lines) > 1 else ""
         print(f"medmerge: error: {lines[0]}{more}", file=sys.stderr)
         return 2
-
-
-def _user_error(error: BaseException) -> bool:
-    """Whether ``error`` is the user's to fix (shown as one line) rather than a bug (shown with its traceback)."""
-    return isinstance(error, (OSError, ValueError)) or type(error).__module__.startswith("monai_medmerge")
 
 
 def _main(argv: list[str]) -> int:

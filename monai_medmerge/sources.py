@@ -168,7 +168,7 @@ def _as_state_dict(obj: Any, path: Path, where: str) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def _unwrap(ckpt: Any, path: Path, key: str | None) -> dict[str, torch.Tensor]:
+def _checkpoint_entry(ckpt: Any, path: Path, key: str | None) -> dict[str, torch.Tensor]:
     if key is not None:
         if not isinstance(ckpt, Mapping):
             raise ValueError(f"checkpoint {path} is a {_qualname(ckpt)}, so it has no key {key!r}")
@@ -244,7 +244,7 @@ def load_checkpoint(path: PathLike, key: str | None = None) -> dict[str, torch.T
             ) from e
         except Exception as e:
             raise ValueError(f"could not read checkpoint {path}: {type(e).__name__}: {e}") from e
-    return _strip_ddp_prefix(_unwrap(ckpt, path, key))
+    return _strip_ddp_prefix(_checkpoint_entry(ckpt, path, key))
 
 
 def _build_network(network_def: NetworkDef, origin: str) -> nn.Module:

@@ -187,7 +187,7 @@ def export_bundle(
         raise ValueError("network_def rebuilt a network whose outputs differ from the given network's.")
 
     metadata = _metadata(name, version, description, class_names, spatial_shape, in_channels, value_range)
-    metadata["required_packages_version"] = required_packages(reader)
+    metadata["required_packages_version"] = required_packages(reader, steps)
     metadata["data_type"] = {"png": "png/jpeg", "dicom_series": "dicom series"}.get(kind, kind)
     metadata["image_classes"] = input_description(steps)
     metadata["pred_classes"] = "softmax probabilities of: " + ", ".join(class_names)

@@ -26,6 +26,8 @@ __all__ = [
     "MODALITY_METADATA",
     "INFERENCE_MODULE",
     "SCRIPTS_MODULE",
+    "STEP_PACKAGES",
+    "WORKFLOW_PACKAGES",
     "bundle_preprocessing",
     "inference_config",
     "input_description",
@@ -50,6 +52,9 @@ MODALITY_METADATA: dict[str, tuple[str, str]] = {
 # what every exported inference workflow needs besides MONAI, torch and numpy: the evaluator is an Ignite engine,
 # the config is YAML, and `python -m monai.bundle` parses its command line with fire
 WORKFLOW_PACKAGES = ("pytorch-ignite", "pyyaml", "fire")
+# what a preprocessing step needs beyond MONAI, torch and numpy, by its class name: MONAI's Orientation (behind
+# OrientToRASd, for every kind but PNG/JPEG) computes axis codes with nibabel.orientations, whatever the reader
+STEP_PACKAGES: dict[str, tuple[str, ...]] = {"OrientToRASd": ("nibabel",)}
 
 
 def bundle_preprocessing(steps: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -106,13 +111,25 @@ def input_description(steps: Sequence[Mapping[str, Any]]) -> str:
     return f"Images read with MONAI's {reader}{spacing}, resized to the network's input; {scale}."
 
 
-def required_packages(reader: str) -> dict[str, str]:
-    """``required_packages_version`` of the metadata: the reader's package and the workflow's, at the versions
-    installed here. A package that is not installed here is listed with the version ``"*"`` (any)."""
+def required_packages(reader: str, steps: Sequence[Mapping[str, Any]] = ()) -> dict[str, str]:
+    """``required_packages_version`` of the metadata: the reader's package, what the preprocessing ``steps`` need
+    beyond MONAI, torch and numpy (:data:`STEP_PACKAGES`), and the workflow's packages, at the versions installed
+    here. A package that is not installed here is listed with the version ``"*"`` (any).
+
+    Args:
+        reader: the MONAI reader of the preprocessing.
+        steps: the preprocessing steps (``_target_`` and arguments), as :func:`inference_config` takes them.
+
+    Raises:
+        ValueError: for a reader that is not one of ``READER_PACKAGES``.
+    """
     if reader not in READER_PACKAGES:
         raise ValueError(f"reader {reader!r} is not one of {', '.join(READER_PACKAGES)}.")
+    names = [READER_PACKAGES[reader]]
+    for step in steps:
+        names += STEP_PACKAGES.get(str(step.get("_target_", "")).rsplit(".", 1)[-1], ())
     found = {}
-    for name in (READER_PACKAGES[reader], *WORKFLOW_PACKAGES):
+    for name in dict.fromkeys([*names, *WORKFLOW_PACKAGES]):
         try:
             found[name] = importlib.metadata.version(name).split("+")[0]
         except importlib.metadata.PackageNotFoundError:

@@ -27,7 +27,7 @@ from typing import Any
 from monai_medmerge.dicom.web import DICOMwebSource, describe_error, retrieve_records
 from monai_medmerge.io import write_json, write_text
 
-__all__ = ["BundleRunError", "bundle_class_names", "classify_dicomweb", "run_inference_bundle"]
+__all__ = ["BundleRunError", "exported_class_names", "classify_dicomweb", "run_inference_bundle"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def _config_file(bundle_dir: Path) -> Path:
     )
 
 
-def bundle_class_names(bundle_dir: str | os.PathLike[str]) -> list[str]:
+def exported_class_names(bundle_dir: str | os.PathLike[str]) -> list[str]:
     """The class names of a bundle, in output order, from ``configs/metadata.json``
     (``network_data_format.outputs.pred.channel_def``).
 
@@ -237,7 +237,7 @@ def classify_dicomweb(
         raise ValueError("give study_uids, or a query (QIDO-RS study filters; {} for every study)")
     bundle = Path(bundle_dir).resolve()
     _config_file(bundle)
-    class_names = bundle_class_names(bundle)
+    class_names = exported_class_names(bundle)
     if query is not None:
         found = source.search_studies(**dict(query))
         wanted = set(study_uids) if study_uids is not None else None

@@ -37,7 +37,8 @@ class MergeMethod(ABC):
     A method turns N compatible sources into a :class:`~monai_medmerge.networks.KernelMerge` whose coefficients
     are either fixed (``learned = False``: collapse it right away) or to be learned on target data
     (``learned = True``). Subclasses set ``name``, ``pretty_name``, ``reference``, ``learned`` and ``parameters``
-    and implement :meth:`build`; settings are checked at construction.
+    and implement :meth:`_build` (the public :meth:`build` aligns first when asked, then calls it); settings are
+    checked at construction.
 
     Args:
         settings: values for the declared ``parameters``; undeclared names raise ``ValueError``.

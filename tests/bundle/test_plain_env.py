@@ -159,12 +159,12 @@ def test_verify_net_in_out_passes(collapsed, tmp_path):
 
 
 # --- per reader: a virtual environment with exactly the packages the bundle lists -------------------------------------
-# reader -> (kind of the training pipeline, spatial dims, modality)
+# reader -> (kind of the training pipeline, spatial dims, modality, more settings)
 MINIMAL_CASES = {
-    "NibabelReader": ("nifti", 3, "MR"),
-    "PILReader": ("png", 2, "other"),
-    "PydicomReader": ("dicom", 2, "CT"),
-    "ITKReader": ("dicom_series", 3, "CT"),
+    "NibabelReader": ("nifti", 3, "MR", {}),
+    "PILReader": ("png", 2, "other", {}),
+    "PydicomReader": ("dicom", 2, "CT", {}),
+    "ITKReader": ("dicom_series", 3, "CT", {"pixdim": [1.0, 1.0, 2.0]}),  # resampling too
 }
 
 
@@ -207,17 +207,21 @@ def test_bundle_runs_with_exactly_its_listed_packages(reader, tmp_path):
     if not python.exists():
         pytest.skip(f"no environment for {reader} at {BUNDLE_ENV / reader}: run `bash .ci/bundle_env {reader}`")
     pytest.importorskip(READER_MODULES[reader])
-    kind, dims, modality = MINIMAL_CASES[reader]
+    kind, dims, modality, settings = MINIMAL_CASES[reader]
     shape = SHAPE[:dims]
     torch.manual_seed(0)
     network = ResNet(**{**{k: v for k, v in NET_DEF.items() if k != "_target_"}, "spatial_dims": dims}).eval()
     with torch.no_grad():
         network.fc.weight.mul_(20)  # well separated probabilities
     net_def = {**NET_DEF, "spatial_dims": dims}
-    bundle = export_bundle(network, net_def, tmp_path / "bundle", CLASSES, shape, kind=kind, modality=modality)
+    bundle = export_bundle(
+        network, net_def, tmp_path / "bundle", CLASSES, shape, kind=kind, modality=modality, **settings
+    )
 
     metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
-    assert set(metadata["required_packages_version"]) == {READER_PACKAGES[reader], "pytorch-ignite", "pyyaml", "fire"}
+    # the reader's package, nibabel where the pipeline orients the image (MONAI's Orientation needs it), the workflow's
+    packages = {READER_PACKAGES[reader], "pytorch-ignite", "pyyaml", "fire"} | ({"nibabel"} if kind != "png" else set())
+    assert set(metadata["required_packages_version"]) == packages
     stamp = (BUNDLE_ENV / reader / ".medmerge_bundle_env").read_text().split()
     assert stamp == pip_requirements(metadata), (
         f"stale environment: run `MEDMERGE_BUNDLE_ENV_FRESH=1 bash .ci/bundle_env {reader}`"
@@ -228,7 +232,8 @@ def test_bundle_runs_with_exactly_its_listed_packages(reader, tmp_path):
          *READER_MODULES.values(), "monai_medmerge"],
         tmp_path, python,
     )  # fmt: skip
-    assert probe.stdout.strip() == repr([READER_MODULES[reader]]), probe.stdout + probe.stderr
+    listed = sorted(m for r, m in READER_MODULES.items() if READER_PACKAGES[r] in packages)
+    assert probe.stdout.strip() == repr(listed), probe.stdout + probe.stderr
 
     readable, unreadable = _minimal_inputs(kind, tmp_path / "data")
     out = tmp_path / "predictions"
@@ -246,7 +251,7 @@ def test_bundle_runs_with_exactly_its_listed_packages(reader, tmp_path):
     header, rows = read_predictions(out / "predictions.csv")
     assert header == ["file", *CLASSES]
     assert sorted(rows) == sorted(str(p) for p in readable)
-    preprocessing = classification_transforms(kind, shape, modality=modality, label_key=None)
+    preprocessing = classification_transforms(kind, shape, modality=modality, label_key=None, **settings)
     for path in readable:
         x = preprocessing({"image": str(path)})["image"]
         with torch.no_grad():
