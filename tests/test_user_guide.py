@@ -29,7 +29,8 @@ def test_user_guide_commands_work(tmp_path):
     assert proc.returncode == 0, log[-5000:]
     metrics = dict(csv.reader((tmp_path / "bundle" / "eval" / "metrics.csv").read_text().splitlines()))
     assert 0.0 <= float(metrics["test_macro_f1"]) <= 1.0
-    rows = list(csv.reader((tmp_path / "predictions" / "predictions.csv").read_text().splitlines()))
+    header, *rows = list(csv.reader((tmp_path / "predictions" / "predictions.csv").read_text().splitlines()))
+    assert header[0] == "file"  # then the class names
     tests = sorted((tmp_path / "example" / "data" / "images" / "test").glob("*.nii.gz"))
     assert len(rows) == len(tests) == 100
     assert all(abs(sum(float(v) for v in r[1:]) - 1.0) < 1e-4 for r in rows)

@@ -298,10 +298,10 @@ class ClassificationScore(Metric):
     @reinit__is_reduced
     def update(self, output: Sequence) -> None:
         pred, label = output
-        pred = torch.stack([torch.as_tensor(p) for p in pred]) if isinstance(pred, (list, tuple)) else pred
-        label = torch.stack([torch.as_tensor(v) for v in label]) if isinstance(label, (list, tuple)) else label
-        pred = torch.as_tensor(pred).detach().float().cpu().reshape(len(pred), -1)
-        label = torch.as_tensor(label).detach().cpu()
+        pred = torch.stack([_plain_tensor(p) for p in pred]) if isinstance(pred, (list, tuple)) else pred
+        label = torch.stack([_plain_tensor(v) for v in label]) if isinstance(label, (list, tuple)) else label
+        pred = _plain_tensor(pred).detach().float().cpu().reshape(len(pred), -1)
+        label = _plain_tensor(label).detach().cpu()
         if label.ndim > 1 and label.reshape(len(label), -1).shape[1] > 1:
             label = label.reshape(len(label), -1).argmax(1)
         self._preds.append(pred)
@@ -318,6 +318,12 @@ class ClassificationScore(Metric):
             labels = evenly_divisible_all_gather(labels, concat=True)
         scores = classification_metrics(labels.numpy(), preds.numpy(), self.num_classes)
         return float(scores[self.score])
+
+
+def _plain_tensor(x: Any) -> torch.Tensor:
+    """A plain ``torch.Tensor`` (a MONAI ``MetaTensor`` without its metadata, which gathering and slicing trip on)."""
+    x = torch.as_tensor(x)
+    return x.as_tensor() if hasattr(x, "as_tensor") else x
 
 
 def _rank0() -> bool:

@@ -202,7 +202,8 @@ def test_exported_bundle_preprocesses_and_predicts_as_training(tmp_path):
             assert plain.shape == tuple(tensor.shape) == (case["channels"], *case["spatial_size"]), label
             assert np.abs(plain - tensor.numpy()).max() <= 1e-5, label
         with open(Path(case["out"]) / "predictions.csv", newline="") as f:
-            rows = list(csv.reader(f))
+            header, *rows = list(csv.reader(f))  # a header row: file, then the class names
+        assert header[0] == "file", label
         assert [row[0] for row in rows] == case["files"], label
         for row, prob in zip(rows, probs, strict=True):
             np.testing.assert_allclose(np.array(row[1:], dtype=float), prob, rtol=1e-4, atol=1e-5, err_msg=label)

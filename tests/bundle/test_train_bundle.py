@@ -55,6 +55,8 @@ def test_train_evaluate_infer(example_workspace, tmp_path):
     for name in ("model.pt", "phase1_best.pt", "phase1.done", "phase2.done"):
         assert (models / name).is_file(), f"{name} missing; log:\n{proc.stdout[-2000:]}"
     assert "val_macro_f1" in proc.stdout and "val_auroc" in proc.stdout
+    # the run ends by saying where its result is
+    assert f"[medmerge] trained network: {models / 'model.pt'}" in proc.stdout
     # the result is a plain state dict of network_def: it loads strictly into a fresh plain network
     state = torch.load(models / "model.pt", weights_only=True)
     net = _plain_network(len(example["class_names"]))

@@ -139,7 +139,11 @@ def test_loading_is_strict_and_real(workspace, env_bin):
     assert result["outputs_changed_by_loading"] and result["loaded_equals_file"]
     assert result["class"] == expected and result["probabilities"][expected] > 0.8
     assert result["plugin_imported"] is False
-    assert result["readers"] == ["ITKReader"]  # the bundle's strict reader: no silent fallback to another reader
+    # the reader of the training pipeline (NIfTI studies: NibabelReader), from the bundle's shipped transforms
+    assert result["readers"] == ["NibabelReader"]
+    own = result["own_scripts"]  # two bundles served side by side each use the transforms in their own scripts/
+    assert len(own) >= 4 and all(own), own
+    assert not result["scripts_left_imported"] and not result["bundle_left_on_path"]
     assert "missing keys: bn1.bias" in result["strict_error"]
     assert "unexpected keys: merge.template.bn1.bias" in result["strict_error"]
     assert result["stock_task_silently_random"] is True

@@ -46,10 +46,24 @@ def main(bundle: str, image: str, expected: str, work: str) -> dict:
     out["class"] = result["class"]
     out["expected"] = expected
     out["probabilities"] = result["probabilities"]
-    out["readers"] = [
-        type(r).__name__ for t in task.pre_transforms() if hasattr(t, "_loader") for r in t._loader.readers
-    ]
+    # the loading transform the bundle ships (scripts/medmerge_transforms.py) names its one reader
+    out["readers"] = [getattr(t, "reader_name", type(t).__name__) for t in task.pre_transforms()[:1]]
     out["plugin_imported"] = any(m.split(".")[0] == "monai_medmerge" for m in sys.modules)
+
+    # two bundles in one app: each task's transforms come from its own scripts/, not the first one imported (the
+    # code's file name: the modules are no longer in sys.modules, where inspect.getfile would look)
+    other = Path(work) / "other_bundle"
+    shutil.rmtree(other, ignore_errors=True)
+    shutil.copytree(bundle, other)
+    other_task = ClassificationBundleInferTask(other)
+    out["own_scripts"] = [
+        Path(type(t).__call__.__code__.co_filename).resolve().is_relative_to(Path(b).resolve() / "scripts")
+        for b, tk in ((bundle, task), (other, other_task))
+        for t in tk.pre_transforms()
+        if type(t).__module__.startswith("scripts.")
+    ]
+    out["scripts_left_imported"] = any(m == "scripts" or m.startswith("scripts.") for m in sys.modules)
+    out["bundle_left_on_path"] = any(str(Path(b).resolve()) in sys.path for b in (bundle, other))
 
     # a checkpoint of a merge wrapper: the same tensors under other keys
     wrong = Path(work) / "wrong_keys"

@@ -12,12 +12,14 @@ This module needs MONAI, torch and MONAI Label only: serving an exported bundle 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Hashable, Mapping, Sequence
+import sys
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,31 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CONFIG_NAMES = ("inference.yaml", "inference.json")
+# the package a bundle's own code lives in (<bundle>/scripts), as in the MONAI model zoo: an exported bundle carries
+# scripts/medmerge_transforms.py (its preprocessing) and scripts/medmerge_inference.py there
+SCRIPTS_PACKAGE = "scripts"
+
+
+def _unload(package: str) -> None:
+    for name in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
+        del sys.modules[name]
+
+
+@contextlib.contextmanager
+def bundle_scripts(bundle_path: str) -> Iterator[None]:
+    """While a bundle's config is parsed: its folder first on ``sys.path`` and no other bundle's ``scripts`` package
+    imported (an app serves several bundles, each with its own copy); both undone afterwards, so that the next
+    bundle imports its own. What was built keeps the classes it was built from.
+
+    (MONAI Label's own ``BundleInferTask`` does the same with ``unload_module("scripts")``.)
+    """
+    _unload(SCRIPTS_PACKAGE)
+    sys.path.insert(0, bundle_path)
+    try:
+        yield
+    finally:
+        sys.path.remove(bundle_path)  # the first occurrence: the one inserted above
+        _unload(SCRIPTS_PACKAGE)
 
 
 class BundleFormatError(ValueError):
@@ -221,15 +248,17 @@ class ClassificationBundleInferTask(BasicInferTask):
         if not isinstance(network, nn.Module):
             raise BundleFormatError(f"{self.config_path}: network_def built a {type(network).__name__}, not a network")
 
-        # transforms are built once: the bundle's `strict_reader` (when it has one) acts on this preprocessing
-        # instance, so that LoadImaged uses only the named reader, never a silent fallback to another reader
-        pre = self.parser.get_parsed_content("preprocessing")
-        if "strict_reader" in self.parser:
-            self.parser.get_parsed_content("strict_reader")
-        post = self.parser.get_parsed_content("postprocessing")
+        # transforms are built once, with this bundle's own scripts/ (the preprocessing of an exported bundle names
+        # scripts.medmerge_transforms and requires `scripts_path`); `strict_reader` is what bundles exported before
+        # the shipped transforms had: it makes their LoadImaged use only the named reader
+        with bundle_scripts(self.bundle_path):
+            pre = self.parser.get_parsed_content("preprocessing")
+            if "strict_reader" in self.parser:
+                self.parser.get_parsed_content("strict_reader")
+            post = self.parser.get_parsed_content("postprocessing")
+            self._inferer = self.parser.get_parsed_content("inferer") if "inferer" in self.parser else None
         self._pre = list(pre.transforms) if isinstance(pre, Compose) else list(pre)
         self._post = list(post.transforms) if isinstance(post, Compose) else list(post)
-        self._inferer = self.parser.get_parsed_content("inferer") if "inferer" in self.parser else None
 
         image = next(iter(self.metadata.get("network_data_format", {}).get("inputs", {}).values()), {})
         spatial_shape = image.get("spatial_shape") or []
