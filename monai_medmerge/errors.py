@@ -45,8 +45,9 @@ def _is_users(error: BaseException) -> bool:
 def user_error(error: BaseException) -> BaseException | None:
     """The error in ``error``'s chain (causes and contexts) that is the user's to fix, or ``None`` for a bug.
 
-    A :class:`~monai_medmerge.data.transforms.BadImageError` wins (it names the image); then the innermost error of
-    this package's own types; then the innermost ``OSError``, ``ValueError`` or ``KeyError``.
+    A :class:`~monai_medmerge.data.transforms.BadImageError` wins (it names the image); then the outermost error of
+    this package's own types; then the outermost ``OSError`` or ``ValueError``: the one raised closest to what the
+    user asked for (an error this package raises from a library's error says more than the library's own).
     """
     chain = _chain(error)
     for wanted in (
@@ -56,7 +57,7 @@ def user_error(error: BaseException) -> BaseException | None:
     ):
         found = [e for e in chain if wanted(e)]
         if found:
-            return found[-1]
+            return found[0]
     return None
 
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from monai.networks.nets import resnet10
 
@@ -36,8 +37,6 @@ def test_methods_command_lists_registry(capsys):
 
 
 def test_recipe_settings_from_the_command_line():
-    import pytest
-
     from medmerge_bench.transfer import Recipe
     from monai_medmerge.cli import _with_settings
 
@@ -45,3 +44,59 @@ def test_recipe_settings_from_the_command_line():
     assert (r.anchor_weight, r.coef_lr, r.widths, r.ft_epochs) == (0.99, 0.05, (8, 16, 16, 32), 3)
     with pytest.raises(SystemExit, match="FIELD=VALUE"):
         _with_settings(Recipe(), ["anchor=1"])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["demo", "--k", "-5"], "argument --k: must be an integer >= 1, got -5"),
+        (["demo", "--seed", "x"], "argument --seed: expected an integer >= 0, got 'x'"),
+        (["benchmark", "--seeds", "0"], "argument --seeds: must be an integer >= 1, got 0"),
+        (["benchmark", "--methods", "nope"], "argument --methods: unknown ['nope']; choose from scratch"),
+        (["benchmark", "--set", "coef_lr=abc"], "argument --set: coef_lr expects a value of type float, got 'abc'"),
+        (["quickstart", "--shots", "0"], "argument --shots: must be an integer >= 1, got 0"),
+    ],
+)
+def test_bad_arguments_are_one_line_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if "error:" in line]) == 1
+
+
+def test_arrows_run_one_way():
+    """The product never imports the research package; research code imports no private name of the product."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def imports(path: Path):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                yield node.module, [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                yield from ((a.name, []) for a in node.names)
+
+    product = sorted((root / "monai_medmerge").rglob("*.py"))
+    assert len(product) > 20
+    for path in product:
+        for module, _ in imports(path):
+            assert not module.startswith("medmerge_bench"), f"{path} imports {module}"
+    research = sorted((root / "medmerge_bench").rglob("*.py")) + sorted((root / "benchmarks").glob("*.py"))
+    assert len(research) > 10
+    for path in research:
+        for module, names in imports(path):
+            if module.startswith("monai_medmerge"):
+                private = [n for n in names if n.startswith("_")] + [p for p in module.split(".") if p.startswith("_")]
+                assert not private, f"{path} imports private {private} from {module}"
+    code = (
+        "import sys, monai_medmerge, monai_medmerge.workflows, monai_medmerge.data, monai_medmerge.bundle, "
+        "monai_medmerge.dicom, monai_medmerge.cli\n"
+        "assert not [m for m in sys.modules if m.startswith('medmerge_bench')]"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)

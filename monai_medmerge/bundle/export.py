@@ -101,11 +101,15 @@ def export_bundle(
     :func:`monai_medmerge.data.pipelines.preprocessing_config` makes from ``kind``, ``reader``, ``modality``,
     ``window``, ``percentiles``, ``pixdim``, ``spatial_shape`` and ``in_channels``, written as it is (pass the
     values the network was trained with). The package's own loading and checking transforms travel with the bundle
-    in ``scripts/medmerge_transforms.py``, a copy of ``monai_medmerge/data/transforms.py``.
+    in ``scripts/medmerge_transforms.py``, a copy of ``monai_medmerge/data/transforms.py``; what writes the
+    predictions and lists unreadable inputs in ``scripts/medmerge_inference.py``, a copy of
+    :mod:`monai_medmerge.bundle.shipped`.
 
     The folder holds ``configs/metadata.json`` (valid against MONAI's metadata schema, class names in
-    ``network_data_format``), ``configs/inference.yaml`` (a complete MONAI inference workflow: read images or DICOM
-    series from ``dataset_dir``, preprocess, classify, write ``predictions.csv``), ``configs/logging.conf``,
+    ``network_data_format``, ``required_packages_version``: exactly what the inference needs besides torch, MONAI
+    and numpy), ``configs/inference.yaml`` (a complete MONAI inference workflow: read images or DICOM series from
+    ``dataset_dir``, preprocess, classify, write ``predictions.csv`` with a header row and ``unreadable.csv``),
+    ``configs/logging.conf``,
     ``models/model.pt`` (a state dict), ``models/model.ts`` (TorchScript, when the network scripts),
     ``scripts/`` and ``docs/README.md``. Run it with ``python -m monai.bundle run --config_file configs/inference.yaml
     --bundle_root . --dataset_dir DIR --output_dir OUT``.

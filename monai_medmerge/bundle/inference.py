@@ -234,7 +234,6 @@ def inference_config(
             "_requires_": "@scripts_path",
             "data": "@datalist",
             "transform": "@preprocessing",
-            "unreadable": "@unreadable",
         },
         "dataloader": {
             "_target_": "DataLoader",
@@ -272,12 +271,8 @@ def inference_config(
             "postprocessing": "@postprocessing",
             "val_handlers": "@handlers",
             "amp": False,
-            # a batch whose every input was unreadable is skipped
-            "iteration_update": {
-                "_target_": f"{shipped}.iterate_readable",
-                "_mode_": "callable",
-                "_requires_": "@scripts_path",
-            },
+            # records the unreadable inputs a batch carries; a batch of unreadable inputs only is skipped
+            "iteration_update": "$@unreadable.iterate",
         },
         "check_bundle_root": "$os.path.isfile(@checkpoint) or sys.exit('no model at ' + @checkpoint + "
         "': run in the bundle folder, or pass --bundle_root <the bundle folder>')",

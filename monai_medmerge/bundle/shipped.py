@@ -5,12 +5,14 @@ An exported bundle carries this file, byte for byte, as ``scripts/medmerge_infer
 ``scripts/medmerge_transforms.py``, the copy of ``monai_medmerge/data/transforms.py``), so it imports only MONAI,
 torch, numpy, the standard library and that sibling. Its ``configs/inference.yaml`` uses it like this:
 
-- :class:`UnreadableInputs` collects the inputs whose loading raised ``BadImageError`` (the file or DICOM series
-  and the reason); :meth:`UnreadableInputs.finish` writes them to ``<output_dir>/unreadable.csv`` after the run and
-  ends the process with a non-zero status and one line that says what happened when there were any.
-- :class:`ReadableDataset` is MONAI's ``Dataset`` that gives ``None`` for such an input (after recording it) instead
-  of raising; :func:`collate_readable` leaves those out of the batch, and :func:`iterate_readable`, the evaluator's
-  ``iteration_update``, skips a batch that is left empty. Every readable input is classified.
+- :class:`ReadableDataset` is MONAI's ``Dataset`` that, for an input whose loading or checking raises
+  ``BadImageError``, gives a marker with the file and the reason instead of raising; :func:`collate_readable` takes
+  the markers out of the batch and carries them, under :data:`UNREADABLE_KEY`, to the main process (data loader
+  workers included), where :meth:`UnreadableInputs.iterate`, the evaluator's ``iteration_update``, records them and
+  runs the evaluator's own iteration on what is left (nothing, for a batch of unreadable inputs only). Every readable
+  input is classified.
+- :meth:`UnreadableInputs.finish` writes the recorded inputs to ``<output_dir>/unreadable.csv`` after the run and,
+  when there were any, ends the process with status 1 and one line that says what happened.
 - :class:`PredictionsCSVWriter` writes ``<output_dir>/predictions.csv``: a header row (``file`` and one column per
   class name), then one row per classified input; or, with ``csv_format="monai"``, the rows of MONAI's
   ``ClassificationSaver`` (no header; the path, then the probabilities).
@@ -41,14 +43,16 @@ Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_
 
 __all__ = [
     "CSV_FORMATS",
+    "UNREADABLE_KEY",
     "PredictionsCSVWriter",
     "ReadableDataset",
     "UnreadableInputs",
     "collate_readable",
-    "iterate_readable",
 ]
 
 CSV_FORMATS = ("medmerge", "monai")
+# the key of a marker item / a batch entry that holds (file, reason) pairs of unreadable inputs
+UNREADABLE_KEY = "medmerge_unreadable"
 logger = logging.getLogger(__name__)
 
 
@@ -84,6 +88,16 @@ class UnreadableInputs:
         """Record one input that could not be read (and log it as a warning)."""
         self.items.append((str(file), str(reason)))
         logger.warning(f"unreadable input, no prediction: {file}: {reason}")
+
+    def iterate(self, engine: Any, batch: Any) -> Any:
+        """``iteration_update`` of a ``SupervisedEvaluator``: record the unreadable inputs a batch of
+        :func:`collate_readable` carries, then run the evaluator's own iteration on the rest (none: skipped)."""
+        if isinstance(batch, dict):
+            for file, reason in batch.pop(UNREADABLE_KEY, ()):
+                self.add(file, reason)
+        if not batch:
+            return None
+        return engine._iteration(engine, batch)
 
     def write(self) -> Path:
         """Write the report, ``file,reason`` and one row per unreadable input (only the header when there is none),
@@ -123,27 +137,22 @@ class UnreadableInputs:
 
 
 class ReadableDataset(Dataset):
-    """MONAI's ``Dataset`` that records an input whose transform raises ``BadImageError`` and gives ``None``.
+    """MONAI's ``Dataset`` that gives ``{UNREADABLE_KEY: [(file, reason)]}`` for an input whose transform raises
+    ``BadImageError``, instead of raising.
 
     Other errors are raised as they are: only an image that cannot be used (unreadable, truncated, the wrong number
-    of channels, ...) is skipped. Use with :func:`collate_readable` and :func:`iterate_readable`.
+    of channels, ...) is skipped. Use with :func:`collate_readable` and :meth:`UnreadableInputs.iterate`.
 
     Args:
         data: the datalist, dicts with ``image_key``.
         transform: the preprocessing.
-        unreadable: where the skipped inputs are recorded.
         image_key: the key of the input's path in an item.
     """
 
     def __init__(
-        self,
-        data: Sequence[Mapping[Hashable, Any]],
-        transform: Callable | None,
-        unreadable: UnreadableInputs,
-        image_key: str = "image",
+        self, data: Sequence[Mapping[Hashable, Any]], transform: Callable | None, image_key: str = "image"
     ) -> None:
         super().__init__(data=data, transform=transform)
-        self.unreadable = unreadable
         self.image_key = image_key
 
     def _transform(self, index: int) -> Any:
@@ -157,22 +166,23 @@ class ReadableDataset(Dataset):
             file = str(item.get(self.image_key, bad.path)) if isinstance(item, Mapping) else bad.path
             # the reason names the file inside when it is not the input itself (a slice of a series)
             reason = bad.reason if os.path.abspath(bad.path) == os.path.abspath(file) else f"{bad.path}: {bad.reason}"
-            self.unreadable.add(file, reason)
-            return None
+            return {UNREADABLE_KEY: [(file, reason)]}
 
 
-def collate_readable(batch: Sequence[Any]) -> Any:
-    """MONAI's ``list_data_collate`` of the items that are not ``None``; ``None`` when none is left."""
-    items = [item for item in batch if item is not None]
-    return list_data_collate(items) if items else None
+def _is_unreadable(item: Any) -> bool:
+    return isinstance(item, Mapping) and UNREADABLE_KEY in item
 
 
-def iterate_readable(engine: Any, batch: Any) -> Any:
-    """``iteration_update`` of a ``SupervisedEvaluator``: its own iteration, skipped for an empty batch (``None``,
-    every input of it unreadable)."""
-    if batch is None:
-        return None
-    return engine._iteration(engine, batch)
+def collate_readable(batch: Sequence[Any]) -> dict:
+    """MONAI's ``list_data_collate`` of the readable items of ``batch``, with the ``(file, reason)`` pairs of the
+    unreadable ones under :data:`UNREADABLE_KEY` (when there are any); an empty dict and those pairs when no item
+    was readable."""
+    readable = [item for item in batch if not _is_unreadable(item)]
+    unreadable = [pair for item in batch if _is_unreadable(item) for pair in item[UNREADABLE_KEY]]
+    collated = list_data_collate(readable) if readable else {}
+    if unreadable:
+        collated[UNREADABLE_KEY] = unreadable
+    return collated
 
 
 class PredictionsCSVWriter:

@@ -143,25 +143,15 @@ def run_inference_bundle(
 
 
 def _read_predictions(path: Path) -> dict[str, list[float]]:
-    """``ClassificationSaver``'s CSV: each line is the image's path, then one probability per class."""
+    """The exported bundle's ``predictions.csv``: a header row (``file`` and the class names), then per image its
+    path and one probability per class (paths with commas are quoted)."""
     if not path.is_file():
         raise BundleRunError(f"the inference bundle wrote no {path.name} in {path.parent}")
-    rows: dict[str, list[float]] = {}
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        values: list[float] = []
-        rest = line
-        # the path is written unquoted and may hold commas: take numbers from the right
-        while "," in rest:
-            head, tail = rest.rsplit(",", 1)
-            try:
-                values.append(float(tail))
-            except ValueError:
-                break
-            rest = head
-        rows[rest] = values[::-1]
-    return rows
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [row for row in csv.reader(f) if row]
+    if not rows or rows[0][:1] != ["file"]:
+        raise BundleRunError(f"{path} has no header row 'file,<class names>': was it written by an exported bundle?")
+    return {row[0]: [float(v) for v in row[1:]] for row in rows[1:]}
 
 
 def _choose_series(

@@ -22,6 +22,7 @@ import torch
 from monai.utils import look_up_option, optional_import
 from torch import nn
 
+from monai_medmerge.merging.norm import batch_input
 from monai_medmerge.merging.permutation import (
     AxisSlice,
     PermutationSpec,
@@ -198,7 +199,7 @@ def activation_matching(
     count = dict.fromkeys(spec.sizes, 0)
     seen = 0
     for batch in batches:
-        x = _batch_input(batch)
+        x = batch_input(batch)
         ra, rb = trace_activations(anchor, x), trace_activations(source, x)
         if [seg for _, seg in ra] != [seg for _, seg in rb]:
             raise ValueError("anchor and source trace to different graphs; they must share one architecture.")
@@ -226,14 +227,6 @@ def activation_matching(
 
 def _standardize(m: torch.Tensor) -> torch.Tensor:
     return (m - m.mean(0)) / (m.std(0) + 1e-6)
-
-
-def _batch_input(batch) -> torch.Tensor:
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, Mapping):
-        return batch["image"]
-    return batch[0]
 
 
 def _is_buffer_key(key: str) -> bool:

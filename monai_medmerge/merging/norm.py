@@ -11,7 +11,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
 
-__all__ = ["recalibrate_norm", "norm_layers"]
+__all__ = ["batch_input", "norm_layers", "recalibrate_norm"]
 
 
 def norm_layers(model: nn.Module) -> list[nn.Module]:
@@ -69,7 +69,7 @@ def recalibrate_norm(
         for batch in iterator:
             if max_batches is not None and batches >= max_batches:
                 break
-            model(_input_of(batch, input_key).to(device))
+            model(batch_input(batch, input_key).to(device))
             batches += 1
         if batches == 0:
             raise ValueError("recalibrate_norm: the loader yielded no batch; norm statistics cannot be recomputed.")
@@ -81,13 +81,19 @@ def recalibrate_norm(
     return model
 
 
-def _input_of(batch, key: str) -> torch.Tensor:
+def batch_input(batch, key: str = "image") -> torch.Tensor:
+    """The network input of a batch: the batch itself (a tensor), ``batch[key]`` (a MONAI dictionary batch) or
+    ``batch[0]`` (an ``(input, label)`` tuple or list). Every loop of the package takes its input this way.
+
+    Raises:
+        ValueError: for a dictionary batch without ``key``, or a batch of another type.
+    """
     if isinstance(batch, torch.Tensor):
         return batch
     if isinstance(batch, Mapping):
         if key not in batch:
-            raise ValueError(f"recalibrate_norm: batch has no key {key!r}; keys are {sorted(batch)}.")
+            raise ValueError(f"batch has no key {key!r}; its keys are {sorted(batch)}.")
         return batch[key]
     if isinstance(batch, (tuple, list)) and batch:
         return batch[0]
-    raise ValueError(f"recalibrate_norm: cannot find the input in a batch of type {type(batch).__name__}.")
+    raise ValueError(f"cannot find the input in a batch of type {type(batch).__name__}.")

@@ -232,6 +232,15 @@ def test_inference_workflow_has_monai_properties_and_classifies_every_readable_i
     assert report[1][1].startswith("NibabelReader reads .nii, .nii.gz, not 'b.npy'")
     assert report[2][1].startswith("truncated: the gzip stream ends before its end-of-stream marker")
 
+    # the same with data loader workers and batches of two: the unreadable inputs reach the main process's report
+    first = {name: (pred / name).read_text() for name in ("predictions.csv", "unreadable.csv")}
+    pred2 = tmp_path / "pred2"
+    loader = {"dataloader#num_workers": 2, "dataloader#batch_size": 2}
+    with pytest.raises(SystemExit, match="2 of 4 input"):
+        _workflow(out, dataset_dir=str(tmp_path / "data"), output_dir=str(pred2), **loader).run()
+    assert (pred2 / "unreadable.csv").read_text() == first["unreadable.csv"]
+    assert (pred2 / "predictions.csv").read_text() == first["predictions.csv"]
+
     # no input at all: one line, nothing written
     workflow = _workflow(out, dataset_dir=str(tmp_path / "empty"), output_dir=str(tmp_path / "none"))
     with pytest.raises(SystemExit, match="no input images: nothing matches .*empty"):
