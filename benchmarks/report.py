@@ -282,9 +282,9 @@ def onepath_section(old: dict, new: dict, old_stem: str, new_stem: str, check: d
                 )
         lines += [
             "",
-            "`medmerge` is the collapsed phase-1 network: the engines recompute its norm statistics after collapsing "
-            "(as the bundle does), the hand loop before; the statistics of the deeper layers then differ slightly "
-            "because the two recalibration passes see the shuffled batches in different compositions. "
+            "`medmerge` is the collapsed phase-1 network (the engines recompute its norm statistics after collapsing, "
+            "as the bundle does; the hand loop did it before). A largest weight difference of 0 means both paths "
+            "trained bit-identical networks. "
             f"Machine: {_machine(check['machine'])}; {check['seconds']:.0f} s.",
             "",
         ]

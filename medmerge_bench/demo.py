@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from medmerge_bench.comparison import run_comparison
-from medmerge_bench.transfer import Recipe, network_def
+from medmerge_bench.transfer import Recipe, recipe_network_def
 from monai_medmerge.bundle import export_bundle
 from monai_medmerge.io import write_text
 
@@ -50,7 +50,7 @@ def run_demo(
     classes = tasks.target.class_names
     bundle = export_bundle(
         merged,
-        network_def(len(classes), recipe),
+        recipe_network_def(len(classes), recipe),
         out / "bundle",
         classes,
         spatial_shape=list(tasks.target.train.tensors[0].shape[2:]),

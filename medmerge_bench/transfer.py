@@ -44,7 +44,7 @@ __all__ = [
     "Recipe",
     "COMPARISON_METHODS",
     "build_network",
-    "network_def",
+    "recipe_network_def",
     "coefficient_penalty",
     "from_source",
     "loader",
@@ -143,7 +143,7 @@ class Recipe:
         return f"{task}-{hashlib.sha1(blob.encode()).hexdigest()[:12]}"
 
 
-def network_def(num_classes: int, recipe: Recipe) -> dict:
+def recipe_network_def(num_classes: int, recipe: Recipe) -> dict:
     """MONAI config (``_target_`` and arguments) of :func:`build_network`, for bundles."""
     return {
         "_target_": "monai.networks.nets.ResNet",
@@ -161,7 +161,7 @@ def network_def(num_classes: int, recipe: Recipe) -> dict:
 
 def build_network(num_classes: int, recipe: Recipe) -> nn.Module:
     """The benchmark's architecture: a small 2-D MONAI ``ResNet`` for 1x32x32 patches (about 0.3 M parameters)."""
-    kwargs = network_def(num_classes, recipe)
+    kwargs = recipe_network_def(num_classes, recipe)
     del kwargs["_target_"]
     return ResNet(**kwargs)
 

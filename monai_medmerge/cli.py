@@ -46,10 +46,10 @@ def _main(argv: list[str]) -> int:
         help=f"show the traceback of an error (also {_DEBUG_ENV}=1), anywhere on the line",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("quickstart", help="short end-to-end merge on synthetic images (CPU, about 2 minutes)")
+    q = sub.add_parser("quickstart", help="short end-to-end merge on synthetic images (CPU; README gives its time)")
     q.add_argument("--out", default="medmerge_out/quickstart", help="output folder")
     q.add_argument("--seed", type=_int_at_least(0), default=0)
-    q.add_argument("--shots", type=_int_at_least(1), default=16, help="labelled target images per class")
+    q.add_argument("--k", type=_int_at_least(1), default=16, help="labelled target images per class")
     q.add_argument("--no-progress", action="store_true")
     d = sub.add_parser("demo", help="the main job: offline brain-MRI merge, comparison, report and bundle (CPU)")
     d.add_argument("--out", default="medmerge_out/demo", help="output folder")
@@ -62,7 +62,7 @@ def _main(argv: list[str]) -> int:
         help="write a small example workspace for bundles/medmerge_classification (NIfTI images, two sources)",
     )
     x.add_argument("--out", default="medmerge_out/example", help="the workspace folder to write")
-    x.add_argument("--shots", type=int, default=16, help="target training images per class")
+    x.add_argument("--k", type=int, default=16, help="target training images per class")
     x.add_argument("--source-epochs", type=int, default=3, help="pretraining epochs of each source")
     x.add_argument("--seed", type=int, default=0)
     x.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
@@ -171,7 +171,7 @@ def _main(argv: list[str]) -> int:
 
     if args.command == "quickstart":
         run_quickstart = _research(parser, "quickstart", "run_quickstart")
-        run_quickstart(args.out, seed=args.seed, shots=args.shots, progress=not args.no_progress)
+        run_quickstart(args.out, seed=args.seed, k=args.k, progress=not args.no_progress)
     elif args.command == "demo":
         run_demo = _research(parser, "demo", "run_demo")
         run_demo(args.out, task=args.task, k=args.k, seed=args.seed, progress=not args.no_progress)
@@ -201,7 +201,7 @@ def _main(argv: list[str]) -> int:
         try:
             info = make_example(
                 args.out,
-                shots=args.shots,
+                k=args.k,
                 source_epochs=args.source_epochs,
                 seed=args.seed,
                 overwrite=args.overwrite,

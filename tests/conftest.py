@@ -67,7 +67,7 @@ def example_workspace(tmp_path_factory):
     from monai_medmerge.bundle.example import make_example
 
     root = tmp_path_factory.mktemp("example") / "workspace"
-    return make_example(root, shots=8, test_per_class=5, source_epochs=1, widths=[8, 16, 16, 32], progress=False)
+    return make_example(root, k=8, test_per_class=5, source_epochs=1, widths=[8, 16, 16, 32], progress=False)
 
 
 def snapshot(root) -> dict[str, tuple]:

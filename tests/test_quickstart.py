@@ -54,7 +54,7 @@ def test_recipe_settings_from_the_command_line():
         (["benchmark", "--seeds", "0"], "argument --seeds: must be an integer >= 1, got 0"),
         (["benchmark", "--methods", "nope"], "argument --methods: unknown ['nope']; choose from scratch"),
         (["benchmark", "--set", "coef_lr=abc"], "argument --set: coef_lr expects a value of type float, got 'abc'"),
-        (["quickstart", "--shots", "0"], "argument --shots: must be an integer >= 1, got 0"),
+        (["quickstart", "--k", "0"], "argument --k: must be an integer >= 1, got 0"),
     ],
 )
 def test_bad_arguments_are_one_line_usage_errors(argv, message, capsys):

@@ -65,7 +65,7 @@ def _source_bundle(folder: Path, net: torch.nn.Module, network_def: dict, task: 
 
 def make_example(
     out_dir: str | os.PathLike,
-    shots: int = 16,
+    k: int = 16,
     test_per_class: int = 25,
     image_size: int = 32,
     source_epochs: int = 3,
@@ -83,7 +83,7 @@ def make_example(
 
     Args:
         out_dir: the workspace folder; written under a temporary name and renamed into place.
-        shots: target training images per class (as many again for validation).
+        k: target training images per class (as many again for validation).
         test_per_class: target test images per class.
         image_size: image side in pixels.
         source_epochs: pretraining epochs of each source.
@@ -122,14 +122,14 @@ def make_example(
             _source_bundle(tmp / "sources" / name, net.eval(), net_def, task)
         data = tmp / "data"
         splits = {
-            "training": make_blob_dataset(TARGET, shots, seed + 1000, image_size),
-            "validation": make_blob_dataset(TARGET, shots, seed + 2000, image_size),
+            "training": make_blob_dataset(TARGET, k, seed + 1000, image_size),
+            "validation": make_blob_dataset(TARGET, k, seed + 2000, image_size),
             "test": make_blob_dataset(TARGET, test_per_class, seed + 3000, image_size),
         }
         datalist = {
             "description": "synthetic discs: one or five, small or large (monai_medmerge example)",
             "labels": {str(i): c for i, c in enumerate(CLASS_NAMES)},
-            **{k: _write_images(data / "images" / k, data, ds, k) for k, ds in splits.items()},
+            **{name: _write_images(data / "images" / name, data, ds, name) for name, ds in splits.items()},
         }
         write_json(data / "datalist.json", datalist)
     return {

@@ -57,7 +57,10 @@ logger = logging.getLogger(__name__)
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file beside it: a reader never sees half a table."""
+    """Write ``text`` to ``path`` through a temporary file beside it: a reader never sees half a table.
+
+    Not ``monai_medmerge.io.write_text``: this module ships inside exported bundles, where the package is absent.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

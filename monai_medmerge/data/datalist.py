@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from monai_medmerge.data.transforms import MAX_NAMES, BadImageError, CheckedLoadImaged, as_class_label
+from monai_medmerge.io import write_json
 
 __all__ = ["check_items", "load_datalist"]
 
@@ -208,16 +208,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def _write_report(report_path: PathLike, skipped: list[dict]) -> Path:
-    report = Path(report_path).expanduser()
-    report.parent.mkdir(parents=True, exist_ok=True)
-    tmp = report.with_name(f".{report.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_text(json.dumps(skipped, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, report)  # a reader of the report never sees half of it
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return report
+    return write_json(Path(report_path).expanduser(), skipped)  # a reader of the report never sees half of it
 
 
 def check_items(

@@ -40,6 +40,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from monai.utils import optional_import
+from tqdm import tqdm
 
 from monai_medmerge.dicom.labels import filter_series, join_labels, read_labels, write_datalist
 from monai_medmerge.io import atomic_write, write_json
@@ -953,8 +954,6 @@ class DICOMwebSource:
 def _progress(items: Iterable[Any], show: bool, desc: str, total: int | None = None) -> Iterable[Any]:
     if not show:
         return items
-    from tqdm import tqdm
-
     return tqdm(items, desc=desc, total=total, unit="series")
 
 

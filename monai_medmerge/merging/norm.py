@@ -5,11 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 import torch
-from monai.utils import optional_import
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
-
-tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
+from tqdm import tqdm
 
 __all__ = ["batch_input", "norm_layers", "recalibrate_norm"]
 
@@ -42,7 +40,7 @@ def recalibrate_norm(
         input_key: the input's key for dict batches.
         device: device to move inputs to; defaults to the model's device.
         max_batches: stop after this many batches (default: the whole loader).
-        progress: show a progress bar (needs ``tqdm``).
+        progress: show a progress bar.
 
     Returns:
         ``model`` itself, with updated statistics.
@@ -65,7 +63,7 @@ def recalibrate_norm(
             m.momentum = None
             m.train()
         batches = 0
-        iterator = tqdm(loader, desc="recalibrate norm", leave=False) if progress and has_tqdm else loader
+        iterator = tqdm(loader, desc="recalibrate norm", leave=False) if progress else loader
         for batch in iterator:
             if max_batches is not None and batches >= max_batches:
                 break

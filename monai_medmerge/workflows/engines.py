@@ -30,6 +30,7 @@ from torch import nn
 
 from monai_medmerge.io import atomic_write, write_json
 from monai_medmerge.merging import get_method, recalibrate_norm
+from monai_medmerge.merging.norm import batch_input
 from monai_medmerge.networks import KernelMerge
 from monai_medmerge.sources import load_checkpoint, load_source, state_dict_diff
 from monai_medmerge.workflows.metrics import SCORES, classification_metrics
@@ -122,8 +123,7 @@ def _image_batches(loader: Iterable | None, max_batches: int, key: str = "image"
     for batch in loader:
         if len(batches) >= max_batches:
             break
-        x = batch[key] if isinstance(batch, Mapping) else batch[0] if isinstance(batch, (list, tuple)) else batch
-        batches.append(torch.as_tensor(x).float().cpu())
+        batches.append(torch.as_tensor(batch_input(batch, key)).float().cpu())
     if not batches:
         raise ValueError("the alignment data loader yielded no batch.")
     return batches

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from monai.networks.nets import ResNet
+from monai.bundle import ConfigParser
 from torch.utils.data import DataLoader, TensorDataset
 
+from monai_medmerge.bundle.example import example_network_def
 from monai_medmerge.networks import KernelMerge
 from monai_medmerge.workflows import engines, fine_tune, fit, learn_coefficients
 from monai_medmerge.workflows.metrics import classification_metrics
@@ -24,18 +25,8 @@ HEAD = "fc"
 
 
 def build_network(num_classes: int, widths) -> torch.nn.Module:
-    """A small 2-D MONAI ResNet (basic blocks, one per stage) for 1-channel patches."""
-    return ResNet(
-        block="basic",
-        layers=[1, 1, 1, 1],
-        block_inplanes=list(widths),
-        spatial_dims=2,
-        n_input_channels=1,
-        conv1_t_size=3,
-        conv1_t_stride=1,
-        no_max_pool=True,
-        num_classes=num_classes,
-    )
+    """The example bundle's small 2-D MONAI ResNet for 1-channel patches."""
+    return ConfigParser({"n": example_network_def(num_classes, widths)}).get_parsed_content("n")
 
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "medmerge_classification"
