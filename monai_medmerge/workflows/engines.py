@@ -15,6 +15,7 @@ continue where it stopped.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import re
@@ -53,6 +54,8 @@ __all__ = [
     "phase1_network",
     "phase_completed",
     "phase_evaluator",
+    "run_fingerprint",
+    "start_run",
     "phase_trainer",
     "save_states",
     "without_ddp",
@@ -510,6 +513,68 @@ def _plain(v):
     if isinstance(v, (np.floating, np.integer, torch.Tensor)):
         return v.item()
     return v
+
+
+RUN_FILE = "run.json"
+# what a fresh run removes from the checkpoint folder: the state of an earlier run that a resume would trust
+_STALE_PATTERNS = ("phase*.done", "phase*_checkpoint_epoch=*.pt")
+
+
+def _file_stamps(path: Path) -> list:
+    """Name, size and modification time of a source's files (a replaced checkpoint changes the fingerprint)."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.exists()]
+
+
+def run_fingerprint(settings: Mapping[str, Any], sources: Sequence[Any] = ()) -> str:
+    """A short hash of what a training run depends on: ``settings`` (plain values: data items, classes, network,
+    preprocessing, merge and optimiser settings) and the files of ``sources`` (paths, or specs with a
+    ``checkpoint``), by name, size and modification time."""
+    import hashlib
+
+    stamps = []
+    for spec in sources:
+        target = spec.get("checkpoint") if isinstance(spec, Mapping) else spec
+        stamps.append(_file_stamps(Path(str(target))) if target is not None else [])
+    text = json.dumps({"settings": settings, "sources": stamps}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def start_run(ckpt_dir: str | os.PathLike, resume: bool, fingerprint: str) -> str:
+    """Begin a training run in ``ckpt_dir``, or continue the one recorded there; returns the fingerprint.
+
+    A fresh run (``resume`` false) writes ``run.json`` with its ``fingerprint`` and removes the phase markers and
+    periodic checkpoints of an earlier run (``phase*.done``, ``phase*_checkpoint_epoch=*.pt``), so that a later
+    ``resume`` can only continue this run, never skip a phase on an older run's marker; the older ``model.pt`` stays
+    until this run replaces it. A resumed run continues only the run recorded in ``run.json``: with other settings,
+    data or source files (another fingerprint) it is refused before anything changes. Resuming where no run is
+    recorded starts a fresh one. Under torch.distributed only process 0 writes.
+
+    Raises:
+        ValueError: when ``resume`` is true and ``run.json`` records another fingerprint (the message says both and
+            how to start over).
+    """
+    folder = Path(ckpt_dir)
+    run_file = folder / RUN_FILE
+    if resume and run_file.is_file():
+        try:
+            recorded = json.loads(run_file.read_text()).get("fingerprint")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if recorded != fingerprint:
+            raise ValueError(
+                f"{run_file}: the run recorded there had other settings, data or sources (fingerprint {recorded} "
+                f"here {fingerprint}); resume continues only that run: run without --resume to start over"
+            )
+        logger.info(f"resume: continuing the run recorded in {run_file}")
+        return fingerprint
+    if _rank0():
+        folder.mkdir(parents=True, exist_ok=True)
+        for pattern in _STALE_PATTERNS:
+            for stale in folder.glob(pattern):
+                stale.unlink(missing_ok=True)
+        write_json(run_file, {"fingerprint": fingerprint}, indent=None)
+    return fingerprint
 
 
 def phase_completed(marker: str | os.PathLike, resume: bool) -> bool:

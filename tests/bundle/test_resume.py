@@ -63,3 +63,35 @@ def test_kill_and_resume_each_phase(example_workspace, tmp_path):
     assert f"resume: phase2 continues after epoch {killed2} from" in log
     assert json.loads((models / "phase2.done").read_text())["epochs"] == EPOCHS
     assert (models / "model.pt").is_file()
+
+
+def test_resume_continues_only_its_own_run(example_workspace, tmp_path):
+    """Run A completes; run B (another seed) starts fresh and is killed in phase 1; resuming B must continue B, not
+    skip both phases on A's markers and return A's model. Resuming with other settings is refused untouched."""
+    root = bundle_copy(tmp_path / "bundle")
+    models = root / "models"
+    run_a = overrides(example_workspace, root, phase1_epochs=2, phase2_epochs=2)
+    proc = _start(root, run_a)
+    assert proc.wait(timeout=600) == 0, (root / "run.log").read_text()[-3000:]
+    model_a = (models / "model.pt").read_bytes()
+    assert (models / "phase1.done").is_file() and (models / "phase2.done").is_file()
+
+    run_b = overrides(example_workspace, root, phase1_epochs=EPOCHS, phase2_epochs=2, patience=1000, seed=7)
+    _kill_after(_start(root, run_b), models / "phase1_checkpoint_epoch=1.pt")
+    assert not (models / "phase1.done").exists() and not (models / "phase2.done").exists()  # A's markers are gone
+
+    # another setting than B's: refused in one line, nothing changed
+    before = {p.name: p.stat().st_mtime_ns for p in models.iterdir()}
+    proc = _start(root, [*run_b, "--resume", "True", "--finetune_lr", "0.5"])
+    assert proc.wait(timeout=600) != 0
+    log = (root / "run.log").read_text()
+    assert "resume continues only that run: run without --resume to start over" in log.splitlines()[-1]
+    assert {p.name: p.stat().st_mtime_ns for p in models.iterdir()} == before
+
+    # B resumed: phase 1 continues from B's checkpoint, phase 2 runs, and the model is B's, not A's
+    proc = _start(root, [*run_b, "--resume", "True", "--phase1_epochs", str(EPOCHS)])
+    assert proc.wait(timeout=900) == 0, (root / "run.log").read_text()[-3000:]
+    log = (root / "run.log").read_text()
+    assert "resume: phase1 continues after epoch" in log and "says this phase completed earlier" not in log
+    assert json.loads((models / "phase2.done").read_text())["epochs"] >= 1
+    assert (models / "model.pt").read_bytes() != model_a
