@@ -471,13 +471,44 @@ class BestState:
         if state.best_metric_epoch != state.epoch:
             return
         if self.restore:
-            self.best = copy.deepcopy(self.network.state_dict())
+            self.best = copy.deepcopy(without_ddp(self.network).state_dict())
         if self.path is not None and _rank0():
             save_states({"network": self.network}, self.path)
+            info = {"best_metric": _plain(state.best_metric), "best_metric_epoch": int(state.best_metric_epoch)}
+            write_json(self._info_path(), info, indent=None)
+
+    def _info_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".best.json")
+
+    def resume(self, evaluator, checkpoint: ResumableCheckpoint) -> None:
+        """After ``checkpoint`` restored a phase, continue its best-metric tracking: the best score and epoch go
+        back into ``evaluator`` and the best state (from ``path``) into memory, so a resumed epoch replaces the
+        best only when it beats it, and the phase still ends in its best state. Attached by :func:`phase_trainer`
+        to the trainer's start, after the checkpoint's own restore."""
+
+        def _resume(trainer) -> None:
+            if checkpoint.loaded is None or self.path is None:
+                return
+            info_path = self._info_path()
+            if not (self.path.is_file() and info_path.is_file()):
+                return
+            info = json.loads(info_path.read_text())
+            if int(info["best_metric_epoch"]) > int(trainer.state.epoch):
+                return  # written after the checkpoint the phase resumed from: not part of the run's past
+            evaluator.state.best_metric = info["best_metric"]
+            evaluator.state.best_metric_epoch = int(info["best_metric_epoch"])
+            trainer.state.best_metric, trainer.state.best_metric_epoch = info["best_metric"], info["best_metric_epoch"]
+            if self.restore:
+                self.best = torch.load(self.path, map_location="cpu", weights_only=True)
+            logger.info(
+                f"resume: best validation score so far {info['best_metric']:.4f} (epoch {info['best_metric_epoch']})"
+            )
+
+        self.trainer.add_event_handler(Events.STARTED, _resume)
 
     def _restore(self, _engine) -> None:
         if self.best is not None:
-            self.network.load_state_dict(self.best)
+            without_ddp(self.network).load_state_dict(self.best)
 
 
 class PhaseMarker:
@@ -517,7 +548,7 @@ def _plain(v):
 
 RUN_FILE = "run.json"
 # what a fresh run removes from the checkpoint folder: the state of an earlier run that a resume would trust
-_STALE_PATTERNS = ("phase*.done", "phase*_checkpoint_epoch=*.pt")
+_STALE_PATTERNS = ("phase*.done", "phase*_checkpoint_epoch=*.pt", "*.best.json")
 
 
 def _file_stamps(path: Path) -> list:
@@ -543,12 +574,12 @@ def run_fingerprint(settings: Mapping[str, Any], sources: Sequence[Any] = ()) ->
 def start_run(ckpt_dir: str | os.PathLike, resume: bool, fingerprint: str) -> str:
     """Begin a training run in ``ckpt_dir``, or continue the one recorded there; returns the fingerprint.
 
-    A fresh run (``resume`` false) writes ``run.json`` with its ``fingerprint`` and removes the phase markers and
-    periodic checkpoints of an earlier run (``phase*.done``, ``phase*_checkpoint_epoch=*.pt``), so that a later
-    ``resume`` can only continue this run, never skip a phase on an older run's marker; the older ``model.pt`` stays
-    until this run replaces it. A resumed run continues only the run recorded in ``run.json``: with other settings,
-    data or source files (another fingerprint) it is refused before anything changes. Resuming where no run is
-    recorded starts a fresh one. Under torch.distributed only process 0 writes.
+    A fresh run (``resume`` false) writes ``run.json`` with its ``fingerprint`` and removes the phase markers,
+    periodic checkpoints and best-score records of an earlier run (``phase*.done``, ``phase*_checkpoint_epoch=*.pt``,
+    ``*.best.json``), so that a later ``resume`` can only continue this run, never skip a phase on an older run's
+    marker; the older ``model.pt`` stays until this run replaces it. A resumed run continues only the run recorded
+    in ``run.json``: with other settings, data or source files (another fingerprint) it is refused before anything
+    changes. Resuming where no run is recorded starts a fresh one. Under torch.distributed only process 0 writes.
 
     Raises:
         ValueError: when ``resume`` is true and ``run.json`` records another fingerprint (the message says both and
@@ -704,13 +735,15 @@ def phase_trainer(
         optim_set_to_none=True,
     )
     ValidationHandler(interval=int(val_interval), validator=evaluator, epoch_level=True).attach(trainer)
-    BestState(network, trainer, best_path, restore=restore_best).attach(evaluator)
+    best = BestState(network, trainer, best_path, restore=restore_best)
+    best.attach(evaluator)
     if patience is not None:
         EarlyStopHandler(patience=int(patience), score_function=_key_metric, trainer=trainer, epoch_level=True).attach(
             evaluator
         )
     if checkpoint is not None:
         checkpoint.attach(trainer)
+        best.resume(evaluator, checkpoint)  # after the checkpoint's restore: handlers run in the order attached
     if progress:
         ProgressBar(desc=desc, persist=False).attach(trainer, output_transform=_loss_of)
     for handler in train_handlers or []:

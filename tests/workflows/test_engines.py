@@ -229,5 +229,5 @@ def test_best_state_writes_the_best_and_survives_a_dying_save(tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         trainer.run([0], max_epochs=4)  # epoch 4 improves (0.9) and dies while saving
     monkeypatch.undo()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "best.pt.best.json"]  # state, score record
     assert torch.equal(torch.load(tmp_path / "best.pt", weights_only=True)["weight"], weights[1])

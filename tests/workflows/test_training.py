@@ -269,3 +269,31 @@ def test_undefined_auroc_is_nan_with_a_warning():
     y3 = np.arange(30) % 3
     soft = torch.softmax(torch.from_numpy(logits), 1).numpy()
     assert classification_metrics(y3, logits) == pytest.approx(classification_metrics(y3, soft))
+
+
+def test_a_resumed_phase_keeps_its_best_score_and_state(tmp_path):
+    """Validation macro-F1 is 1, 1, 0, 0, ... (epoch 1 best). Killed after epoch 3 and resumed to epoch 5, the
+    phase must keep epoch 1 as its best: the resumed epochs (score 0) do not replace it, neither in the best file nor
+    in the network's final state. Without the continuity, the first resumed epoch would become the best."""
+
+    def run(model, max_epochs, resume):
+        optimizer = torch.optim.Adam([model.s], lr=0.1)
+        checkpoint = engines.ResumableCheckpoint(
+            tmp_path, "phase", {"model": model, "optimizer": optimizer}, resume=resume
+        )
+        evaluator = engines.phase_evaluator(model, _signed_data())
+        trainer = engines.phase_trainer(
+            model, _signed_data(), evaluator, optimizer, max_epochs, loss_function=lambda p, y: model.s * 1.0,
+            best_path=tmp_path / "best.pt", checkpoint=checkpoint, progress=False,
+        )  # fmt: skip
+        trainer.run()
+        return evaluator
+
+    first = _Signed(0.25)
+    run(first, 3, resume=False)
+    assert first.s.item() == pytest.approx(0.15, abs=1e-4)  # ends in the state of epoch 1
+    resumed = _Signed(0.25)
+    evaluator = run(resumed, 5, resume=True)
+    assert evaluator.state.epoch == 5 and evaluator.state.best_metric_epoch == 1
+    assert resumed.s.item() == pytest.approx(0.15, abs=1e-4)
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["s"].item() == pytest.approx(0.15, abs=1e-4)
