@@ -18,7 +18,7 @@ import torch
 
 from medmerge_bench.comparison import machine_description
 from medmerge_bench.data import load_benchmark_tasks
-from medmerge_bench.transfer import HEAD, Recipe, from_source, loader, pretrain_sources, record
+from medmerge_bench.transfer import HEAD, Distilled, Recipe, from_source, loader, pretrain_sources, record
 from monai_medmerge.io import write_json
 from monai_medmerge.merging import recalibrate_norm
 from monai_medmerge.networks import KernelMerge
@@ -182,46 +182,12 @@ def _fine_tuned_sources(sources, num_classes: int, train, val, recipe: Recipe, s
 
 def _fine_tune(net, train, val, recipe: Recipe, teacher=None):
     """Phase 2 (or a fine-tuning baseline) with the recipe's budget, on a fresh training loader from ``train()``;
-    with ``teacher`` = ``(teachers, weight, generator)`` the loss adds distillation (:class:`_Distilled`)."""
+    with ``teacher`` = ``(teachers, weight, generator)`` the loss adds distillation (:class:`~medmerge_bench.transfer.Distilled`)."""
     if teacher is None:
         return fine_tune(net, train(), val, **recipe.phase2(), progress=False)
-    student = _Distilled(net, *teacher)
+    student = Distilled(net, *teacher)
     _, history = fine_tune(student, train(), val, **recipe.phase2(), progress=False, loss_function=student.loss)
     return net.eval(), history
-
-
-class _Distilled(torch.nn.Module):
-    """A student trained with cross-entropy on the batch plus ``weight`` x KL(teachers' mean probabilities ||
-    student) on mixup blends of the batch (a uniform blend weight per image, partners drawn by ``generator``).
-
-    In training mode the forward pass returns the logits of the batch and of its blends in one pass (the norm layers
-    see both halves together) and remembers the teachers' probabilities on the blends for :meth:`loss`, the
-    engine's loss function; in eval mode it is the student. The teachers are not submodules: they stay frozen.
-    """
-
-    def __init__(self, student: torch.nn.Module, teachers: list[torch.nn.Module], weight: float, generator) -> None:
-        super().__init__()
-        self.student = student
-        self.teachers = tuple(teachers)
-        self.weight = weight
-        self.generator = generator
-        self.target: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return self.student(x)
-        n = x.shape[0]
-        lam = torch.rand(n, *([1] * (x.dim() - 1)), generator=self.generator).to(x)
-        blends = lam * x + (1 - lam) * x[torch.randperm(n, generator=self.generator).to(x.device)]
-        with torch.no_grad():
-            self.target = torch.stack([t(blends).softmax(1) for t in self.teachers]).mean(0)
-        return self.student(torch.cat([x, blends]))
-
-    def loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        n = label.shape[0]
-        ce = torch.nn.functional.cross_entropy(logits[:n], label)
-        kl = torch.nn.functional.kl_div(logits[n:].log_softmax(1), self.target, reduction="batchmean")
-        return ce + self.weight * kl
 
 
 def _joint_fine_tune(merge: KernelMerge, train, val, recipe: Recipe) -> tuple[torch.nn.Module, History]:

@@ -14,7 +14,7 @@ import monai
 import torch
 
 import monai_medmerge
-from medmerge_bench.plots import plot_coefficients, plot_curves, plot_scores
+from medmerge_bench.plots import plot_report
 from medmerge_bench.transfer import COMPARISON_METHODS, METHOD_LABELS, Recipe, pretrain_sources, run_seed, summarize
 from monai_medmerge.io import atomic_write, write_json
 
@@ -111,12 +111,21 @@ def run_comparison(
         line = ", ".join(f"{m} {r['test']['macro_f1']:.3f}" for m, r in res.records.items())
         print(f"[medmerge]   test macro-F1: {line}", flush=True)
     summary = summarize(results)
+    if "room" in summary:
+        room, chosen = summary["room"], summary.get("chosen_medmerge")
+        line = f"[medmerge] room (ensemble - best single source): {100 * room['mean_difference']:+.1f} points"
+        if chosen:
+            line += f"; {chosen['method']} (chosen on validation) {100 * chosen['mean_difference']:+.1f}"
+        print(line, flush=True)
     report = {
         "benchmark": "transfer",
         "task": task,
         "k": k,
         "seeds": list(seeds),
         "methods": {m: METHOD_LABELS[m] for m in summary["methods"]},
+        "lineage": recipe.lineage,
+        "pair": recipe.pair,
+        "source_names": source_info["names"],
         "recipe": asdict(recipe),
         "data": {
             "source_a": {
@@ -157,26 +166,7 @@ def run_comparison(
                 for split in ("val", "test"):
                     s = rec[split]
                     w.writerow([r.seed, m, split, s["macro_f1"], s["accuracy"], s["balanced_accuracy"], s["auroc"]])
-    title = f"{task}, k = {k}, {len(seeds)} seed(s)"
-    pictures = [plot_scores(summary, METHOD_LABELS, out / f"{name}_macro_f1.png", title)]
-    if results[0].coefficients:
-        names = [f"A: {tasks.source_a.name}", f"B: {tasks.source_b.name}"]
-        pictures.append(
-            plot_coefficients(
-                results[0].coefficients,
-                names,
-                out / f"{name}_coefficients.png",
-                f"MedMerge coefficients per layer ({task}, seed {seeds[0]})",
-            )
-        )
-    curves = {}
-    for m, rec in results[0].records.items():
-        if "curve_phase1" in rec:
-            curves[f"{METHOD_LABELS[m]}: phase 1"] = rec["curve_phase1"]
-        if "curve" in rec:
-            curves[METHOD_LABELS[m]] = rec["curve"]
-    if curves:
-        pictures.append(plot_curves(curves, out / f"{name}_curves.png", f"validation curves ({task}, seed {seeds[0]})"))
-    report["pictures"] = [p.name for p in pictures]
+    # drawn from the report itself, as `python -m medmerge_bench.plots <name>.json` draws them again
+    report["pictures"] = [p.name for p in plot_report(report, out, name)]
     write_json(out / f"{name}.json", report)
     return (report, results, tasks) if return_results else report

@@ -14,7 +14,23 @@ Methods (the names used in results):
   permutes channels without changing functions.
 - ``aligned_ftmerge_ft``: MedMerge of ``ft_a`` and ``ft_b`` (the sources already fine-tuned on the target), aligned
   onto the anchor, then fine-tuned: the merge of exactly the two networks the ensemble averages.
+- The paper's recipe (phase 0 fine-tunes each source on the target, as ``ft_a``/``ft_b``; phase 1 merges the two
+  fine-tuned networks, their target heads included; phase 2 fine-tunes): ``paper_medmerge_ft``, and the paper's
+  baselines on the same fine-tuned pair, ``paper_average_ft`` (uniform average, norm statistics recomputed on the
+  target) and ``paper_aligned_average_ft`` (the same after permutation alignment onto the anchor).
+- ``paper_medmerge_distill``: the paper's recipe with phase 2 distilled from the ensemble of the fine-tuned pair
+  (:class:`Distilled`); ``ft_distill``: the same distillation into fine-tuning from the anchor source, the control
+  that shows what the merge adds to distillation alone.
 - ``ensemble``: mean probabilities of ``ft_a`` and ``ft_b``, an upper bound that costs N networks at inference.
+
+The room of a benchmark is the ensemble's lead over the best single source (paired per seed); each one-network
+method's gain over the best single source is also reported as its share of that room (:func:`summarize`).
+
+Lineage (``Recipe.lineage``): ``independent`` sources start from their own random initialisations; ``shared``
+sources are fine-tuned from one ancestor trained first on a broad task of another domain
+(:func:`~medmerge_bench.data.tasks.load_ancestor_task`), the stand-in for ImageNet. ``Recipe.pair`` picks the pair:
+``ab`` (ancestor -> A and ancestor -> B) or ``ancestor_b`` (the ancestor itself and ancestor -> B: the paper's pair of
+an ImageNet network and a network pretrained on a related medical task).
 
 Every choice (the anchor source, the best epoch, the best single-source baseline) is made on validation data; the
 test split is only evaluated.
@@ -33,7 +49,7 @@ from monai.networks.nets import ResNet
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from medmerge_bench.data.tasks import cache_dir
+from medmerge_bench.data.tasks import cache_dir, load_ancestor_task
 from monai_medmerge.io import write_json
 from monai_medmerge.merging import align_sources, get_method, recalibrate_norm
 from monai_medmerge.networks import KernelMerge
@@ -43,6 +59,8 @@ from monai_medmerge.workflows import classification_metrics, fine_tune, fit, lea
 __all__ = [
     "Recipe",
     "COMPARISON_METHODS",
+    "MEDMERGE_RECIPES",
+    "Distilled",
     "build_network",
     "recipe_network_def",
     "coefficient_penalty",
@@ -70,8 +88,15 @@ COMPARISON_METHODS = (
     "aligned_average_ft",
     "aligned_medmerge_ft",
     "aligned_ftmerge_ft",
+    "paper_average_ft",
+    "paper_aligned_average_ft",
+    "paper_medmerge_ft",
+    "paper_medmerge_distill",
+    "ft_distill",
     "ensemble",
 )
+# the MedMerge recipes among the methods: the one reported as "the merge" is chosen among them on validation
+MEDMERGE_RECIPES = ("medmerge_ft", "aligned_medmerge_ft", "aligned_ftmerge_ft", "paper_medmerge_ft", "paper_medmerge_distill")
 METHOD_LABELS = {
     "scratch": "scratch",
     "ft_a": "fine-tune from A",
@@ -85,6 +110,11 @@ METHOD_LABELS = {
     "aligned_average_ft": "aligned average + FT",
     "aligned_medmerge_ft": "aligned MedMerge + FT",
     "aligned_ftmerge_ft": "aligned MedMerge of FT A and B + FT",
+    "paper_average_ft": "paper's baseline: average of FT A and B + FT",
+    "paper_aligned_average_ft": "paper's baseline: aligned average of FT A and B + FT",
+    "paper_medmerge_ft": "paper's recipe: MedMerge of FT A and B + FT",
+    "paper_medmerge_distill": "paper's recipe, FT distilled from the ensemble",
+    "ft_distill": "fine-tune from the anchor, distilled from the ensemble",
     "ensemble": "ensemble of FT A and B (2x cost)",
 }
 
@@ -104,6 +134,11 @@ class Recipe:
         lp_epochs, lp_lr: the linear-probing stage of LP-FT.
         alignment: how the ``aligned_*`` methods align the sources: ``"activations"`` (feature correlations on the
             target's training images) or ``"weights"`` (weight matching).
+        lineage: ``"independent"`` (each source from its own random initialisation) or ``"shared"`` (both sources
+            fine-tuned for ``source_epochs`` from one ancestor trained ``ancestor_epochs`` on a broad task).
+        ancestor_epochs: training of the shared ancestor.
+        pair: ``"ab"`` (the two source networks) or ``"ancestor_b"`` (the ancestor itself as source A; shared only).
+        distill_weight: weight of the distillation term of the ``*_distill`` methods.
     """
 
     widths: tuple[int, ...] = (16, 32, 64, 128)
@@ -122,6 +157,18 @@ class Recipe:
     lp_epochs: int = 10
     lp_lr: float = 1e-2
     alignment: str = "activations"
+    lineage: str = "independent"
+    ancestor_epochs: int = 4
+    pair: str = "ab"
+    distill_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.lineage not in ("independent", "shared"):
+            raise ValueError(f"lineage must be 'independent' or 'shared', got {self.lineage!r}.")
+        if self.pair not in ("ab", "ancestor_b"):
+            raise ValueError(f"pair must be 'ab' or 'ancestor_b', got {self.pair!r}.")
+        if self.pair == "ancestor_b" and self.lineage != "shared":
+            raise ValueError("pair='ancestor_b' needs lineage='shared': only the shared lineage has an ancestor.")
 
     def phase1(self, merge: KernelMerge | None = None) -> dict:
         """Keyword arguments of :func:`~monai_medmerge.workflows.learn_coefficients` for this recipe; with
@@ -139,6 +186,9 @@ class Recipe:
 
     def source_key(self, task: str, data_version: str = "") -> str:
         fields = {k: v for k, v in asdict(self).items() if k.startswith("source") or k in ("widths", "batch_size")}
+        if self.lineage == "shared":
+            # only in the shared lineage, so that the keys of sources cached before lineages existed still hold
+            fields |= {"lineage": self.lineage, "ancestor_epochs": self.ancestor_epochs}
         blob = json.dumps({"task": task, "data": data_version, **fields}, sort_keys=True)
         return f"{task}-{hashlib.sha1(blob.encode()).hexdigest()[:12]}"
 
@@ -173,55 +223,71 @@ def loader(ds: TensorDataset, shuffle: bool, seed: int, batch_size: int) -> Data
 def pretrain_sources(
     tasks, recipe: Recipe, cache: bool = True, progress: bool = True, data_version: str | None = None
 ) -> tuple[list[nn.Module], dict]:
-    """Pretrain source A and source B from different random initialisations, or load them from the cache.
+    """Pretrain sources A and B, or load them from the cache.
 
-    The cache key covers the recipe's source settings and a digest of the sources' training data (or
+    In the independent lineage each source starts from its own random initialisation; in the shared lineage an
+    ancestor is trained first on :func:`~medmerge_bench.data.tasks.load_ancestor_task` and both sources are
+    fine-tuned from it (fresh heads). With ``recipe.pair == "ancestor_b"`` the ancestor itself is returned as
+    source A. The cache key covers the recipe's source settings and a digest of the training data (or
     ``data_version`` when given).
 
     Returns:
-        ``([source_a, source_b], info)`` with each source's best validation metrics and whether it was cached.
+        ``([source_a, source_b], info)``: each network's best validation metrics, whether it was cached, and
+        ``names`` (what sources A and B are).
     """
+    ancestor_task = load_ancestor_task(tasks.name, progress=progress) if recipe.lineage == "shared" else None
     if data_version is None:
         # the sources depend on their training data: a change of the data builder must not reuse stale sources
         digest = hashlib.sha1()
-        for data in (tasks.source_a, tasks.source_b):
-            for t in data.train.tensors:
+        for data in (tasks.source_a, tasks.source_b, ancestor_task):
+            for t in data.train.tensors if data is not None else ():
                 digest.update(t.numpy().tobytes())
         data_version = digest.hexdigest()[:16]
     key = recipe.source_key(tasks.name, data_version)
     folder = cache_dir() / "sources" / key
-    sources, info = [], {"key": key, "sources": {}}
-    for tag, data, seed in (
-        ("a", tasks.source_a, recipe.source_seeds[0]),
-        ("b", tasks.source_b, recipe.source_seeds[1]),
-    ):
+    info: dict = {"key": key, "lineage": recipe.lineage, "pair": recipe.pair, "sources": {}}
+
+    def trained(tag: str, data, seed: int, epochs: int, start: nn.Module | None) -> nn.Module:
         path = folder / f"source_{tag}.safetensors"
         meta_path = folder / f"source_{tag}.json"
         torch.manual_seed(seed)
-        net = build_network(data.num_classes, recipe)
+        net = build_network(data.num_classes, recipe) if start is None else from_source(start, data.num_classes, recipe)
         if cache and path.exists() and meta_path.exists():
             net.load_state_dict(load_checkpoint(path))
             meta = json.loads(meta_path.read_text()) | {"cached": True}
         else:
-            train = loader(data.train, True, seed, recipe.batch_size)
-            val = loader(data.val, False, seed, 256)
+            what = f"pretrain {tag}" if start is None else f"fine-tune the ancestor on {tag}"
             hist = fit(
                 net,
-                train,
-                val,
+                loader(data.train, True, seed, recipe.batch_size),
+                loader(data.val, False, seed, 256),
                 [{"params": net.parameters(), "lr": recipe.source_lr}],
-                recipe.source_epochs,
-                desc=f"pretrain source {tag.upper()} ({data.name})",
+                epochs,
+                desc=f"{what} ({data.name})",
                 progress=progress,
             )
-            meta = {"task": data.name, "seed": seed, "val": hist.val[hist.best_epoch], "epochs": recipe.source_epochs}
+            meta = {"task": data.name, "seed": seed, "val": hist.val[hist.best_epoch], "epochs": epochs}
+            if start is not None:
+                meta["from"] = "ancestor"
             if cache:
                 folder.mkdir(parents=True, exist_ok=True)
                 save_checkpoint(net, path)
                 write_json(meta_path, meta, indent=None)
             meta |= {"cached": False}
         info["sources"][tag] = meta
-        sources.append(net.eval())
+        return net.eval()
+
+    ancestor = None
+    if ancestor_task is not None:
+        ancestor = trained("ancestor", ancestor_task, recipe.source_seeds[0], recipe.ancestor_epochs, None)
+    sources = [
+        trained(tag, data, seed, recipe.source_epochs, ancestor)
+        for tag, data, seed in (("a", tasks.source_a, recipe.source_seeds[0]), ("b", tasks.source_b, recipe.source_seeds[1]))
+    ]
+    info["names"] = [tasks.source_a.name, tasks.source_b.name]
+    if recipe.pair == "ancestor_b":
+        sources[0] = ancestor
+        info["names"][0] = f"ancestor ({ancestor_task.name})"
     return sources, info
 
 
@@ -298,6 +364,11 @@ def run_seed(
         "medmerge_ft",
         "aligned_medmerge_ft",
         "aligned_ftmerge_ft",
+        "paper_average_ft",
+        "paper_aligned_average_ft",
+        "paper_medmerge_ft",
+        "paper_medmerge_distill",
+        "ft_distill",
     } & set(methods)
     ft_nets: dict[str, nn.Module] = {}
     for i, tag in enumerate(("a", "b")):
@@ -376,6 +447,7 @@ def run_seed(
         net, hist2 = fine_tune(plain, train(), val, **recipe.phase2(), progress=progress, desc=desc)
         recs[name] = record(net, val, test, hist2)
         recs[name]["curve_phase1"] = [v["macro_f1"] for v in hist1.val]
+    _run_paper_recipe(out, ft_nets, sources, aligned_onto_anchor, finetuned, train, val, test, recipe, seed, methods, progress)
     if "ensemble" in methods:
         (va, ta), (vb, tb) = recs["ft_a"]["_probs"], recs["ft_b"]["_probs"]
         probs = (ta + tb) / 2
@@ -389,6 +461,85 @@ def run_seed(
     for rec in recs.values():
         rec.pop("_probs", None)
     return out
+
+
+def _run_paper_recipe(
+    out: SeedResult, ft_nets, sources, aligned_onto_anchor, finetuned, train, val, test, recipe, seed, methods, progress
+) -> None:
+    """The methods on the fine-tuned pair (phase 0 = ``ft_a``/``ft_b``): the paper's recipe and its baselines, and
+    the distillation rows. Their heads are already target heads, so they are merged like every other layer."""
+    recs = out.records
+    pair = [ft_nets[t] for t in ("a", "b") if t in ft_nets]
+    if "paper_aligned_average_ft" in methods:
+        aligned_pair = aligned_onto_anchor(pair)
+    for name in ("paper_average_ft", "paper_aligned_average_ft"):
+        if name in methods:
+            torch.manual_seed(seed)
+            pool = aligned_pair if name == "paper_aligned_average_ft" else pair
+            merge = get_method("average").build(list(pool))
+            recalibrate_norm(merge, train())
+            finetuned(merge.collapse(), name)
+    teacher = (pair, recipe.distill_weight)
+    for name in ("paper_medmerge_ft", "paper_medmerge_distill"):
+        if name not in methods:
+            continue
+        torch.manual_seed(seed)
+        merge = KernelMerge(pair, anchor=out.anchor, anchor_weight=recipe.anchor_weight)
+        desc = f"phase 1: coefficients ({METHOD_LABELS[name]})"
+        plain, hist1 = learn_coefficients(merge, train(), val, **recipe.phase1(merge), progress=progress, desc=desc)
+        desc = f"phase 2: fine-tune ({METHOD_LABELS[name]})"
+        net, hist2 = _phase2(plain, train(), val, recipe, teacher if name.endswith("distill") else None, seed, desc, progress)
+        recs[name] = record(net, val, test, hist2)
+        recs[name]["curve_phase1"] = [v["macro_f1"] for v in hist1.val]
+        out.models[name] = net
+    if "ft_distill" in methods:
+        torch.manual_seed(seed)
+        start = from_source(sources[out.anchor], pair[out.anchor].get_submodule(HEAD).out_features, recipe)
+        net, hist = _phase2(start, train(), val, recipe, teacher, seed, METHOD_LABELS["ft_distill"], progress)
+        recs["ft_distill"] = record(net, val, test, hist)
+
+
+def _phase2(net, train, val, recipe: Recipe, teacher, seed: int, desc: str, progress: bool):
+    """Fine-tuning with the recipe's budget; with ``teacher = (networks, weight)`` distilled from their ensemble."""
+    if teacher is None:
+        return fine_tune(net, train, val, **recipe.phase2(), progress=progress, desc=desc)
+    student = Distilled(net, teacher[0], teacher[1], torch.Generator().manual_seed(seed))
+    _, history = fine_tune(student, train, val, **recipe.phase2(), progress=progress, desc=desc, loss_function=student.loss)
+    return net.eval(), history
+
+
+class Distilled(nn.Module):
+    """A student trained with cross-entropy on the batch plus ``weight`` x KL(teachers' mean probabilities ||
+    student) on mixup blends of the batch (a uniform blend weight per image, partners drawn by ``generator``).
+
+    In training mode the forward pass returns the logits of the batch and of its blends in one pass (the norm layers
+    see both halves together) and keeps the teachers' probabilities on the blends for :meth:`loss`, the engine's
+    loss function; in eval mode it is the student. The teachers are not submodules: they stay frozen.
+    """
+
+    def __init__(self, student: nn.Module, teachers, weight: float, generator: torch.Generator) -> None:
+        super().__init__()
+        self.student = student
+        self.teachers = tuple(t.eval() for t in teachers)
+        self.weight = weight
+        self.generator = generator
+        self.target: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self.student(x)
+        n = x.shape[0]
+        lam = torch.rand(n, *([1] * (x.dim() - 1)), generator=self.generator).to(x)
+        blends = lam * x + (1 - lam) * x[torch.randperm(n, generator=self.generator).to(x.device)]
+        with torch.no_grad():
+            self.target = torch.stack([t(blends).softmax(1) for t in self.teachers]).mean(0)
+        return self.student(torch.cat([x, blends]))
+
+    def loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        n = label.shape[0]
+        ce = nn.functional.cross_entropy(logits[:n], label)
+        kl = nn.functional.kl_div(logits[n:].log_softmax(1), self.target, reduction="batchmean")
+        return ce + self.weight * kl
 
 
 def new_merge(
@@ -461,17 +612,42 @@ def summarize(
     summary = {"methods": table, "seeds": [r.seed for r in results]}
     if {"ft_a", "ft_b"} <= set(methods):
         best = max(("ft_a", "ft_b"), key=lambda m: table[m]["val_macro_f1"]["mean"])
-        for name, baseline, key in (
-            ("medmerge_ft", best, "medmerge_ft_vs_best_single_source"),
-            ("aligned_medmerge_ft", best, "aligned_medmerge_ft_vs_best_single_source"),
-            ("aligned_ftmerge_ft", best, "aligned_ftmerge_ft_vs_best_single_source"),
-        ):
+        summary["best_single_source"] = best
+        for name in ("medmerge_ft", "aligned_medmerge_ft", "aligned_ftmerge_ft"):
             if name in methods:
-                summary[key] = _paired(table, name, baseline) | {"chosen_on": "mean validation macro-F1"}
+                key = f"{name}_vs_best_single_source"
+                summary[key] = _paired(table, name, best) | {"chosen_on": "mean validation macro-F1"}
+        summary.update(_room(table, methods, best))
     for name, baseline in (("aligned_medmerge_ft", "medmerge_ft"), ("aligned_average_ft", "average_ft")):
         if {name, baseline} <= set(methods):
             summary[f"{name}_vs_{baseline}"] = _paired(table, name, baseline)
     return summary
+
+
+def _room(table: dict, methods: Sequence[str], best: str) -> dict:
+    """Every one-network method paired against the best single source ``best``; with the ensemble, the room (the
+    ensemble's paired lead over ``best``) and each method's share of it; the MedMerge recipe chosen on validation.
+
+    The share is the method's mean paired gain divided by the mean room; it is left out (None) where the room is
+    not positive, since there is then nothing for a merge to take.
+    """
+    out: dict = {"vs_best_single_source": {}}
+    for name in methods:
+        if name not in ("ft_a", "ft_b", "ensemble"):
+            out["vs_best_single_source"][name] = _paired(table, name, best)
+    room = None
+    if "ensemble" in methods:
+        room = _paired(table, "ensemble", best)
+        out["room"] = room
+        for paired in out["vs_best_single_source"].values():
+            gain = paired["mean_difference"]
+            paired["share_of_room"] = gain / room["mean_difference"] if room["mean_difference"] > 0 else None
+    recipes = [m for m in MEDMERGE_RECIPES if m in methods]
+    if recipes:
+        chosen = max(recipes, key=lambda m: table[m]["val_macro_f1"]["mean"])
+        out["chosen_medmerge"] = {"chosen_on": "mean validation macro-F1 among " + ", ".join(recipes)}
+        out["chosen_medmerge"] |= out["vs_best_single_source"][chosen]
+    return out
 
 
 def _paired(table: dict, name: str, baseline: str) -> dict:

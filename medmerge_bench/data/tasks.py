@@ -26,6 +26,7 @@ __all__ = [
     "TaskData",
     "cache_dir",
     "k_shot_indices",
+    "load_ancestor_task",
     "load_benchmark_tasks",
     "make_tensor_dataset",
 ]
@@ -163,3 +164,32 @@ def load_benchmark_tasks(task: str, k: int, seed: int, progress: bool = True) ->
 
         return load_fashion_tasks(k, seed, progress=progress)
     raise ValueError(f"unknown benchmark task {task!r}; choose one of {', '.join(BENCHMARKS)}.")
+
+
+# The ancestor of each benchmark in the shared lineage: the OTHER benchmark's two source tasks pooled into one task.
+ANCESTOR_OF = {"brain": "fashion", "fashion": "brain"}
+
+
+def load_ancestor_task(task: str, progress: bool = True) -> TaskData:
+    """The broad task a shared ancestor of ``task``'s sources is trained on, the stand-in for ImageNet.
+
+    It is the other benchmark's two source tasks pooled into one classification over all their classes (brain:
+    Fashion-MNIST's ten classes; fashion: three tissue and seven anatomy classes of brain MRI patches), so the
+    ancestor never sees the target's images or domain, as ImageNet never saw the paper's medical targets.
+
+    Raises:
+        ValueError: for an unknown task.
+    """
+    if task not in ANCESTOR_OF:
+        raise ValueError(f"unknown benchmark task {task!r}; choose one of {', '.join(BENCHMARKS)}.")
+    other = load_benchmark_tasks(ANCESTOR_OF[task], k=1, seed=0, progress=progress)
+    a, b = other.source_a, other.source_b
+
+    def pooled(split: str) -> TensorDataset:
+        xa, ya = getattr(a, split).tensors
+        xb, yb = getattr(b, split).tensors
+        # B's labels follow A's, so the pooled task has one label per class of either source
+        return TensorDataset(torch.cat([xa, xb]), torch.cat([ya, yb + a.num_classes]))
+
+    names = [f"{a.name}:{c}" for c in a.class_names] + [f"{b.name}:{c}" for c in b.class_names]
+    return TaskData(f"{other.name}/pooled-sources", pooled("train"), pooled("val"), None, names)
