@@ -182,7 +182,8 @@ def _fine_tuned_sources(sources, num_classes: int, train, val, recipe: Recipe, s
 
 def _fine_tune(net, train, val, recipe: Recipe, teacher=None):
     """Phase 2 (or a fine-tuning baseline) with the recipe's budget, on a fresh training loader from ``train()``;
-    with ``teacher`` = ``(teachers, weight, generator)`` the loss adds distillation (:class:`~medmerge_bench.transfer.Distilled`)."""
+    with ``teacher`` = ``(teachers, weight, generator)`` the loss adds distillation
+    (:class:`~medmerge_bench.transfer.Distilled`)."""
     if teacher is None:
         return fine_tune(net, train(), val, **recipe.phase2(), progress=False)
     student = Distilled(net, *teacher)

@@ -96,7 +96,13 @@ COMPARISON_METHODS = (
     "ensemble",
 )
 # the MedMerge recipes among the methods: the one reported as "the merge" is chosen among them on validation
-MEDMERGE_RECIPES = ("medmerge_ft", "aligned_medmerge_ft", "aligned_ftmerge_ft", "paper_medmerge_ft", "paper_medmerge_distill")
+MEDMERGE_RECIPES = (
+    "medmerge_ft",
+    "aligned_medmerge_ft",
+    "aligned_ftmerge_ft",
+    "paper_medmerge_ft",
+    "paper_medmerge_distill",
+)
 METHOD_LABELS = {
     "scratch": "scratch",
     "ft_a": "fine-tune from A",
@@ -282,7 +288,10 @@ def pretrain_sources(
         ancestor = trained("ancestor", ancestor_task, recipe.source_seeds[0], recipe.ancestor_epochs, None)
     sources = [
         trained(tag, data, seed, recipe.source_epochs, ancestor)
-        for tag, data, seed in (("a", tasks.source_a, recipe.source_seeds[0]), ("b", tasks.source_b, recipe.source_seeds[1]))
+        for tag, data, seed in (
+            ("a", tasks.source_a, recipe.source_seeds[0]),
+            ("b", tasks.source_b, recipe.source_seeds[1]),
+        )
     ]
     info["names"] = [tasks.source_a.name, tasks.source_b.name]
     if recipe.pair == "ancestor_b":
@@ -447,7 +456,9 @@ def run_seed(
         net, hist2 = fine_tune(plain, train(), val, **recipe.phase2(), progress=progress, desc=desc)
         recs[name] = record(net, val, test, hist2)
         recs[name]["curve_phase1"] = [v["macro_f1"] for v in hist1.val]
-    _run_paper_recipe(out, ft_nets, sources, aligned_onto_anchor, finetuned, train, val, test, recipe, seed, methods, progress)
+    _run_paper_recipe(
+        out, ft_nets, sources, aligned_onto_anchor, finetuned, train, val, test, recipe, seed, methods, progress
+    )
     if "ensemble" in methods:
         (va, ta), (vb, tb) = recs["ft_a"]["_probs"], recs["ft_b"]["_probs"]
         probs = (ta + tb) / 2
@@ -488,7 +499,9 @@ def _run_paper_recipe(
         desc = f"phase 1: coefficients ({METHOD_LABELS[name]})"
         plain, hist1 = learn_coefficients(merge, train(), val, **recipe.phase1(merge), progress=progress, desc=desc)
         desc = f"phase 2: fine-tune ({METHOD_LABELS[name]})"
-        net, hist2 = _phase2(plain, train(), val, recipe, teacher if name.endswith("distill") else None, seed, desc, progress)
+        net, hist2 = _phase2(
+            plain, train(), val, recipe, teacher if name.endswith("distill") else None, seed, desc, progress
+        )
         recs[name] = record(net, val, test, hist2)
         recs[name]["curve_phase1"] = [v["macro_f1"] for v in hist1.val]
         out.models[name] = net
@@ -504,7 +517,9 @@ def _phase2(net, train, val, recipe: Recipe, teacher, seed: int, desc: str, prog
     if teacher is None:
         return fine_tune(net, train, val, **recipe.phase2(), progress=progress, desc=desc)
     student = Distilled(net, teacher[0], teacher[1], torch.Generator().manual_seed(seed))
-    _, history = fine_tune(student, train, val, **recipe.phase2(), progress=progress, desc=desc, loss_function=student.loss)
+    _, history = fine_tune(
+        student, train, val, **recipe.phase2(), progress=progress, desc=desc, loss_function=student.loss
+    )
     return net.eval(), history
 
 

@@ -61,6 +61,10 @@ def test_quick_demo_writes_report_and_plain_bundle(brain_available, tmp_path, mo
     report = run_demo(tmp_path / "demo", k=10, recipe=QUICK, progress=False)
     md = (tmp_path / "demo" / "report.md").read_text()
     assert "MedMerge + FT" in md and "fine-tune from A" in md
+    # beside the table, what its numbers mean: one seed, and where the recorded benchmarks stand
+    assert "Reading it (one seed, no spread" in md and "docs/benchmarks.md" in md
+    for picture in ("results_macro_f1.png", "results_coefficients.png", "results_curves.png"):
+        assert f"![{picture}]({picture})" in md and (tmp_path / "demo" / picture).is_file()
     bundle = tmp_path / "demo" / "bundle"
     inference = yaml.safe_load((bundle / "configs" / "inference.yaml").read_text())
     assert inference["network_def"]["_target_"] == "monai.networks.nets.ResNet"
