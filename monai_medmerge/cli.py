@@ -457,7 +457,10 @@ def _with_settings(recipe, settings: list[str], parser: argparse.ArgumentParser 
                 changes[name] = type(current)(value)
         except ValueError:
             bad(f"{name} expects a value of type {type(current).__name__}, got {value!r}")
-    return dataclasses.replace(recipe, **changes)
+    try:
+        return dataclasses.replace(recipe, **changes)
+    except ValueError as e:  # the recipe's own checks of values (e.g. an unknown lineage)
+        bad(str(e))
 
 
 if __name__ == "__main__":

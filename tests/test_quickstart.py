@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from monai.networks.nets import resnet10
+from monai.networks.nets import ResNet
 
 from monai_medmerge.cli import main
 
@@ -25,7 +25,9 @@ def test_quickstart_runs_end_to_end(tmp_path, capsys):
     assert 0.0 <= report["test"]["MedMerge (collapsed, no fine-tuning)"]["macro_f1"] <= 1.0
     # the saved model is a plain MONAI network's state dict, readable without unpickling code
     state = torch.load(tmp_path / "merged_model.pt", weights_only=True)
-    net = resnet10(spatial_dims=2, n_input_channels=1, num_classes=4)
+    from medmerge_bench.quickstart import WIDTHS
+
+    net = ResNet("basic", [1, 1, 1, 1], WIDTHS, spatial_dims=2, n_input_channels=1, num_classes=4)
     net.load_state_dict(state)  # strict: every key matches
     assert "MedMerge + fine-tuning" in capsys.readouterr().out
 
