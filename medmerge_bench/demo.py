@@ -156,7 +156,8 @@ method over several seeds with a paired comparison.
 {pictures}
 
 The merged, fine-tuned network is exported as a standard MONAI bundle in `bundle/` (plain
-`monai.networks.nets.ResNet`; MONAI and PyTorch suffice to load it).
+`monai.networks.nets.ResNet`): loading its weights needs only MONAI and PyTorch; running its `inference.yaml` needs
+exactly the packages its `docs/README.md` and `configs/metadata.json` list for its image reader).
 
 About the data: {data["notes"]}
 
