@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from monai_medmerge.networks.kernel_merge import GRANULARITIES, KernelMerge
+from monai_medmerge.networks.kernel_merge import GRANULARITIES, KernelMerge, replace_head
 from monai_medmerge.networks.units import MergeUnit, find_units
 
-__all__ = ["GRANULARITIES", "KernelMerge", "MergeUnit", "find_units"]
+__all__ = ["GRANULARITIES", "KernelMerge", "MergeUnit", "find_units", "replace_head"]

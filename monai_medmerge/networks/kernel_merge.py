@@ -20,7 +20,7 @@ from monai_medmerge.networks.units import (
 )
 from monai_medmerge.sources import check_compatible
 
-__all__ = ["KernelMerge", "GRANULARITIES", "DEFAULT_ANCHOR_WEIGHT"]
+__all__ = ["KernelMerge", "GRANULARITIES", "DEFAULT_ANCHOR_WEIGHT", "replace_head"]
 
 GRANULARITIES = ("kernel", "layer", "model")
 DEFAULT_ANCHOR_WEIGHT = 0.9
@@ -138,7 +138,7 @@ class KernelMerge(nn.Module):
 
         template = _copy_network(ref)
         if head is not None:
-            _replace_head(template, head, out_channels)
+            replace_head(template, head, out_channels)
         self.units: list[MergeUnit] = find_units(template, exclude=head)
         widths = [u.channels for u in self.units]
         if self.granularity == "kernel":
@@ -383,8 +383,13 @@ def _linear_like_names(module: nn.Module, limit: int = 5) -> list[str]:
     return names[-limit:]
 
 
-def _replace_head(template: nn.Module, head: str, out_channels: int | None) -> None:
-    """Swap the module ``head`` of ``template`` for a freshly initialised one with ``out_channels`` outputs."""
+def replace_head(template: nn.Module, head: str, out_channels: int | None) -> None:
+    """Swap the module ``head`` of ``template`` (in place) for a freshly initialised one with ``out_channels``
+    outputs (``None``: as many as the old one). Every parent that holds the old head gets the new one.
+
+    Raises:
+        ValueError: when ``head`` is neither an ``nn.Linear`` nor a (non-transposed) convolution.
+    """
     old = template.get_submodule(head)
     if isinstance(old, nn.Linear):
         new: nn.Module = nn.Linear(old.in_features, out_channels or old.out_features, bias=old.bias is not None)

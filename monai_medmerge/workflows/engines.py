@@ -40,6 +40,7 @@ Events, _ = optional_import("ignite.engine", name="Events")
 Metric, has_ignite = optional_import("ignite.metrics", name="Metric", as_type="base")
 reinit__is_reduced, _ = optional_import("ignite.metrics.metric", name="reinit__is_reduced", as_type="decorator")
 ProgressBar, _ = optional_import("ignite.handlers", name="ProgressBar")
+EarlyStopping, _ = optional_import("ignite.handlers", name="EarlyStopping")
 
 __all__ = [
     "SCORES",
@@ -145,8 +146,11 @@ def phase1_network(
     align_batches: int = 4,
     spatial_size: Sequence[int] | None = None,
     in_channels: int = 1,
+    merge_heads: bool = False,
 ) -> KernelMerge:
-    """The phase-1 network: a :class:`KernelMerge` of ``sources`` with a new ``num_classes`` head.
+    """The phase-1 network: a :class:`KernelMerge` of ``sources`` with a new ``num_classes`` head, or with their
+    heads merged like every other layer (``merge_heads``, the ``paper`` recipe's sources already fine-tuned on the
+    target).
 
     Args:
         sources: networks of one class (their heads may differ in size).
@@ -162,9 +166,11 @@ def phase1_network(
         align_batches: batches of ``align_data`` used at most.
         spatial_size: input size of an example batch for tracing the network (default: from the first conv).
         in_channels: input channels of that batch.
+        merge_heads: keep the sources' heads and merge them (they must all have ``num_classes`` outputs).
 
     Raises:
-        ValueError: for a merge method with fixed coefficients or the errors of the merge and alignment.
+        ValueError: for a merge method with fixed coefficients, heads of another size with ``merge_heads``, or the
+            errors of the merge and alignment.
     """
     m = get_method(method, anchor=anchor, anchor_weight=anchor_weight, align=align, matching=matching)
     if not m.learned:
@@ -174,6 +180,15 @@ def phase1_network(
         g = torch.Generator().manual_seed(0)
         example = torch.randn(2, in_channels, *[int(s) for s in spatial_size], generator=g)
     data = _image_batches(align_data, align_batches) if align and matching == "activations" else None
+    if merge_heads:
+        heads = [s.get_submodule(head) for s in sources]
+        sizes = [getattr(h, "out_features", getattr(h, "out_channels", None)) for h in heads]
+        if any(size != int(num_classes) for size in sizes):
+            raise ValueError(
+                f"merge_heads: every source's head {head!r} must have {num_classes} outputs (the target's classes), "
+                f"got {sizes}: fine-tune the sources on the target first (recipe 'paper', phase 0)."
+            )
+        return m.build(sources, head=None, out_channels=None, example_input=example, align_data=data)
     return m.build(sources, head=head, out_channels=int(num_classes), example_input=example, align_data=data)
 
 
@@ -384,7 +399,9 @@ class ResumableCheckpoint:
         map_location: passed to ``torch.load``.
 
     Raises:
-        ValueError: when ``save_dict`` holds ``"trainer"`` (the engine is added) or ``interval`` < 1.
+        ValueError: when ``save_dict`` holds ``"trainer"`` (the engine is added) or ``interval`` < 1; when the
+            trainer starts, for a checkpoint that cannot be restored (damaged, or not of these objects): the message
+            names the file and says what to do.
     """
 
     def __init__(
@@ -430,7 +447,16 @@ class ResumableCheckpoint:
             return
         from monai.handlers import CheckpointLoader
 
-        CheckpointLoader(load_path=str(path), load_dict=objects, map_location=self.map_location)(engine)
+        try:
+            CheckpointLoader(load_path=str(path), load_dict=objects, map_location=self.map_location)(engine)
+        except Exception as e:  # torch and Ignite say "failed finding central directory", not which file or why
+            # their first sentence says what failed; torch's further advice (weights_only=False) is not for a resume
+            reason = re.split(r"(?<=\.)\s", " ".join(str(e).split()), maxsplit=1)[0][:300]
+            raise ValueError(
+                f"{path}: cannot resume {self.prefix} from this checkpoint ({type(e).__name__}: {reason}); if the "
+                f"file is damaged (cut short by a full disk or an interrupted copy), delete it to run {self.prefix} "
+                "from its beginning, or run without --resume to start over"
+            ) from e
         self.loaded = path
         logger.info(f"resume: {self.prefix} continues after epoch {engine.state.epoch} from {path}")
 
@@ -441,7 +467,9 @@ class BestState:
 
     Attached to the evaluator, it acts when MONAI's evaluator has just recorded a new best key metric
     (``state.best_metric_epoch`` equals the epoch that ran); it also copies the best score and epoch into the
-    trainer's state, so that handlers of the trainer (e.g. :class:`PhaseMarker`) report the validation best.
+    trainer's state, so that handlers of the trainer (e.g. :class:`PhaseMarker`) report the validation best. Beside
+    ``path`` it records the score, the epoch and a SHA-256 of the state file (``<path>.best.json``), so that a resume
+    trusts a record only together with the very file it describes.
 
     Args:
         network: the network whose state is kept (possibly DistributedDataParallel; the file holds the bare state).
@@ -474,35 +502,81 @@ class BestState:
             self.best = copy.deepcopy(without_ddp(self.network).state_dict())
         if self.path is not None and _rank0():
             save_states({"network": self.network}, self.path)
-            info = {"best_metric": _plain(state.best_metric), "best_metric_epoch": int(state.best_metric_epoch)}
+            info = {
+                "best_metric": _plain(state.best_metric),
+                "best_metric_epoch": int(state.best_metric_epoch),
+                "state_sha256": _sha256(self.path),
+            }
             write_json(self._info_path(), info, indent=None)
 
     def _info_path(self) -> Path:
         return self.path.with_name(self.path.name + ".best.json")
 
-    def resume(self, evaluator, checkpoint: ResumableCheckpoint) -> None:
+    def _record(self) -> dict | None:
+        """The best-score record if it describes the state file now at ``path``; ``None`` (with a warning saying
+        why) when it is unreadable or belongs to another version of the file (a kill between the two writes)."""
+        info_path = self._info_path()
+        try:
+            info = json.loads(info_path.read_text())
+            if not isinstance(info, dict):
+                raise ValueError(f"expected a JSON object, got {type(info).__name__}")
+            record = {
+                "best_metric": float(info["best_metric"]),
+                "best_metric_epoch": int(info["best_metric_epoch"]),
+                "state_sha256": str(info["state_sha256"]),
+            }
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            reason = f"no field {e}" if isinstance(e, KeyError) else str(e)
+            logger.warning(f"resume: {info_path} is unreadable ({reason}); the best score restarts from here")
+            return None
+        if _sha256(self.path) != record["state_sha256"]:
+            logger.warning(
+                f"resume: {self.path} is not the state that {info_path} records (it was replaced after the record "
+                "was written); the best score restarts from here"
+            )
+            return None
+        return record
+
+    def resume(self, evaluator, checkpoint: ResumableCheckpoint, early_stop: Any = None, val_interval: int = 1) -> None:
         """After ``checkpoint`` restored a phase, continue its best-metric tracking: the best score and epoch go
         back into ``evaluator`` and the best state (from ``path``) into memory, so a resumed epoch replaces the
-        best only when it beats it, and the phase still ends in its best state. Attached by :func:`phase_trainer`
-        to the trainer's start, after the checkpoint's own restore."""
+        best only when it beats it, and the phase still ends in its best state. With ``early_stop`` (Ignite
+        ``EarlyStopping`` on the evaluator, validating every ``val_interval`` epochs) its count of validations
+        without improvement continues too, and a phase that had already run out of patience stops at once.
+        Attached by :func:`phase_trainer` to the trainer's start, after the checkpoint's own restore.
+
+        A best-score record newer than the checkpoint, unreadable, or not matching the state file is not used: the
+        phase then tracks its best (and its patience) from the resumed epoch on, with a warning for the last two.
+        """
 
         def _resume(trainer) -> None:
             if checkpoint.loaded is None or self.path is None:
                 return
-            info_path = self._info_path()
-            if not (self.path.is_file() and info_path.is_file()):
+            if not (self.path.is_file() and self._info_path().is_file()):
                 return
-            info = json.loads(info_path.read_text())
-            if int(info["best_metric_epoch"]) > int(trainer.state.epoch):
+            info = self._record()
+            if info is None:
+                return
+            best, best_epoch = info["best_metric"], info["best_metric_epoch"]
+            if best_epoch > int(trainer.state.epoch):
                 return  # written after the checkpoint the phase resumed from: not part of the run's past
-            evaluator.state.best_metric = info["best_metric"]
-            evaluator.state.best_metric_epoch = int(info["best_metric_epoch"])
-            trainer.state.best_metric, trainer.state.best_metric_epoch = info["best_metric"], info["best_metric_epoch"]
             if self.restore:
-                self.best = torch.load(self.path, map_location="cpu", weights_only=True)
-            logger.info(
-                f"resume: best validation score so far {info['best_metric']:.4f} (epoch {info['best_metric_epoch']})"
-            )
+                try:
+                    self.best = torch.load(self.path, map_location="cpu", weights_only=True)
+                except Exception as e:  # the digest matched, so only a read error gets here
+                    logger.warning(f"resume: cannot read {self.path} ({e}); the best score restarts from here")
+                    return
+            evaluator.state.best_metric, evaluator.state.best_metric_epoch = best, best_epoch
+            trainer.state.best_metric, trainer.state.best_metric_epoch = best, best_epoch
+            logger.info(f"resume: best validation score so far {best:.4f} (epoch {best_epoch})")
+            if early_stop is None:
+                return
+            # validations run at the multiples of val_interval; those after the best one did not improve on it
+            waited = int(trainer.state.epoch) // int(val_interval) - best_epoch // int(val_interval)
+            early_stop.best_score, early_stop.counter = best, waited
+            if waited >= early_stop.patience:
+                logger.info(f"resume: {waited} validations without improvement (patience {early_stop.patience})")
+                trainer.terminate()  # it had stopped early; the kill came before its marker
 
         self.trainer.add_event_handler(Events.STARTED, _resume)
 
@@ -546,6 +620,16 @@ def _plain(v):
     return v
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 RUN_FILE = "run.json"
 # what a fresh run removes from the checkpoint folder: the state of an earlier run that a resume would trust
 _STALE_PATTERNS = ("phase*.done", "phase*_checkpoint_epoch=*.pt", "*.best.json")
@@ -578,34 +662,74 @@ def start_run(ckpt_dir: str | os.PathLike, resume: bool, fingerprint: str) -> st
     periodic checkpoints and best-score records of an earlier run (``phase*.done``, ``phase*_checkpoint_epoch=*.pt``,
     ``*.best.json``), so that a later ``resume`` can only continue this run, never skip a phase on an older run's
     marker; the older ``model.pt`` stays until this run replaces it. A resumed run continues only the run recorded
-    in ``run.json``: with other settings, data or source files (another fingerprint) it is refused before anything
-    changes. Resuming where no run is recorded starts a fresh one. Under torch.distributed only process 0 writes.
+    in ``run.json``: with other settings, data or source files (another fingerprint), or an unreadable ``run.json``,
+    it is refused before anything changes. Resuming where no run is recorded starts a fresh one; files of an earlier
+    run found there are not trusted (nothing says which run they belong to) and are removed, with a warning that
+    names them. Both kinds of start remove the temporary files that a killed run's interrupted writes left behind.
+    Under torch.distributed only process 0 writes.
 
     Raises:
-        ValueError: when ``resume`` is true and ``run.json`` records another fingerprint (the message says both and
-            how to start over).
+        ValueError: when ``resume`` is true and ``run.json`` records another fingerprint or cannot be read (the
+            message names the file and says how to start over).
     """
     folder = Path(ckpt_dir)
     run_file = folder / RUN_FILE
     if resume and run_file.is_file():
-        try:
-            recorded = json.loads(run_file.read_text()).get("fingerprint")
-        except (OSError, ValueError, AttributeError):
-            recorded = None
+        recorded = _recorded_fingerprint(run_file)
         if recorded != fingerprint:
             raise ValueError(
                 f"{run_file}: the run recorded there had other settings, data or sources (fingerprint {recorded} "
                 f"here {fingerprint}); resume continues only that run: run without --resume to start over"
             )
         logger.info(f"resume: continuing the run recorded in {run_file}")
+        if _rank0():
+            _remove_interrupted_writes(folder)
         return fingerprint
+    stale = sorted({p for pattern in _STALE_PATTERNS for p in folder.glob(pattern)})
+    if resume and stale:
+        names = ", ".join(p.name for p in stale[:4]) + (", ..." if len(stale) > 4 else "")
+        logger.warning(
+            f"resume: {folder} holds {len(stale)} file(s) of an earlier run ({names}) but no {RUN_FILE} to say "
+            "which run they belong to; they are not trusted: starting a fresh run, which removes them"
+        )
+    elif resume:
+        logger.info(f"resume: no run is recorded in {folder}; starting a fresh run")
     if _rank0():
         folder.mkdir(parents=True, exist_ok=True)
-        for pattern in _STALE_PATTERNS:
-            for stale in folder.glob(pattern):
-                stale.unlink(missing_ok=True)
+        _remove_interrupted_writes(folder)
+        for path in stale:
+            path.unlink(missing_ok=True)
         write_json(run_file, {"fingerprint": fingerprint}, indent=None)
     return fingerprint
+
+
+def _recorded_fingerprint(run_file: Path) -> str:
+    try:
+        info = json.loads(run_file.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        reason = str(e)
+    except ValueError as e:
+        reason = f"not valid JSON: {e}"
+    else:
+        if isinstance(info, dict) and isinstance(info.get("fingerprint"), str):
+            return info["fingerprint"]
+        reason = "it holds no 'fingerprint'"
+    raise ValueError(
+        f"{run_file}: cannot tell which run it records ({reason}), so resume cannot check that the files there "
+        "belong to this run: run without --resume to start over"
+    )
+
+
+# the temporary name that monai_medmerge.io.atomic_write gives a file before renaming it (tempfile.mkstemp)
+_INTERRUPTED_WRITE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+def _remove_interrupted_writes(folder: Path) -> None:
+    """Remove what writes cut short by a kill left in ``folder``: never-renamed temporary files, possibly large."""
+    for path in folder.glob(".*.tmp"):
+        if _INTERRUPTED_WRITE.match(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+            logger.info(f"removed {path}, a file whose writing was interrupted")
 
 
 def phase_completed(marker: str | os.PathLike, resume: bool) -> bool:
@@ -689,8 +813,10 @@ def phase_trainer(
     A MONAI ``SupervisedTrainer`` that, in this order at the end of every ``val_interval`` epochs: runs
     ``evaluator``; keeps the network's state of the best validation key metric (:class:`BestState`, restored when
     the phase completes; also written to ``best_path``); stops after ``patience`` validations without improvement
-    (MONAI ``EarlyStopHandler``); saves ``checkpoint`` (after validation, so a checkpoint includes its epoch's
+    (Ignite ``EarlyStopping``); saves ``checkpoint`` (after validation, so a checkpoint includes its epoch's
     validation). A progress bar labelled ``desc`` shows the epochs when ``progress``. ``train_handlers`` come last.
+    A phase resumed from ``checkpoint`` keeps its best score and state and its count of validations without
+    improvement (:meth:`BestState.resume`).
 
     Args:
         network: the network to train (possibly DistributedDataParallel).
@@ -712,9 +838,10 @@ def phase_trainer(
         amp: automatic mixed precision.
 
     Raises:
-        ValueError: when ``max_epochs``, ``patience`` or ``val_interval`` is below 1.
+        ValueError: when ``max_epochs``, ``patience`` or ``val_interval`` is below 1, or ``val_interval`` is above
+            ``max_epochs`` (no validation: no best state, and ``best_path`` would keep an earlier run's file).
     """
-    from monai.handlers import EarlyStopHandler, ValidationHandler
+    from monai.handlers import ValidationHandler
 
     if int(max_epochs) < 1:
         raise ValueError(f"max_epochs must be >= 1, got {max_epochs}.")
@@ -722,6 +849,11 @@ def phase_trainer(
         raise ValueError(f"patience must be >= 1 or None, got {patience}.")
     if int(val_interval) < 1:
         raise ValueError(f"val_interval must be >= 1, got {val_interval}.")
+    if int(val_interval) > int(max_epochs):
+        raise ValueError(
+            f"val_interval {val_interval} is above max_epochs {max_epochs}: the phase would never validate, so it "
+            "would have no best state; set val_interval to at most max_epochs."
+        )
     trainer = SupervisedTrainer(
         device=device,
         max_epochs=int(max_epochs),
@@ -737,13 +869,14 @@ def phase_trainer(
     ValidationHandler(interval=int(val_interval), validator=evaluator, epoch_level=True).attach(trainer)
     best = BestState(network, trainer, best_path, restore=restore_best)
     best.attach(evaluator)
+    early_stop = None
     if patience is not None:
-        EarlyStopHandler(patience=int(patience), score_function=_key_metric, trainer=trainer, epoch_level=True).attach(
-            evaluator
-        )
+        early_stop = EarlyStopping(patience=int(patience), score_function=_key_metric, trainer=trainer)
+        evaluator.add_event_handler(Events.EPOCH_COMPLETED, early_stop)
     if checkpoint is not None:
         checkpoint.attach(trainer)
-        best.resume(evaluator, checkpoint)  # after the checkpoint's restore: handlers run in the order attached
+        # after the checkpoint's restore: handlers run in the order attached
+        best.resume(evaluator, checkpoint, early_stop=early_stop, val_interval=int(val_interval))
     if progress:
         ProgressBar(desc=desc, persist=False).attach(trainer, output_transform=_loss_of)
     for handler in train_handlers or []:

@@ -2,8 +2,10 @@
 
 Every case builds its bad input in a fresh folder, takes a snapshot of that folder, runs one public entry point
 and asserts the exact outcome: the error type and a message that names the file, item or id at fault, or the one
-warning that docs/pipelines.md documents. The snapshot after must equal the one before: a refused input leaves no
-file behind, touches no input, and runs no code. Resume and kill cases live with the training engines.
+warning that docs/pipelines.md (images, datalists) or docs/user_guide.md (resume) documents. The snapshot after must
+equal the one before: a refused input leaves no file behind, touches no input, and runs no code. The few cases whose
+documented outcome is a change on disk (a resume that starts a fresh run) list the files it writes or removes, with
+their exact content; nothing else may change. The kill-and-resume test of the bundle is tests/bundle/test_resume.py.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import pickle
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +45,9 @@ class Case:
 
     build: Callable[[Path], Callable[[], object]]
     error: type[BaseException] | None  # None: the action succeeds and logs ``match`` once as a warning
-    match: str  # a regular expression; ``{root}`` is the case's folder
+    match: str | None  # a regular expression; ``{root}`` is the case's folder; None: no warning at all
+    # the only changes the action makes, relative to the case's folder: the new text of a file, or None: removed
+    changes: dict[str, str | None] = field(default_factory=dict)
 
 
 # --- builders -----------------------------------------------------------------------------------------------------
@@ -213,6 +217,71 @@ def _export(kind: str) -> Callable[[Path], Callable[[], object]]:
         return lambda: export_bundle(**args)
 
     return build
+
+
+def _tiny_phase(models: Path, max_epochs: int, resume: bool, classes: int = 2, val_interval: int = 1):
+    """A training phase built as the bundle builds its phases (periodic checkpoints, a best-state file and its score
+    record in ``models``), of a linear classifier of one feature: fast enough to run inside a catalogue case."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from monai_medmerge.workflows.engines import ResumableCheckpoint, phase_evaluator, phase_trainer
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(1, classes)
+    data = DataLoader(TensorDataset(torch.tensor([[1.0], [2.0], [-1.0], [-2.0]]), torch.tensor([0, 0, 1, 1])))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    checkpoint = ResumableCheckpoint(models, "phase1", {"model": net, "optimizer": optimizer}, resume=resume)
+    evaluator = phase_evaluator(net, data, num_classes=classes)
+    return phase_trainer(
+        net, data, evaluator, optimizer, max_epochs, val_interval=val_interval, best_path=models / "best.pt",
+        checkpoint=checkpoint, progress=False,
+    )  # fmt: skip
+
+
+def _resume(kind: str) -> Callable[[Path], Callable[[], object]]:
+    """A fault in the folder of a run (``models``), met by ``--resume True``: what ``start_run`` finds, or what a
+    resumed phase of two epochs finds after an earlier attempt ran both epochs and was killed before its marker."""
+    from monai_medmerge.workflows.engines import save_states, start_run
+
+    def build(root: Path):
+        models = root / "models"
+        models.mkdir()
+        if kind == "val_interval_above_max_epochs":
+            return lambda: _tiny_phase(models, 2, resume=True, val_interval=3)
+        if kind.startswith("phase_"):
+            classes = 3 if kind == "phase_checkpoint_of_another_network" else 2
+            _tiny_phase(models, 2, resume=False, classes=classes).run()
+            checkpoint = models / "phase1_checkpoint_epoch=2.pt"
+            if kind == "phase_checkpoint_truncated":
+                _write(checkpoint, checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+            elif kind == "phase_checkpoint_not_a_checkpoint":
+                _write(checkpoint, "not a checkpoint")
+            elif kind == "phase_best_record_unreadable":
+                _write(models / "best.pt.best.json", '{"best_metric": 1.0, "best_metric_epoch": ')
+            elif kind == "phase_best_state_replaced":  # what a kill between the state and its record leaves
+                save_states({"network": torch.nn.Linear(1, 2)}, models / "best.pt")
+            return lambda: _tiny_phase(models, 2, resume=True).run()
+        if kind == "other_settings":
+            _write(models / "run.json", '{"fingerprint": "a1"}\n')
+        elif kind == "run_json_not_json":
+            _write(models / "run.json", '{"fingerprint": ')
+        elif kind == "run_json_without_fingerprint":
+            _write(models / "run.json", '["a1"]')
+        elif kind == "interrupted_write":
+            _write(models / "run.json", '{"fingerprint": "f1"}\n')
+            _write(models / ".model.pt.k3x9q_2a.tmp", b"PK half a checkpoint")  # a temporary name of atomic_write
+            _write(models / ".notes.tmp", "the user's file")
+        if kind != "no_earlier_run":
+            _write(models / "phase1.done", '{"epochs": 2}\n')
+            _write(models / "phase2_checkpoint_epoch=3.pt", b"PK a checkpoint")
+            _write(models / "model.pt", b"PK an earlier model")
+            _write(models / "model.pt.best.json", '{"best_metric": 0.5, "best_metric_epoch": 3}\n')
+        return lambda: start_run(models, True, "b2" if kind == "other_settings" else "f1")
+
+    return build
+
+
+FRESH_RUN = {"models/run.json": '{"fingerprint": "f1"}\n'}
 
 
 # --- the catalogue ------------------------------------------------------------------------------------------------
@@ -544,6 +613,77 @@ CASES = {
     ),
     "export_class_names": Case(_export("class_names"), ValueError, r"2 class names"),
     "export_network_def_mismatch": Case(_export("network_def_mismatch"), ValueError, r"does not match"),
+    # resume (--resume True)
+    "resume_without_an_earlier_run": Case(_resume("no_earlier_run"), None, None, FRESH_RUN),
+    "resume_files_without_run_json": Case(
+        _resume("files_without_run_json"),
+        None,
+        r"^resume: {root}/models holds 3 file\(s\) of an earlier run \(model\.pt\.best\.json, phase1\.done, "
+        r"phase2_checkpoint_epoch=3\.pt\) but no run\.json .*not trusted: starting a fresh run, which removes them$",
+        {
+            **FRESH_RUN,
+            "models/phase1.done": None,
+            "models/phase2_checkpoint_epoch=3.pt": None,
+            "models/model.pt.best.json": None,
+        },
+    ),
+    "resume_other_settings": Case(
+        _resume("other_settings"),
+        ValueError,
+        r"^{root}/models/run\.json: the run recorded there had other settings, data or sources \(fingerprint a1 "
+        r"here b2\); resume continues only that run: run without --resume to start over$",
+    ),
+    "resume_run_json_not_json": Case(
+        _resume("run_json_not_json"),
+        ValueError,
+        r"^{root}/models/run\.json: cannot tell which run it records \(not valid JSON: Expecting value: .*\), so "
+        r"resume cannot check that the files there belong to this run: run without --resume to start over$",
+    ),
+    "resume_run_json_without_fingerprint": Case(
+        _resume("run_json_without_fingerprint"),
+        ValueError,
+        r"^{root}/models/run\.json: cannot tell which run it records \(it holds no 'fingerprint'\)",
+    ),
+    "resume_after_an_interrupted_write": Case(
+        _resume("interrupted_write"), None, None, {"models/.model.pt.k3x9q_2a.tmp": None}
+    ),
+    "resume_checkpoint_truncated": Case(
+        _resume("phase_checkpoint_truncated"),
+        ValueError,
+        r"^{root}/models/phase1_checkpoint_epoch=2\.pt: cannot resume phase1 from this checkpoint \(RuntimeError: "
+        r"PytorchStreamReader failed reading zip archive: failed finding central directory\.\); if the file is "
+        r"damaged \(cut short by a full disk or an interrupted copy\), delete it to run phase1 from its beginning, or "
+        r"run without --resume to start over$",
+    ),
+    "resume_checkpoint_not_a_checkpoint": Case(
+        _resume("phase_checkpoint_not_a_checkpoint"),
+        ValueError,
+        r"^{root}/models/phase1_checkpoint_epoch=2\.pt: cannot resume phase1 from this checkpoint \(UnpicklingError: "
+        r"Weights only load failed\.\); if the file is damaged",
+    ),
+    "resume_checkpoint_of_another_network": Case(
+        _resume("phase_checkpoint_of_another_network"),
+        ValueError,
+        r"phase1_checkpoint_epoch=2\.pt: cannot resume phase1 from this checkpoint \(RuntimeError: Error\(s\) in "
+        r"loading state_dict for Linear: size mismatch for weight: copying a param with shape torch\.Size\(\[3, 1\]\)",
+    ),
+    "resume_best_record_unreadable": Case(
+        _resume("phase_best_record_unreadable"),
+        None,
+        r"^resume: {root}/models/best\.pt\.best\.json is unreadable \(Expecting value: .*\); the best score "
+        r"restarts from here$",
+    ),
+    "resume_best_state_replaced": Case(
+        _resume("phase_best_state_replaced"),
+        None,
+        r"^resume: {root}/models/best\.pt is not the state that {root}/models/best\.pt\.best\.json records \(it "
+        r"was replaced after the record was written\); the best score restarts from here$",
+    ),
+    "val_interval_above_max_epochs": Case(
+        _resume("val_interval_above_max_epochs"),
+        ValueError,
+        r"^val_interval 3 is above max_epochs 2: the phase would never validate",
+    ),
 }
 
 
@@ -555,17 +695,21 @@ def test_bad_input_is_named_and_changes_nothing(name, tmp_path, caplog):
     root.mkdir()
     action = case.build(root)
     before = snapshot(tmp_path)
-    pattern = case.match.replace("{root}", str(root))
+    pattern = None if case.match is None else case.match.replace("{root}", re.escape(str(root)))
     if case.error is None:
         with caplog.at_level(logging.WARNING, logger="monai_medmerge"):
             action()
-        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-        assert len(warnings) == 1, warnings
-        assert re.search(pattern, warnings[0]), warnings[0]
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == (0 if pattern is None else 1), warnings
+        assert pattern is None or re.search(pattern, warnings[0]), warnings[0]
     else:
         with pytest.raises(case.error, match=pattern):
             action()
-    assert snapshot(tmp_path) == before
+    after = snapshot(tmp_path)
+    changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    assert changed == {f"{name}/{path}" for path in case.changes}
+    for path, text in case.changes.items():
+        assert (text is None and not (root / path).exists()) or (root / path).read_text() == text
     assert not (root / "pwned").exists() and not (Path.cwd() / "pwned").exists()
 
 

@@ -1,0 +1,169 @@
+"""The two recipes of a merge run, and phase 0 of the paper's.
+
+- ``direct``: phase 1 merges the sources as they come (each with its own task's head, replaced by a new one).
+- ``paper``: phase 0 first fine-tunes each source on the target (a new head each, every parameter trained, early
+  stopping on validation, as the single-source baselines are); phase 1 then merges the fine-tuned networks, their
+  target heads included, and phase 2 fine-tunes the collapsed network. This is the setting of the MedMerge paper's
+  experiments (see docs/method.md); it costs N fine-tunings more than ``direct``.
+
+Phase 0 runs on the same engines as phases 1 and 2 (:func:`~monai_medmerge.workflows.engines.phase_trainer`); in a
+bundle each source's fine-tuning has its own best file, periodic checkpoints and completion marker in the bundle's
+``models/`` folder, so an interrupted phase 0 resumes like the other phases.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from monai_medmerge.networks import replace_head
+from monai_medmerge.sources import load_checkpoint
+from monai_medmerge.workflows import engines
+
+__all__ = ["RECIPES", "check_recipe", "fine_tune_sources", "phase0_files", "phase1_sources", "with_new_head"]
+
+RECIPES = ("direct", "paper")
+
+
+def check_recipe(recipe: str) -> str:
+    """``recipe`` if it is one of :data:`RECIPES`, else a ``ValueError`` that lists them."""
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}.")
+    return recipe
+
+
+def with_new_head(source: nn.Module, head: str, num_classes: int) -> nn.Module:
+    """A copy of ``source`` whose module ``head`` is a fresh one with ``num_classes`` outputs (``source`` is left
+    as it is)."""
+    net = copy.deepcopy(source)
+    replace_head(net, head, int(num_classes))
+    return net
+
+
+def phase0_files(ckpt_dir: str | os.PathLike, index: int) -> tuple[Path, Path]:
+    """The best-state file and the completion marker of phase 0 for source ``index`` in ``ckpt_dir``."""
+    folder = Path(ckpt_dir)
+    return folder / f"phase0_source{index}.pt", folder / f"phase0_source{index}.done"
+
+
+def fine_tune_sources(
+    sources: Sequence[nn.Module],
+    head: str,
+    num_classes: int,
+    train_loader: Iterable,
+    val_loader: Iterable,
+    epochs: int = 30,
+    lr: float = 1e-3,
+    patience: int | None = 8,
+    val_interval: int = 1,
+    device: torch.device | str = "cpu",
+    ckpt_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    loss_function: Callable | None = None,
+    inferer: Any = None,
+    recipe: str = "paper",
+) -> list[nn.Module]:
+    """Phase 0 of the ``paper`` recipe: each source with a new ``num_classes`` head, fine-tuned fully on the target.
+
+    Args:
+        sources: the source networks (left unchanged: each is copied first).
+        head: dotted name of the classifier module to replace (``"fc"`` for MONAI ResNet).
+        num_classes: classes of the target.
+        train_loader: target training batches (dicts with ``image``/``label`` or ``(image, label)`` pairs).
+        val_loader: validation batches; the best validation macro-F1 state of each source is kept.
+        epochs, lr, patience, val_interval: Adam fine-tuning with early stopping, as phase 2.
+        device: where to train.
+        ckpt_dir: where to keep each source's best state (``phase0_source<i>.pt``), periodic checkpoints and
+            completion marker (``phase0_source<i>.done``), for phase 1 and for resuming; ``None``: nothing written.
+        resume: continue from the latest checkpoints in ``ckpt_dir``; a source marked complete is loaded, not
+            trained again.
+        progress: a progress bar per source.
+        loss_function: the trainer's loss (default cross-entropy).
+        inferer: the evaluator's inferer (default: a plain forward pass).
+        recipe: ``"direct"`` returns ``sources`` as they are (so a bundle can run this step for either recipe).
+
+    Returns:
+        the fine-tuned networks in eval mode, in the order of ``sources``.
+    """
+    if check_recipe(recipe) == "direct":
+        return list(sources)
+    tuned = []
+    for i, source in enumerate(sources):
+        net = with_new_head(source, head, num_classes).to(device)
+        best = marker = None
+        if ckpt_dir is not None:
+            best, marker = phase0_files(ckpt_dir, i)
+            if engines.phase_completed(marker, resume):
+                net.load_state_dict(load_checkpoint(best))
+                tuned.append(net.eval())
+                continue
+        for p in net.parameters():
+            p.requires_grad_(True)
+        optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+        # under torchrun (the multi-GPU overlay) every process trains the same network with averaged gradients
+        model = net
+        if _distributed():
+            model = nn.parallel.DistributedDataParallel(net, device_ids=[device] if torch.cuda.is_available() else None)
+        evaluator = engines.phase_evaluator(model, val_loader, device=device, num_classes=num_classes, inferer=inferer)
+        checkpoint = None
+        if ckpt_dir is not None:
+            checkpoint = engines.ResumableCheckpoint(
+                ckpt_dir, f"phase0_source{i}", {"model": net, "optimizer": optimizer}, resume=resume
+            )
+        trainer = engines.phase_trainer(
+            model,
+            train_loader,
+            evaluator,
+            optimizer,
+            epochs,
+            device=device,
+            loss_function=loss_function,
+            patience=patience,
+            val_interval=val_interval,
+            best_path=best,
+            checkpoint=checkpoint,
+            train_handlers=[engines.PhaseMarker(marker)] if marker is not None else None,
+            progress=progress,
+            desc=f"phase 0: fine-tune source {i} on the target",
+        )
+        trainer.run()
+        tuned.append(net.eval())
+    if _distributed():
+        torch.distributed.barrier()  # process 0 writes the best states that phase 1 reads
+    return tuned
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def phase1_sources(
+    recipe: str, sources: Sequence[nn.Module], head: str, num_classes: int, ckpt_dir: str | os.PathLike
+) -> list[nn.Module]:
+    """The networks phase 1 merges: ``sources`` for ``direct``; for ``paper`` the phase-0 networks in ``ckpt_dir``.
+
+    Raises:
+        FileNotFoundError: (``paper``) when phase 0 has not completed for a source: the message names the marker
+            and says to run phase 0 first.
+    """
+    if check_recipe(recipe) == "direct":
+        return list(sources)
+    nets = []
+    for i, source in enumerate(sources):
+        best, marker = phase0_files(ckpt_dir, i)
+        if not marker.is_file() or not best.is_file():
+            raise FileNotFoundError(
+                f"recipe 'paper': phase 0 has not completed for source {i} ({marker} is missing): run phase 0 first "
+                "(`python -m monai.bundle run phase0 ...`, or the whole run), or set recipe: direct"
+            )
+        net = with_new_head(source, head, num_classes)
+        net.load_state_dict(load_checkpoint(best))
+        nets.append(net.eval())
+    return nets
