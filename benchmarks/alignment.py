@@ -162,12 +162,19 @@ def plot(result: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     p = result["linear_path"]["path"]
+    labels = {
+        "naive": "no alignment",
+        "aligned_weights": "aligned by weight matching",
+        "aligned_activations": "aligned by activation matching",
+    }
     for name, style in (("naive", "o--"), ("aligned_weights", "s-"), ("aligned_activations", "^-")):
-        axes[0].plot(p["t"], p[name]["val_loss"], style, label=name)
-        axes[1].plot(p["t"], p[name]["val_accuracy"], style, label=name)
-    axes[0].set(xlabel="t (0: model 1, 1: model 2)", ylabel="validation loss")
-    axes[1].set(xlabel="t", ylabel="validation accuracy")
-    axes[0].legend()
+        axes[0].plot(p["t"], p[name]["val_loss"], style, label=labels[name])
+        axes[1].plot(p["t"], p[name]["val_accuracy"], style, label=labels[name])
+    for ax in axes:
+        ax.set_xlabel("t: weights (1 - t) model 1 + t model 2")
+    axes[0].set_ylabel("validation loss")
+    axes[1].set_ylabel("validation accuracy")
+    axes[0].legend(fontsize=8)
     fig.suptitle("Linear path between two models from different seeds (norm statistics recomputed)")
     fig.tight_layout()
     with atomic_write(path, "wb") as f:

@@ -58,6 +58,101 @@ def merge_overhead_section(r: dict) -> str:
     return "\n".join(lines)
 
 
+def room_of(r: dict) -> dict | None:
+    """The room and share of a transfer result: recorded in newer files, computed from the recorded per-seed table
+    (the same function) for files written before the room was recorded; None without an ensemble row."""
+    from medmerge_bench.transfer import room_summary
+
+    s = r["summary"]
+    methods = list(s["methods"])
+    if not {"ft_a", "ft_b", "ensemble"} <= set(methods):
+        return None
+    if "room" in s:
+        return s
+    best = max(("ft_a", "ft_b"), key=lambda m: s["methods"][m]["val_macro_f1"]["mean"])
+    return {"best_single_source": best, **room_summary(s["methods"], methods, best)}
+
+
+def _lineage(r: dict) -> str:
+    return r.get("lineage", "independent") + (" (ancestor, B)" if r.get("pair") == "ancestor_b" else "")
+
+
+def room_section(results: list[tuple[str, dict]], picture: str | None) -> str:
+    """One table over every transfer result with an ensemble row: the room and what the merges take of it."""
+    lines = [
+        "## Where merging can help: the room, and the share a merge takes",
+        "",
+        "The room of a benchmark is the ensemble of the two fine-tuned sources (two networks, twice the cost) minus "
+        "the better single-source fine-tuning (chosen on mean validation macro-F1), test macro-F1 points, paired per "
+        "seed. A one-network method's share is its own paired gain over the better source divided by the room (shown "
+        "only where the room is positive). The MedMerge recipe is chosen per benchmark on mean validation macro-F1 "
+        "among the MedMerge rows that benchmark ran.",
+        "",
+        "| result | task, k | lineage | widths | seeds | room (p) | chosen MedMerge recipe | its gain (p) | share |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def p_of(paired: dict) -> str:
+        return f" (p {paired['t_test_p']:.2g})" if "t_test_p" in paired else ""
+
+    for stem, r in results:
+        room = room_of(r)
+        if room is None:
+            continue
+        rm = room["room"]
+        chosen = room.get("chosen_medmerge")
+        gain = share = name = "-"
+        if chosen:
+            name = r["methods"][chosen["method"]]
+            gain = f"{100 * chosen['mean_difference']:+.1f}{p_of(chosen)}"
+            share = "-" if chosen.get("share_of_room") is None else f"{100 * chosen['share_of_room']:.0f}%"
+        lines.append(
+            f"| `{stem}` | {r['task']}, {r['k']} | {_lineage(r)} | {r['recipe']['widths']} | {len(r['seeds'])} | "
+            f"{100 * rm['mean_difference']:+.1f}{p_of(rm)} | {name} | {gain} | {share} |"
+        )
+    if picture:
+        lines += ["", f"![{picture}](../benchmarks/results/{picture})"]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot_room(results: list[tuple[str, dict]], path: Path) -> Path | None:
+    """Bars per benchmark: the room and the chosen MedMerge recipe's gain over the better source (test points)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(stem, r, room_of(r)) for stem, r in results]
+    rows = [(stem, r, room) for stem, r, room in rows if room is not None and room.get("chosen_medmerge")]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(9.0, 0.55 * len(rows) + 1.6))
+    y = [len(rows) - 1 - i for i in range(len(rows))]  # the first result on top
+    rooms = [100 * room["room"]["mean_difference"] for _, _, room in rows]
+    gains = [100 * room["chosen_medmerge"]["mean_difference"] for _, _, room in rows]
+    ax.barh([v + 0.2 for v in y], rooms, 0.4, color="0.6", label="room: ensemble (2 networks) - better source")
+    ax.barh(
+        [v - 0.2 for v in y], gains, 0.4, color="tab:red", label="chosen MedMerge recipe (1 network) - better source"
+    )
+    ax.axvline(0, color="black", lw=0.8)
+    labels = [
+        f"{stem} ({_lineage(r)}, widths {r['recipe']['widths'][0]}-{r['recipe']['widths'][-1]})" for stem, r, _ in rows
+    ]
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.set_xlabel("test macro-F1 points over the better single source (mean over seeds, paired)")
+    ax.set_title("Room for a merge, and what the chosen MedMerge recipe takes of it")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.06), ncol=2, frameon=False)
+    fig.tight_layout()
+    from monai_medmerge.io import atomic_write
+
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def transfer_section(r: dict, stem: str) -> str:
     s = r["summary"]
     lines = [
@@ -68,8 +163,8 @@ def transfer_section(r: dict, stem: str) -> str:
         f"{r['data']['target']['test']} test examples. Sources: A = {r['data']['source_a']['name']} "
         f"(validation macro-F1 {r['sources']['sources']['a']['val']['macro_f1']:.3f}), "
         f"B = {r['data']['source_b']['name']} "
-        f"(validation macro-F1 {r['sources']['sources']['b']['val']['macro_f1']:.3f}), each pretrained from its own "
-        f"random initialisation. Seeds {r['seeds']} (each draws the k-shot subset and the new heads). "
+        f"(validation macro-F1 {r['sources']['sources']['b']['val']['macro_f1']:.3f}), {_pretraining(r)}. "
+        f"Seeds {r['seeds']} (each draws the k-shot subset and the new heads). "
         f"Test metrics, mean +- std over seeds; every choice was made on validation.",
         "",
         "| method | macro-F1 | accuracy | balanced accuracy | AUROC | validation macro-F1 |",
@@ -112,6 +207,22 @@ def transfer_section(r: dict, stem: str) -> str:
             f"{name} minus {what}{chosen}: {100 * paired['mean_difference']:+.1f} macro-F1 points on average; "
             f"per seed {diffs}; {'; '.join(tests) or 'one seed: no test'}.",
         ]
+    room = room_of(r)
+    if room is not None:
+        rm = room["room"]
+        diffs = ", ".join(f"{100 * d:+.1f}" for d in rm["differences"])
+        shares = [
+            f"{r['methods'][m]} {100 * v['mean_difference']:+.1f}"
+            + ("" if v.get("share_of_room") is None else f" ({100 * v['share_of_room']:.0f}%)")
+            for m, v in room["vs_best_single_source"].items()
+        ]
+        lines += [
+            "",
+            f"Room (ensemble minus {r['methods'][room['best_single_source']]}): {100 * rm['mean_difference']:+.1f} "
+            f"points (per seed {diffs}). Each one-network method minus the better source (share of the room): "
+            + "; ".join(shares)
+            + ".",
+        ]
     anchors = ", ".join(f"seed {p['seed']}: {p['anchor'].upper()}" for p in r["per_seed"])
     rec = r["recipe"]
     lines += [
@@ -127,6 +238,19 @@ def transfer_section(r: dict, stem: str) -> str:
     lines += [f"![{p}](../benchmarks/results/{p})" for p in r.get("pictures", [])]
     lines += ["", f"Per-seed numbers: `benchmarks/results/{stem}_per_seed.csv`.", ""]
     return "\n".join(lines)
+
+
+def _pretraining(r: dict) -> str:
+    if r.get("lineage") != "shared":
+        return "each pretrained from its own random initialisation"
+    ancestor = r["sources"]["sources"].get("ancestor", {})
+    text = (
+        f"both fine-tuned from one ancestor trained on {ancestor.get('task', 'a broad task')} (validation macro-F1 "
+        f"{ancestor.get('val', {}).get('macro_f1', float('nan')):.3f})"
+    )
+    if r.get("pair") == "ancestor_b":
+        text += "; the pair merged is the ancestor itself and B (the paper's pair)"
+    return text
 
 
 def explore_section(r: dict, stem: str = "") -> str:
@@ -312,10 +436,15 @@ def main(argv: list[str] | None = None) -> None:
             parts.append(section(json.loads(path.read_text())))
         else:
             parts.append(f"## {name}\n\nNot run yet: `python benchmarks/{name}.py`.\n")
+    transfers = []
     for path in sorted(args.results.glob("*_k*.json")):
         data = json.loads(path.read_text())
         if data.get("benchmark") == "transfer":
-            parts.append(transfer_section(data, path.stem))
+            transfers.append((path.stem, data))
+    picture = plot_room(transfers, args.results / "room_and_share.png")
+    parts.append(room_section(transfers, picture.name if picture else None))
+    for stem, data in transfers:
+        parts.append(transfer_section(data, stem))
     onepath = args.results / "brain_k50_onepath.json"
     if onepath.exists():
         check = args.results / "brain_k50_onepath_equivalence.json"

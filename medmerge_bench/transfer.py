@@ -69,6 +69,7 @@ __all__ = [
     "new_merge",
     "record",
     "pretrain_sources",
+    "room_summary",
     "run_seed",
     "summarize",
     "HEAD",
@@ -632,14 +633,14 @@ def summarize(
             if name in methods:
                 key = f"{name}_vs_best_single_source"
                 summary[key] = _paired(table, name, best) | {"chosen_on": "mean validation macro-F1"}
-        summary.update(_room(table, methods, best))
+        summary.update(room_summary(table, methods, best))
     for name, baseline in (("aligned_medmerge_ft", "medmerge_ft"), ("aligned_average_ft", "average_ft")):
         if {name, baseline} <= set(methods):
             summary[f"{name}_vs_{baseline}"] = _paired(table, name, baseline)
     return summary
 
 
-def _room(table: dict, methods: Sequence[str], best: str) -> dict:
+def room_summary(table: dict, methods: Sequence[str], best: str) -> dict:
     """Every one-network method paired against the best single source ``best``; with the ensemble, the room (the
     ensemble's paired lead over ``best``) and each method's share of it; the MedMerge recipe chosen on validation.
 
