@@ -1,4 +1,4 @@
-"""Both phases under torchrun with two processes (gloo on CPU) through configs/multi_gpu_train.yaml."""
+"""Every phase (phase 0 of the paper recipe included) under torchrun with two processes (gloo on CPU) through configs/multi_gpu_train.yaml."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ RANKS_OVERLAY = {
 }
 
 
-def test_torchrun_two_processes_agree(example_workspace, tmp_path):
+@pytest.mark.parametrize("recipe", ["direct", "paper"])
+def test_torchrun_two_processes_agree(example_workspace, tmp_path, recipe):
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with the gloo backend is not available")
     torchrun = shutil.which("torchrun")
@@ -42,7 +43,7 @@ def test_torchrun_two_processes_agree(example_workspace, tmp_path):
         repr(files),
         "--logging_file",
         str(root / "configs" / "logging.conf"),
-        *overrides(example_workspace, root),
+        *overrides(example_workspace, root, recipe=recipe, phase0_epochs=2),
     ]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
@@ -59,6 +60,8 @@ def test_torchrun_two_processes_agree(example_workspace, tmp_path):
     assert p0.keys() == p1.keys()
     for k in p0:
         torch.testing.assert_close(p0[k], p1[k], msg=f"phase-2 tensor {k} differs between the two processes")
+    if recipe == "paper":  # phase 0 ran under DDP too: one fine-tuned network per source, written by process 0
+        assert all((models / f"phase0_source{i}.done").is_file() for i in range(2))
     # only process 0 writes checkpoints; the result is a plain state dict
     state = torch.load(models / "model.pt", weights_only=True)
     assert state.keys() == p0.keys()
