@@ -100,6 +100,8 @@ def run_comparison(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    # read at the start: the code that runs is the code imported now, whatever the checkout holds when it ends
+    machine = machine_description()
     tasks = load_benchmark_tasks(task, k=k, seed=seeds[0], progress=progress)
     sources, source_info = pretrain_sources(tasks, recipe, progress=progress)
     results = []
@@ -153,7 +155,7 @@ def run_comparison(
         "summary": summary,
         "per_seed": [{"seed": r.seed, "anchor": "ab"[r.anchor], "records": r.records} for r in results],
         "coefficients_seed0": results[0].coefficients,
-        "machine": machine_description(),
+        "machine": machine,
         "seconds": round(time.time() - t0, 1),
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
