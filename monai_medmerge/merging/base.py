@@ -83,6 +83,11 @@ class MergeMethod(ABC):
                 matching=self.settings["matching"],
                 data=align_data,
             )
+        if head == "auto" and len(sources) and isinstance(sources[0], nn.Module):
+            # resolved here, with the caller's example input (a method's _build sees a plain module name)
+            from monai_medmerge.networks.heads import find_head
+
+            head = find_head(sources[0], example_input)
         return self._build(sources, head, out_channels)
 
     @abstractmethod

@@ -10,6 +10,7 @@ import torch
 from monai.utils import look_up_option
 from torch import nn
 
+from monai_medmerge.networks.heads import AUTO, find_head, head_names, head_size, replace_head
 from monai_medmerge.networks.units import (
     MergeUnit,
     find_units,
@@ -43,25 +44,31 @@ class KernelMerge(nn.Module):
 
     Args:
         sources: N >= 2 networks of one class with equal parameter names and shapes, except inside ``head``.
-        head: dotted name of the classifier module to replace (e.g. ``"fc"`` for MONAI ResNet,
-            ``"class_layers.out"`` for MONAI DenseNet121). Its parameters are not merged: a fresh ``nn.Linear`` (or
-            conv, if the head is a conv) with ``out_channels`` outputs replaces it. ``None`` merges the heads
-            like every other unit (their shapes must then agree).
-        out_channels: number of target classes of the new head; defaults to the head's own size when ``head`` is
-            given (the sources' heads must then agree in size).
+        head: dotted name of the task head to replace (e.g. ``"fc"`` for MONAI ResNet, ``"class_layers.out"`` for
+            MONAI DenseNet121, ``"final_conv"`` for BasicUNet; docs/api.md lists the segmentation networks), or
+            ``"auto"`` to find it on source 0 with :func:`~monai_medmerge.networks.find_head`. Its parameters are
+            not merged: freshly initialised layers with ``out_channels`` outputs replace it
+            (:func:`~monai_medmerge.networks.replace_head`; a block such as MONAI UNet's ``"model.2"`` is rebuilt
+            whole), and so do DynUNet's deep-supervision heads, which predict the source classes too. ``None``
+            merges the heads like every other unit (their shapes must then agree).
+        out_channels: number of target classes of the new head (for segmentation, labels with background);
+            defaults to the head's own size when ``head`` is given (the sources' heads must then agree in size).
         granularity: ``"kernel"`` (one coefficient per source and output channel of each unit), ``"layer"`` (one
             per source and unit) or ``"model"`` (one per source).
         anchor: index of the source whose coefficients start at ``anchor_weight`` (the others share the rest
             equally) and whose buffers and non-parameter state the merged network uses. ``None``: uniform start,
             buffers of source 0.
         anchor_weight: starting share of the anchor, in (0, 1); defaults to 0.9 when ``anchor`` is given.
+        example_input: an input batch for ``head="auto"``; by default a random one shaped from source 0's first
+            convolution.
 
     Raises:
         ValueError: when fewer than two sources are given, they differ in class, names or shapes, hold NaN or Inf
             values, tie weights (one Parameter held by two modules; the message names both; a module reached under
             two names, as in MONAI's DynUNet, is one unit and fine), ``head`` does not exist or cannot be rebuilt,
             ``out_channels`` is given without ``head``, ``granularity`` is unknown, or ``anchor``/``anchor_weight``
-            are out of range.
+            are out of range, or ``head="auto"`` finds no head (the message names the network and the last layers
+            it ran).
 
     Example::
 
@@ -81,6 +88,7 @@ class KernelMerge(nn.Module):
         granularity: str = "kernel",
         anchor: int | None = None,
         anchor_weight: float | None = None,
+        example_input: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if isinstance(sources, nn.Module) or not isinstance(sources, Sequence):
@@ -93,18 +101,24 @@ class KernelMerge(nn.Module):
             )
         if out_channels is not None and (not isinstance(out_channels, int) or out_channels < 1):
             raise ValueError(f"out_channels must be a positive int, got {out_channels!r}.")
+        if head is not None and not isinstance(head, str):
+            raise ValueError(f'head must be a module name or "{AUTO}", got {type(head).__name__}.')
+        if head == AUTO and len(sources) and isinstance(sources[0], nn.Module):
+            head = find_head(sources[0], example_input)
         if head is not None:
             # the head must exist in every source before the architecture check, so that the error names it
             for i, s in enumerate(sources):
                 if isinstance(s, nn.Module) and head not in dict(s.named_modules()):
                     raise ValueError(
                         f"head {head!r} is not a module of source {i} ({type(s).__name__}); "
-                        f"candidates: {_linear_like_names(s)}."
+                        f'candidates: {_linear_like_names(s)}, or head="{AUTO}" to find it.'
                     )
         excluded = [head] if head is not None else []
         if head is not None and len(sources) and isinstance(sources[0], nn.Module):
-            # a head reached under several names (DynUNet's deep-supervision heads) is left out under all of them
-            excluded = module_names(sources[0], sources[0].get_submodule(head))
+            # the head and its deep-supervision heads, each under every name it is reached by (DynUNet holds a
+            # deep-supervision head in a list and in a skip layer), are left out of the comparison
+            s0 = sources[0]
+            excluded = [alias for name in head_names(s0, head) for alias in module_names(s0, s0.get_submodule(name))]
         check_compatible(sources, exclude=excluded)
         for i, s in enumerate(sources):
             tied = tied_parameters(s)
@@ -116,7 +130,7 @@ class KernelMerge(nn.Module):
                 )
         n = len(sources)
         if head is not None and out_channels is None:
-            sizes = [_head_size(s.get_submodule(head)) for s in sources]
+            sizes = [head_size(s.get_submodule(head)) for s in sources]
             if len(set(sizes)) > 1:
                 raise ValueError(
                     f"the sources' heads {head!r} have different sizes {sizes}; give out_channels for the target task."
@@ -137,9 +151,11 @@ class KernelMerge(nn.Module):
         ref = sources[0 if anchor is None else anchor]
 
         template = _copy_network(ref)
-        if head is not None:
-            replace_head(template, head, out_channels)
-        self.units: list[MergeUnit] = find_units(template, exclude=head)
+        self.heads: tuple[str, ...] = tuple(replace_head(template, head, out_channels)) if head is not None else ()
+        fresh = {id(m) for name in self.heads for m in template.get_submodule(name).modules()}
+        self.units: list[MergeUnit] = [
+            u for u in find_units(template, exclude=head) if id(template.get_submodule(u.module)) not in fresh
+        ]
         widths = [u.channels for u in self.units]
         if self.granularity == "kernel":
             self._offsets = [sum(widths[:k]) for k in range(len(widths))]
@@ -374,46 +390,6 @@ def _checksums(merge: KernelMerge) -> torch.Tensor:
     return total
 
 
-def _head_size(module: nn.Module) -> int | None:
-    return getattr(module, "out_features", getattr(module, "out_channels", None))
-
-
 def _linear_like_names(module: nn.Module, limit: int = 5) -> list[str]:
     names = [n for n, m in module.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and n]
     return names[-limit:]
-
-
-def replace_head(template: nn.Module, head: str, out_channels: int | None) -> None:
-    """Swap the module ``head`` of ``template`` (in place) for a freshly initialised one with ``out_channels``
-    outputs (``None``: as many as the old one). Every parent that holds the old head gets the new one.
-
-    Raises:
-        ValueError: when ``head`` is neither an ``nn.Linear`` nor a (non-transposed) convolution.
-    """
-    old = template.get_submodule(head)
-    if isinstance(old, nn.Linear):
-        new: nn.Module = nn.Linear(old.in_features, out_channels or old.out_features, bias=old.bias is not None)
-    elif isinstance(old, nn.modules.conv._ConvNd) and not old.transposed:
-        new = type(old)(
-            old.in_channels,
-            out_channels or old.out_channels,
-            old.kernel_size,
-            stride=old.stride,
-            padding=old.padding,
-            dilation=old.dilation,
-            groups=1,
-            bias=old.bias is not None,
-            padding_mode=old.padding_mode,
-        )
-    else:
-        raise ValueError(
-            f"head {head!r} is a {type(old).__name__}; only nn.Linear and ConvNd heads can be replaced. "
-            "Name the final Linear/Conv module itself."
-        )
-    ref = next(old.parameters(), None)
-    if ref is not None:
-        new = new.to(device=ref.device, dtype=ref.dtype)
-    # every parent that holds the old head (DynUNet holds a deep-supervision head in a list and in a skip layer)
-    for name in module_names(template, old):
-        parent_name, _, local = name.rpartition(".")
-        setattr(template.get_submodule(parent_name), local, new)

@@ -1,4 +1,5 @@
-"""Every phase (phase 0 of the paper recipe included) under torchrun with two processes (gloo on CPU) through configs/multi_gpu_train.yaml."""
+"""Every phase (phase 0 of the paper recipe included) under torchrun with two processes (gloo on CPU), through
+configs/multi_gpu_train.yaml."""
 
 from __future__ import annotations
 

@@ -377,8 +377,8 @@ def test_dynunet_merge_equals_collapse(dims, deep_supervision):
     # a source that has run a training step keeps its deep-supervision outputs, with gradients; it still merges
     sources[0].train()(x).sum().backward()
     sources[0].eval()
-    # deep supervision stacks the heads' outputs with the main output, so they keep the sources' classes: the
-    # output head is replaced only without it
+    # this case keeps the sources' heads when deep supervision is on (head=None: every head merged); replacing the
+    # output head together with the deep-supervision heads is tested in test_segmentation_heads.py
     head, classes = (None, 3) if deep_supervision else ("output_block.conv.conv", 4)
     merge = KernelMerge(sources, head=head, out_channels=None if head is None else classes, anchor=0)
     names = [u.name for u in merge.units]
