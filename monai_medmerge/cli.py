@@ -115,7 +115,9 @@ def _main(argv: list[str]) -> int:
     _dicomweb_args(c)
     sub.add_parser("methods", help="list the registered merge methods and their settings (JSON)")
     b = sub.add_parser("benchmark", help="compare MedMerge with transfer baselines on an offline task, over seeds")
-    b.add_argument("--task", choices=["brain", "fashion"], default="brain")
+    b.add_argument(
+        "--task", default="brain", help="brain, fashion, or a brain variant brain_<variant> (docs/data.md)"
+    )
     b.add_argument("--k", type=_int_at_least(1), default=50, help="labelled target examples per class")
     b.add_argument("--seeds", type=_int_at_least(1), default=5, help="number of seeds (0, 1, ...)")
     b.add_argument("--methods", nargs="+", default=None, help="subset of methods (default: all)")
@@ -177,6 +179,9 @@ def _main(argv: list[str]) -> int:
         run_demo(args.out, task=args.task, k=args.k, seed=args.seed, progress=not args.no_progress)
     elif args.command == "benchmark":
         run_comparison = _research(parser, "comparison", "run_comparison")
+        names = _research(parser, "data.tasks", "benchmark_names")()
+        if args.task not in names:
+            b.error(f"argument --task: invalid choice {args.task!r} (choose from {', '.join(names)})")
         methods, Recipe = _research(parser, "transfer", "COMPARISON_METHODS"), _research(parser, "transfer", "Recipe")
         unknown = sorted(set(args.methods or ()) - set(methods))
         if unknown:

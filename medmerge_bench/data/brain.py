@@ -12,6 +12,12 @@ Source A and the target show the same brain, so the target's test patches come f
 in x, since the template is symmetric) that no other split of either task samples. The volumes are built once per
 process and kept on disk under :func:`~medmerge_bench.data.tasks.cache_dir`; the files they come from are checked on
 every call, so a cache never hides missing data.
+
+Beside that task (``"brain"``, kept as the benchmark where the sources leave no room for a merge) this module holds
+variants searched for room (:data:`BRAIN_VARIANTS`, task names ``"brain_<variant>"``): the same grid, patches, splits
+and held-out blocks, with other atlases of the MRIcron package (Harvard-Oxford cortical, AICHA and JHU white-matter
+labels, all drawn in MNI space) for the sources or the target. See ``docs/data.md`` for what each is and how they
+were chosen.
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ import importlib
 import json
 import time
 import zipfile
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple
@@ -43,14 +50,20 @@ from monai_medmerge.io import atomic_write
 
 __all__ = [
     "ANATOMY_CLASSES",
+    "BRAIN_TASK",
+    "BRAIN_VARIANTS",
     "BRODMANN_SYSTEMS",
     "AAL_GROUPS",
+    "BrainBenchmark",
     "BrainLayout",
     "BrainVolumes",
     "FUNCTION_CLASSES",
     "MRICRON_DIR",
     "PatchSet",
     "TISSUE_CLASSES",
+    "TaskSpec",
+    "brain_benchmark",
+    "brain_label_volumes",
     "brain_layout",
     "brain_volumes",
     "extract_patches",
@@ -141,6 +154,149 @@ NOTES = (
 )
 
 
+# --- the atlases of the variants searched for room (the "brain" task above needs none of them) ---
+ATLAS_FILES = (
+    "HarvardOxford-cort-maxprob-thr0-1mm.nii.gz",
+    "AICHAmc.nii.gz",
+    "AICHAmc.nii.txt",
+    "JHU-WhiteMatter-labels-1mm.nii.gz",
+)
+# Bump when anything that shapes the cached atlas volumes changes (their grouping is not cached: it is cheap).
+ATLAS_CACHE_VERSION = "brain-atlases-v2"
+# Harvard-Oxford cortical atlas, maximum probability without threshold: label i is entry i - 1 of this list. MRIcron
+# ships the image without its names; the order is the one of FSL's HarvardOxford-Cortical.xml (the test suite checks
+# it against where a few areas lie).
+HARVARD_OXFORD_CORTICAL = (
+    "Frontal Pole",
+    "Insular Cortex",
+    "Superior Frontal Gyrus",
+    "Middle Frontal Gyrus",
+    "Inferior Frontal Gyrus, pars triangularis",
+    "Inferior Frontal Gyrus, pars opercularis",
+    "Precentral Gyrus",
+    "Temporal Pole",
+    "Superior Temporal Gyrus, anterior division",
+    "Superior Temporal Gyrus, posterior division",
+    "Middle Temporal Gyrus, anterior division",
+    "Middle Temporal Gyrus, posterior division",
+    "Middle Temporal Gyrus, temporooccipital part",
+    "Inferior Temporal Gyrus, anterior division",
+    "Inferior Temporal Gyrus, posterior division",
+    "Inferior Temporal Gyrus, temporooccipital part",
+    "Postcentral Gyrus",
+    "Superior Parietal Lobule",
+    "Supramarginal Gyrus, anterior division",
+    "Supramarginal Gyrus, posterior division",
+    "Angular Gyrus",
+    "Lateral Occipital Cortex, superior division",
+    "Lateral Occipital Cortex, inferior division",
+    "Intracalcarine Cortex",
+    "Frontal Medial Cortex",
+    "Juxtapositional Lobule Cortex (formerly Supplementary Motor Cortex)",
+    "Subcallosal Cortex",
+    "Paracingulate Gyrus",
+    "Cingulate Gyrus, anterior division",
+    "Cingulate Gyrus, posterior division",
+    "Precuneous Cortex",
+    "Cuneal Cortex",
+    "Frontal Orbital Cortex",
+    "Parahippocampal Gyrus, anterior division",
+    "Parahippocampal Gyrus, posterior division",
+    "Lingual Gyrus",
+    "Temporal Fusiform Cortex, anterior division",
+    "Temporal Fusiform Cortex, posterior division",
+    "Temporal Occipital Fusiform Cortex",
+    "Occipital Fusiform Gyrus",
+    "Frontal Operculum Cortex",
+    "Central Opercular Cortex",
+    "Parietal Operculum Cortex",
+    "Planum Polare",
+    "Heschl's Gyrus (includes H1 and H2)",
+    "Planum Temporale",
+    "Supracalcarine Cortex",
+    "Occipital Pole",
+)
+# Harvard-Oxford labels by lobe, grouped as AAL_GROUPS groups the same places (Rolandic operculum frontal, fusiform
+# temporal, lingual occipital, cingulate and parahippocampal limbic).
+HARVARD_OXFORD_LOBES: dict[str, tuple[int, ...]] = {
+    "frontal": (1, 3, 4, 5, 6, 7, 25, 26, 28, 33, 41, 42),
+    "temporal": (8, 9, 10, 11, 12, 13, 14, 15, 16, 37, 38, 39, 44, 45, 46),
+    "parietal": (17, 18, 19, 20, 21, 31, 43),
+    "occipital": (22, 23, 24, 32, 36, 40, 47, 48),
+    "limbic/insula": (2, 27, 29, 30, 34, 35),
+}
+LOBE_CLASSES = list(HARVARD_OXFORD_LOBES)
+# The four lobes of the cortex proper, crossed with tissue or beside tracts in the targets below.
+LOBES = LOBE_CLASSES[:4]
+# AICHA names (without their G_/S_/N_ prefix and -n suffix) are grouped by AAL_GROUPS, and these for the names AAL
+# does not have; AICHA has no cerebellum.
+AICHA_EXTRA_GROUPS: dict[str, tuple[str, ...]] = {
+    "frontal": ("Sup_Frontal", "Inf_Frontal", "Orbital", "Anterior_Rostral", "Rolando"),
+    "limbic/insula": ("Cingulate", "subcallosal"),
+    "occipital": ("Intraoccipital", "Parietooccipital"),
+    "parietal": ("Intraparietal", "Supramarginal"),
+    "temporal": ("Sup_Temporal",),
+}
+AICHA_CLASSES = [g for g in AAL_GROUPS if g != "cerebellum"]
+# JHU white-matter labels (ICBM-DTI-81) by family; the brainstem and cerebellar tracts and the fornix are left out.
+# MRIcron's file puts the labels named _R at negative x under its affine; left and right are pooled, so it does not
+# matter here.
+JHU_FAMILIES: dict[str, tuple[int, ...]] = {
+    "callosal": (3, 4, 5, 47, 48),
+    "projection": (7, 8, *range(15, 31)),
+    "association": tuple(range(31, 47)),
+}
+# Two specialists: finer regions of the front of the brain (AICHA, on MNI152) for one source and of the back (AAL, on
+# Colin27) for the other, by exact region name (AICHA: without kind prefix and part suffix; AAL: without _L/_R).
+AICHA_ANTERIOR: dict[str, tuple[str, ...]] = {
+    "superior frontal": ("Frontal_Sup", "Frontal_Sup_Medial", "Sup_Frontal", "Supp_Motor_Area"),
+    "middle frontal": ("Frontal_Mid",),
+    "inferior frontal": ("Frontal_Inf_Tri", "Inf_Frontal", "Rolandic_Oper"),
+    "orbitofrontal": (
+        "Frontal_Sup_Orb",
+        "Frontal_Mid_Orb",
+        "Frontal_Med_Orb",
+        "Frontal_Inf_Orb",
+        "Orbital",
+        "Olfactory",
+    ),
+    "precentral": ("Precentral", "Rolando"),
+    "superior temporal": ("Temporal_Sup", "Sup_Temporal", "Temporal_Pole_Sup"),
+    "middle and inferior temporal": ("Temporal_Mid", "Temporal_Inf", "Temporal_Pole_Mid"),
+}
+AAL_POSTERIOR: dict[str, tuple[str, ...]] = {
+    "postcentral": ("Postcentral",),
+    "superior parietal": ("Parietal_Sup", "Paracentral_Lobule"),
+    "inferior parietal": ("Parietal_Inf", "SupraMarginal", "Angular"),
+    "precuneus": ("Precuneus",),
+    "medial occipital": ("Calcarine", "Cuneus", "Lingual"),
+    "lateral occipital": ("Occipital_Sup", "Occipital_Mid", "Occipital_Inf"),
+}
+# The target of the two specialists' second variant: Harvard-Oxford areas (a third atlas), five in the front and five
+# in the back of the brain, where sources A and B know finer regions.
+HARVARD_OXFORD_SPLIT: dict[str, tuple[int, ...]] = {
+    "superior frontal": (3, 26),
+    "middle frontal": (4,),
+    "inferior frontal": (5, 6),
+    "precentral": (7,),
+    "lateral temporal": (9, 10, 11, 12, 14, 15),
+    "postcentral": (17,),
+    "superior parietal": (18,),
+    "inferior parietal": (19, 20, 21),
+    "lateral occipital": (22, 23),
+    "medial occipital": (24, 32, 36, 47),
+}
+TISSUE_LOBE_CLASSES = [f"{lobe} {tissue}" for lobe in LOBES for tissue in TISSUE_CLASSES[:2]]
+TRACT_CORTEX_CLASSES = [f"{family} white matter" for family in JHU_FAMILIES] + [f"{lobe} cortex" for lobe in LOBES]
+
+HOLDOUT_NOTES = (
+    "Held out as in the brain task: the target's test patches come from held-out blocks of "
+    f"{BLOCK} voxels (mirror-symmetric in x) drawn by the same rule among those holding this target's labels, and no "
+    f"other split of any task is centred within {GUARD} voxels of them. The test set measures unseen places of the "
+    "same two brains, not new subjects."
+)
+
+
 class PatchSet(NamedTuple):
     """Where the patches of one split come from.
 
@@ -175,20 +331,172 @@ class BrainVolumes:
 
 
 @dataclass(frozen=True)
+class TaskSpec:
+    """One task of a brain benchmark: the T1 its patches are cut from and the label volume that labels their centres.
+
+    Args:
+        name: the task's name, e.g. ``"brain/tissue"``.
+        image: ``"mni_t1"`` or ``"colin_t1"`` (a field of :class:`BrainVolumes`).
+        labels: the label volume, a key of what :func:`brain_label_volumes` returns.
+        classes: one name per class; label ``i`` is ``classes[i]``.
+        planes: the planes its patches are cut in, indices into ``PLANES`` (in equal shares); a target has all.
+    """
+
+    name: str
+    image: str
+    labels: str
+    classes: tuple[str, ...]
+    planes: tuple[int, ...] = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class BrainBenchmark:
+    """The definition of one brain benchmark: two source tasks and a target, all on the benchmark grid.
+
+    Args:
+        name: the task name of :func:`~medmerge_bench.data.tasks.load_benchmark_tasks` (``"brain"`` or
+            ``"brain_<variant>"``); the cache of pretrained sources is keyed by it.
+        source_a: the first source task.
+        source_b: the second source task.
+        target: the few-shot target; its labels choose the held-out test blocks.
+        notes: what the labels are and where they fall short.
+        atlases: whether it needs the atlases of ``ATLAS_FILES`` beside ``MRICRON_FILES``.
+    """
+
+    name: str
+    source_a: TaskSpec
+    source_b: TaskSpec
+    target: TaskSpec
+    notes: str
+    atlases: bool = True
+
+    def __post_init__(self) -> None:
+        if self.target.planes != (0, 1, 2):
+            raise ValueError(f"a target is cut in every plane, got planes {self.target.planes} for {self.name!r}.")
+
+
+_TISSUE = TaskSpec("brain/tissue", "mni_t1", "tissue", tuple(TISSUE_CLASSES))
+_ANATOMY = TaskSpec("brain/anatomy", "colin_t1", "anatomy", tuple(ANATOMY_CLASSES))
+_FUNCTION = TaskSpec("brain/function", "mni_t1", "function", tuple(FUNCTION_CLASSES))
+# The brain task: tissue and anatomy sources, functional systems as the target. Its results are recorded, so its
+# draws must never change.
+BRAIN_TASK = BrainBenchmark("brain", _TISSUE, _ANATOMY, _FUNCTION, NOTES, atlases=False)
+
+_ANATOMY_NOTE = (
+    "Source B is the brain task's: the Colin27 T1 labelled by AAL, drawn on that very brain, grouped into seven "
+    "macro-regions."
+)
+_TISSUE_NOTE = (
+    "Source A is the brain task's: the MNI152 T1 labelled grey matter, white matter or CSF by nilearn's tissue "
+    f"probabilities (kept where the winner reaches {TISSUE_CONFIDENCE})."
+)
+_FUNCTION_NOTE = (
+    "The target is the brain task's: the MNI152 T1 labelled by MRIcron's Brodmann map (drawn on Colin27, carried by "
+    "the affine alone) grouped into seven functional systems."
+)
+_HO_NOTE = (
+    "The Harvard-Oxford cortical atlas (maximum probability, no threshold) was built on MNI152 and reaches into the "
+    "white matter beneath the cortex; it is carried from FSL's MNI152 onto the 2009a symmetric template by the affine "
+    "alone, so its boundaries are approximate."
+)
+# The variants searched for room (benchmarks/room_search.py); the task name of variant v is "brain_v".
+BRAIN_VARIANTS: dict[str, BrainBenchmark] = {
+    "tissue_lobe": BrainBenchmark(
+        "brain_tissue_lobe",
+        _TISSUE,
+        _ANATOMY,
+        TaskSpec("brain/tissue-lobe", "mni_t1", "tissue_lobe", tuple(TISSUE_LOBE_CLASSES)),
+        "Target: the MNI152 T1 labelled by tissue crossed with lobe, eight classes (grey or white matter of the "
+        "frontal, temporal, parietal or occipital lobe): the tissue of nilearn's probabilities (as source A's) and "
+        f"the lobe of the Harvard-Oxford cortical atlas. {_HO_NOTE} {_TISSUE_NOTE} {_ANATOMY_NOTE} Each class needs "
+        "what A knows (tissue) and what B knows (where a lobe lies, on another brain). " + HOLDOUT_NOTES,
+    ),
+    "tracts_cortex": BrainBenchmark(
+        "brain_tracts_cortex",
+        _TISSUE,
+        _ANATOMY,
+        TaskSpec("brain/tracts-cortex", "mni_t1", "tract_cortex", tuple(TRACT_CORTEX_CLASSES)),
+        "Target: the MNI152 T1 labelled by white-matter tract family (callosal, projection, association: the JHU "
+        "ICBM-DTI-81 labels, drawn on MNI152, where nilearn's tissue is white matter) or cortical lobe (frontal, "
+        "temporal, parietal, occipital: Harvard-Oxford, where the tissue is grey matter), seven classes. "
+        f"{_HO_NOTE} {_TISSUE_NOTE} {_ANATOMY_NOTE} A knows grey from white matter, B where a lobe lies; AAL "
+        "labels no white matter, so the tracts are new to both. " + HOLDOUT_NOTES,
+    ),
+    "ho_function": BrainBenchmark(
+        "brain_ho_function",
+        TaskSpec("brain/ho-lobes", "mni_t1", "ho_lobe", tuple(LOBE_CLASSES)),
+        _ANATOMY,
+        _FUNCTION,
+        "Source A: the MNI152 T1 labelled by the Harvard-Oxford cortical atlas grouped into five lobes (frontal, "
+        f"temporal, parietal, occipital, limbic/insula). {_HO_NOTE} {_ANATOMY_NOTE} {_FUNCTION_NOTE} Both sources "
+        "know where a patch lies: A on the target's brain with coarse classes, B on another brain with finer ones. "
+        + HOLDOUT_NOTES,
+    ),
+    "aicha_function": BrainBenchmark(
+        "brain_aicha_function",
+        TaskSpec("brain/aicha-regions", "mni_t1", "aicha_group", tuple(AICHA_CLASSES)),
+        _ANATOMY,
+        _FUNCTION,
+        "Source A: the MNI152 T1 labelled by the AICHA atlas (drawn on MNI space, 2 mm) grouped by region name into "
+        "the AAL macro-regions it has (all but the cerebellum: six classes). "
+        f"{_ANATOMY_NOTE} {_FUNCTION_NOTE} Both sources know where a patch lies, on two brains, with two atlases "
+        "of nearly the same classes. " + HOLDOUT_NOTES,
+    ),
+    "split_function": BrainBenchmark(
+        "brain_split_function",
+        TaskSpec("brain/aicha-anterior", "mni_t1", "aicha_anterior", tuple(AICHA_ANTERIOR)),
+        TaskSpec("brain/aal-posterior", "colin_t1", "aal_posterior", tuple(AAL_POSTERIOR)),
+        _FUNCTION,
+        "Two specialists. Source A: the MNI152 T1 labelled by the AICHA atlas (drawn on MNI space) in the front of "
+        "the brain only, seven frontal and temporal regions (superior, middle, inferior and orbital frontal, "
+        "precentral, superior and middle-inferior temporal). Source B: the Colin27 T1 labelled by AAL in the back "
+        "of the brain only, six parietal and occipital regions (postcentral, superior and inferior parietal, "
+        f"precuneus, medial and lateral occipital). Neither sees patches centred elsewhere. {_FUNCTION_NOTE} "
+        "Premotor, prefrontal and temporal systems lie in A's part, visual and parietal in B's, sensorimotor "
+        "across both; as Fashion-MNIST's sources split its classes, these split the target's brain. " + HOLDOUT_NOTES,
+    ),
+    "split_regions": BrainBenchmark(
+        "brain_split_regions",
+        TaskSpec("brain/aicha-anterior", "mni_t1", "aicha_anterior", tuple(AICHA_ANTERIOR)),
+        TaskSpec("brain/aal-posterior", "colin_t1", "aal_posterior", tuple(AAL_POSTERIOR)),
+        TaskSpec("brain/ho-regions", "mni_t1", "ho_split", tuple(HARVARD_OXFORD_SPLIT)),
+        "Two specialists, as in brain_split_function: source A knows seven frontal and temporal regions (AICHA, "
+        "MNI152), source B six parietal and occipital regions (AAL, Colin27). Target: the MNI152 T1 labelled by a "
+        "third atlas, Harvard-Oxford cortical, in ten areas: five in A's part (superior, middle and inferior "
+        "frontal, precentral, lateral temporal) and five in B's (postcentral, superior and inferior parietal, "
+        f"lateral and medial occipital); the closest brain analogue of Fashion-MNIST's split classes. {_HO_NOTE} "
+        + HOLDOUT_NOTES,
+    ),
+    "views_function": BrainBenchmark(
+        "brain_views_function",
+        TaskSpec("brain/aicha-regions", "mni_t1", "aicha_group", tuple(AICHA_CLASSES), planes=(0, 1)),
+        TaskSpec("brain/anatomy", "colin_t1", "anatomy", tuple(ANATOMY_CLASSES), planes=(1, 2)),
+        _FUNCTION,
+        "The sources of brain_aicha_function, each cut in two of the three planes: source A (AICHA macro-regions on "
+        "MNI152) in axial and coronal slices, source B (AAL macro-regions on Colin27) in coronal and sagittal "
+        f"slices, as if acquired in different orientations. {_FUNCTION_NOTE} The target has all three planes: A "
+        "alone has seen axial slices, B alone sagittal ones. " + HOLDOUT_NOTES,
+    ),
+}
+
+
+@dataclass(frozen=True)
 class BrainLayout:
-    """The fixed splits of the brain benchmark: everything but the target's k-shot training subset.
+    """The fixed splits of a brain benchmark: everything but the target's k-shot training subset.
 
     Args:
         volumes: the volumes the patches are cut from.
         heldout: bool grid, the voxels of the target's held-out test blocks.
         excluded: bool grid, the held-out blocks widened by ``GUARD`` voxels; no non-test centre lies in it.
-        source_a_train: tissue patches for training (MNI152).
-        source_a_val: tissue patches for validation.
-        source_b_train: anatomy patches for training (Colin27).
-        source_b_val: anatomy patches for validation.
-        target_val: function patches for validation (MNI152).
-        target_test: function patches from the held-out blocks.
+        source_a_train: source A's patches for training (tissue on MNI152 in the brain task).
+        source_a_val: source A's patches for validation.
+        source_b_train: source B's patches for training (anatomy on Colin27 in the brain task).
+        source_b_val: source B's patches for validation.
+        target_val: the target's patches for validation (function on MNI152 in the brain task).
+        target_test: the target's patches from the held-out blocks.
         target_pool: candidate centres of the target's training subset (``planes`` unused: the seed draws them).
+        benchmark: what the tasks are.
+        labels: the label volumes of source A, source B and the target, by the names their ``TaskSpec`` gives.
     """
 
     volumes: BrainVolumes
@@ -201,6 +509,8 @@ class BrainLayout:
     target_val: PatchSet
     target_test: PatchSet
     target_pool: PatchSet
+    benchmark: BrainBenchmark = BRAIN_TASK
+    labels: Mapping[str, np.ndarray] = field(default_factory=dict)
 
 
 def _require(module: str) -> ModuleType:
@@ -213,8 +523,8 @@ def _require(module: str) -> ModuleType:
         raise RuntimeError(f"the brain benchmark needs {package}, which is not installed: {installs[package]}") from e
 
 
-def _check_files(data_dir: Path) -> list[Path]:
-    paths = [data_dir / name for name in MRICRON_FILES]
+def _check_files(data_dir: Path, names: tuple[str, ...] = MRICRON_FILES) -> list[Path]:
+    paths = [data_dir / name for name in names]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(
@@ -305,9 +615,9 @@ def _cache_file(paths: list[Path], cache: Path) -> Path:
 _MEMO: dict[tuple[str, Path, Path], Any] = {}
 
 
-def _memo(what: str, build: Callable[[bool], Any], progress: bool) -> Any:
+def _memo(what: str, build: Callable[[bool], Any], progress: bool, atlases: bool = False) -> Any:
     # the files are checked on every call, so neither this memo nor the disk cache hides missing data
-    _check_files(MRICRON_DIR)
+    _check_files(MRICRON_DIR, MRICRON_FILES + ATLAS_FILES if atlases else MRICRON_FILES)
     key = (what, MRICRON_DIR, cache_dir())
     if key not in _MEMO:
         _MEMO[key] = build(progress)
@@ -354,7 +664,147 @@ def brain_volumes(progress: bool = False) -> BrainVolumes:
     return _memo("volumes", _volumes, progress)
 
 
-def _heldout_blocks(function: np.ndarray) -> np.ndarray:
+def _aicha_lut(names_file: Path) -> np.ndarray:
+    # AICHA names read G_Frontal_Sup-1, S_Intraparietal-2, N_Thalamus-1: kind, region, part
+    groups = {g: AAL_GROUPS[g] + AICHA_EXTRA_GROUPS.get(g, ()) for g in AICHA_CLASSES}
+    lut = np.full(256, -1, dtype=np.int8)
+    for line in names_file.read_text().splitlines():
+        if not line.strip():
+            continue
+        index, name = line.split()[:2]
+        region = name.split("_", 1)[1].rsplit("-", 1)[0]
+        matches = {g for g, prefixes in groups.items() if region.startswith(prefixes)}
+        if len(matches) != 1:
+            raise RuntimeError(f"AICHA region {name!r} of {names_file} matches {len(matches)} groups, not one.")
+        lut[int(index)] = AICHA_CLASSES.index(matches.pop())
+    return lut
+
+
+def _exact_name_lut(
+    names_file: Path, groups: Mapping[str, tuple[str, ...]], region: Callable[[str], str]
+) -> np.ndarray:
+    """Label value -> index of the group that lists its region name exactly; ``-1`` for regions no group lists."""
+    lut = np.full(256, -1, dtype=np.int8)
+    seen: set[str] = set()
+    for line in names_file.read_text().splitlines():
+        if not line.strip():
+            continue
+        index, name = line.split()[:2]
+        for c, names in enumerate(groups.values()):
+            if region(name) in names:
+                lut[int(index)] = c
+                seen.add(region(name))
+    missing = sorted(set(sum(groups.values(), ())) - seen)
+    if missing:
+        raise RuntimeError(f"{names_file} has no region named {', '.join(missing)}.")
+    return lut
+
+
+def _index_lut(groups: Mapping[str, tuple[int, ...]]) -> np.ndarray:
+    lut = np.full(256, -1, dtype=np.int8)
+    for c, values in enumerate(groups.values()):
+        lut[list(values)] = c
+    return lut
+
+
+def _build_atlases(data_dir: Path) -> dict[str, np.ndarray]:
+    """The variants' atlases on the grid, as stored (labels ungrouped), and nilearn's MNI152 brain mask."""
+    nib = _require("nibabel")
+    datasets = _require("nilearn.datasets")
+    return {
+        "mni_brain": _resample(datasets.load_mni152_brain_mask(resolution=1), order=0) > 0,
+        "harvard_oxford": _resample(nib.load(data_dir / ATLAS_FILES[0]), order=0).astype(np.uint8),
+        "aicha": _resample(nib.load(data_dir / ATLAS_FILES[1]), order=0).astype(np.uint8),
+        "jhu": _resample(nib.load(data_dir / ATLAS_FILES[3]), order=0).astype(np.uint8),
+        "aal": _resample(nib.load(data_dir / "aal.nii.gz"), order=0).astype(np.uint8),
+    }
+
+
+def _atlases(progress: bool) -> dict[str, np.ndarray]:
+    nilearn = _require("nilearn")
+    paths = _check_files(MRICRON_DIR, ATLAS_FILES)
+    stamp = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
+    key = json.dumps([ATLAS_CACHE_VERSION, nilearn.__version__, stamp, GRID_AFFINE.tolist(), GRID_SHAPE])
+    file = cache_dir() / f"{ATLAS_CACHE_VERSION}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz"
+    names = ("mni_brain", "harvard_oxford", "aicha", "jhu", "aal")
+    if file.is_file():
+        try:
+            with np.load(file) as stored:
+                atlases = {name: stored[name] for name in names}
+            report_progress(progress, f"brain atlases read from {file}")
+            return atlases
+        except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile):
+            pass  # unreadable: rebuilt and written again below
+    start = time.perf_counter()
+    atlases = _build_atlases(MRICRON_DIR)
+    report_progress(progress, f"brain atlases resampled in {time.perf_counter() - start:.1f} s")
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(file, "wb") as f:
+            np.savez_compressed(f, **atlases)
+    except OSError as e:
+        report_progress(progress, f"could not write the cache {file}: {e}")
+    return atlases
+
+
+def _variant_labels(progress: bool) -> dict[str, np.ndarray]:
+    volumes = brain_volumes(progress)
+    atlases = _atlases(progress)
+    brain, tissue = atlases["mni_brain"], volumes.tissue
+    lobe = _index_lut(HARVARD_OXFORD_LOBES)[atlases["harvard_oxford"]]
+    lobe[~brain] = -1
+    aicha = _aicha_lut(MRICRON_DIR / ATLAS_FILES[2])[atlases["aicha"]]
+    aicha[~brain] = -1
+    # the targets' classes: lobe-major (frontal grey, frontal white, temporal grey, ...) and tracts before cortex
+    cortex = (lobe >= 0) & (lobe < len(LOBES))
+    tissue_lobe = np.where(cortex & (tissue >= 0) & (tissue < 2), 2 * lobe + tissue, -1).astype(np.int8)
+    tract = _index_lut(JHU_FAMILIES)[atlases["jhu"]]
+    tract_cortex = np.full(GRID_SHAPE, -1, dtype=np.int8)
+    white = (tract >= 0) & (tissue == TISSUE_CLASSES.index("white matter"))
+    grey = cortex & (tissue == TISSUE_CLASSES.index("grey matter"))
+    tract_cortex[white] = tract[white]
+    tract_cortex[grey] = len(JHU_FAMILIES) + lobe[grey]
+    anterior = _exact_name_lut(
+        MRICRON_DIR / ATLAS_FILES[2], AICHA_ANTERIOR, lambda name: name.split("_", 1)[1].rsplit("-", 1)[0]
+    )[atlases["aicha"]]
+    anterior[~brain] = -1
+    posterior = _exact_name_lut(
+        MRICRON_DIR / "aal.nii.txt", AAL_POSTERIOR, lambda name: name.removesuffix("_L").removesuffix("_R")
+    )[atlases["aal"]]
+    split = _index_lut(HARVARD_OXFORD_SPLIT)[atlases["harvard_oxford"]]
+    split[~brain] = -1
+    return {
+        "ho_lobe": lobe,
+        "ho_split": split,
+        "aicha_group": aicha,
+        "tissue_lobe": tissue_lobe,
+        "tract_cortex": tract_cortex,
+        "aicha_anterior": anterior,
+        "aal_posterior": posterior,
+    }
+
+
+def brain_label_volumes(atlases: bool = False, progress: bool = False) -> dict[str, np.ndarray]:
+    """The label volumes on the grid by name, int8 class indices with ``-1`` where a voxel is no centre.
+
+    Args:
+        atlases: also the variants' volumes (``ho_lobe``, ``aicha_group``, ``tissue_lobe``, ``tract_cortex``,
+            ``aicha_anterior``, ``aal_posterior``, ``ho_split``), which need the files of ``ATLAS_FILES``; without
+            it only ``tissue``, ``anatomy`` and ``function``.
+        progress: print what is being built to stderr.
+
+    Raises:
+        FileNotFoundError: when an MRIcron template or atlas is missing (install ``mricron-data``).
+        RuntimeError: when nilearn, nibabel or scipy is missing.
+    """
+    volumes = brain_volumes(progress)
+    labels = {"tissue": volumes.tissue, "anatomy": volumes.anatomy, "function": volumes.function}
+    if atlases:
+        labels |= _memo("atlas labels", _variant_labels, progress, atlases=True)
+    return labels
+
+
+def _heldout_blocks(function: np.ndarray, num_classes: int) -> np.ndarray:
     """The target's test blocks: a fixed draw of ``HELDOUT_FRACTION`` of the labelled (|x|, y, z) blocks.
 
     The first draw in which every class has at least ``TARGET_TEST`` candidate centres is taken, so the test set is
@@ -372,7 +822,7 @@ def _heldout_blocks(function: np.ndarray) -> np.ndarray:
     for attempt in range(100):
         held = np.random.default_rng([SPLIT_SEED, 100 + attempt]).choice(candidates, n_held, replace=False)
         mask = np.isin(block, held)
-        smallest = np.bincount(function[mask & labelled], minlength=len(FUNCTION_CLASSES)).min()
+        smallest = np.bincount(function[mask & labelled], minlength=num_classes).min()
         if smallest > best_min:
             best, best_min = mask, smallest
         if smallest >= TARGET_TEST:
@@ -380,8 +830,15 @@ def _heldout_blocks(function: np.ndarray) -> np.ndarray:
     return best
 
 
-def _draw(pool: PatchSet, sizes: tuple[int, ...], rng: np.random.Generator, num_classes: int) -> list[PatchSet]:
-    """Disjoint splits of ``pool``, ``sizes[s]`` centres per class (fewer if a class runs out), planes balanced."""
+def _draw(
+    pool: PatchSet,
+    sizes: tuple[int, ...],
+    rng: np.random.Generator,
+    num_classes: int,
+    planes_allowed: tuple[int, ...] = (0, 1, 2),
+) -> list[PatchSet]:
+    """Disjoint splits of ``pool``, ``sizes[s]`` centres per class (fewer if a class runs out), in equal shares of
+    the ``planes_allowed``."""
     parts: list[list[np.ndarray]] = [[] for _ in sizes]
     for c in range(num_classes):
         members = rng.permutation(np.flatnonzero(pool.labels == c))
@@ -392,7 +849,8 @@ def _draw(pool: PatchSet, sizes: tuple[int, ...], rng: np.random.Generator, num_
     for chosen in parts:
         idx = np.concatenate(chosen)
         idx = idx[rng.permutation(len(idx))]
-        planes = rng.permutation(np.arange(len(idx)) % len(PLANES))
+        # with all three planes this is the permutation itself: the brain task's draws stay as recorded
+        planes = np.asarray(planes_allowed)[rng.permutation(np.arange(len(idx)) % len(planes_allowed))]
         splits.append(PatchSet(pool.centres[idx], planes, pool.labels[idx]))
     return splits
 
@@ -403,53 +861,88 @@ def _pool(labels: np.ndarray, where: np.ndarray) -> PatchSet:
     return PatchSet(centres, np.zeros(len(centres), dtype=np.int64), values)
 
 
-def _layout(progress: bool) -> BrainLayout:
+def _layout(bench: BrainBenchmark, progress: bool) -> BrainLayout:
     volumes = brain_volumes(progress)
-    heldout = _heldout_blocks(volumes.function)
+    label_volumes = brain_label_volumes(bench.atlases, progress)
+    labels = {spec.labels: label_volumes[spec.labels] for spec in (bench.source_a, bench.source_b, bench.target)}
+    target_labels = labels[bench.target.labels]
+    n_target = len(bench.target.classes)
+    heldout = _heldout_blocks(target_labels, n_target)
     ndimage = _require("scipy.ndimage")
     excluded = ndimage.maximum_filter(heldout.view(np.uint8), size=2 * GUARD + 1) > 0
     allowed = ~excluded
     a_train, a_val = _draw(
-        _pool(volumes.tissue, allowed),
+        _pool(labels[bench.source_a.labels], allowed),
         (SOURCE_TRAIN, SOURCE_VAL),
         np.random.default_rng([SPLIT_SEED, 1]),
-        len(TISSUE_CLASSES),
+        len(bench.source_a.classes),
+        bench.source_a.planes,
     )
     b_train, b_val = _draw(
-        _pool(volumes.anatomy, allowed),
+        _pool(labels[bench.source_b.labels], allowed),
         (SOURCE_TRAIN, SOURCE_VAL),
         np.random.default_rng([SPLIT_SEED, 2]),
-        len(ANATOMY_CLASSES),
+        len(bench.source_b.classes),
+        bench.source_b.planes,
     )
-    n_function = len(FUNCTION_CLASSES)
-    target = _pool(volumes.function, allowed)
-    (target_val,) = _draw(target, (TARGET_VAL,), np.random.default_rng([SPLIT_SEED, 3]), n_function)
+    target = _pool(target_labels, allowed)
+    (target_val,) = _draw(target, (TARGET_VAL,), np.random.default_rng([SPLIT_SEED, 3]), n_target)
     (target_test,) = _draw(
-        _pool(volumes.function, heldout), (TARGET_TEST,), np.random.default_rng([SPLIT_SEED, 4]), n_function
+        _pool(target_labels, heldout), (TARGET_TEST,), np.random.default_rng([SPLIT_SEED, 4]), n_target
     )
     # the training pool is what validation left: train, val and test never share a centre voxel
     taken = np.zeros(GRID_SHAPE, dtype=bool)
     taken[tuple(target_val.centres.T)] = True
     keep = ~taken[tuple(target.centres.T)]
     target_pool = PatchSet(target.centres[keep], target.planes[keep], target.labels[keep])
-    return BrainLayout(volumes, heldout, excluded, a_train, a_val, b_train, b_val, target_val, target_test, target_pool)
+    return BrainLayout(
+        volumes,
+        heldout,
+        excluded,
+        a_train,
+        a_val,
+        b_train,
+        b_val,
+        target_val,
+        target_test,
+        target_pool,
+        bench,
+        labels,
+    )
 
 
-def brain_layout(progress: bool = False) -> BrainLayout:
-    """The fixed splits of the brain benchmark (same for every seed and every ``k``), built once per process.
+def brain_benchmark(variant: str | None = None) -> BrainBenchmark:
+    """The definition of the brain task (``variant=None``) or of one of :data:`BRAIN_VARIANTS`.
+
+    Raises:
+        ValueError: for an unknown variant (the message lists them).
+    """
+    if variant is None:
+        return BRAIN_TASK
+    if variant not in BRAIN_VARIANTS:
+        raise ValueError(f"unknown brain variant {variant!r}; choose one of {', '.join(BRAIN_VARIANTS)}.")
+    return BRAIN_VARIANTS[variant]
+
+
+def brain_layout(progress: bool = False, variant: str | None = None) -> BrainLayout:
+    """The fixed splits of a brain benchmark (same for every seed and every ``k``), built once per process.
 
     Args:
         progress: print what is being built to stderr.
+        variant: ``None`` for the brain task, else a key of :data:`BRAIN_VARIANTS`.
 
     Returns:
         The volumes, the held-out blocks and the centres, planes and labels of every fixed split, as
         :class:`BrainLayout`.
 
     Raises:
+        ValueError: for an unknown variant.
         FileNotFoundError: when an MRIcron template is missing (install ``mricron-data``).
         RuntimeError: when nilearn, nibabel or scipy is missing.
     """
-    return _memo("layout", _layout, progress)
+    bench = brain_benchmark(variant)
+    what = "layout" if variant is None else f"layout {variant}"
+    return _memo(what, partial(_layout, bench), progress, atlases=bench.atlases)
 
 
 def target_train_patches(layout: BrainLayout, k: int, seed: int) -> PatchSet:
@@ -464,7 +957,7 @@ def target_train_patches(layout: BrainLayout, k: int, seed: int) -> PatchSet:
         ValueError: when ``k`` < 1 or exceeds a class's pool.
     """
     pool = layout.target_pool
-    idx = k_shot_indices(pool.labels, k, seed, len(FUNCTION_CLASSES))
+    idx = k_shot_indices(pool.labels, k, seed, len(layout.benchmark.target.classes))
     # one plane per pool centre, drawn from the seed alone, keeps the subsets nested in k
     planes = np.random.default_rng([seed, 1]).integers(0, len(PLANES), len(pool.labels))
     return PatchSet(pool.centres[idx], planes[idx], pool.labels[idx])
@@ -494,61 +987,70 @@ def extract_patches(volume: np.ndarray, patches: PatchSet, size: int = PATCH_SIZ
     return out
 
 
-def _fixed_arrays(progress: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    layout = brain_layout(progress)
-    mni, colin = layout.volumes.mni_t1, layout.volumes.colin_t1
+def _fixed_arrays(variant: str | None, progress: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    layout = brain_layout(progress, variant)
+    bench = layout.benchmark
+
+    def image(spec: TaskSpec) -> np.ndarray:
+        return getattr(layout.volumes, spec.image)
+
     splits = {
-        "a_train": (mni, layout.source_a_train),
-        "a_val": (mni, layout.source_a_val),
-        "b_train": (colin, layout.source_b_train),
-        "b_val": (colin, layout.source_b_val),
-        "t_val": (mni, layout.target_val),
-        "t_test": (mni, layout.target_test),
+        "a_train": (image(bench.source_a), layout.source_a_train),
+        "a_val": (image(bench.source_a), layout.source_a_val),
+        "b_train": (image(bench.source_b), layout.source_b_train),
+        "b_val": (image(bench.source_b), layout.source_b_val),
+        "t_val": (image(bench.target), layout.target_val),
+        "t_test": (image(bench.target), layout.target_test),
     }
     return {name: (extract_patches(volume, ps), ps.labels) for name, (volume, ps) in splits.items()}
 
 
-def load_brain_tasks(k: int, seed: int, progress: bool = True) -> BenchmarkTasks:
-    """The brain benchmark: tissue and anatomy sources, a ``k``-shot functional-system target.
+def load_brain_tasks(k: int, seed: int, progress: bool = True, variant: str | None = None) -> BenchmarkTasks:
+    """A brain benchmark: by default tissue and anatomy sources and a ``k``-shot functional-system target.
 
     Args:
         k: target training patches per class.
         seed: seed of the target's training subset; nothing else depends on it (nor on ``k``).
         progress: print what is being built, and how long it took, to stderr.
+        variant: ``None`` for the brain task, else a key of :data:`BRAIN_VARIANTS` (other sources or target on the
+            same grid; the task is then named ``"brain_<variant>"``).
 
     Returns:
-        Source A (3 tissue classes, 600 train / 100 val per class), source B (7 AAL macro-regions, 600 / 100 per
-        class) and the target (7 Brodmann systems: ``k`` train, 50 val and up to 150 test per class), as
-        :class:`~medmerge_bench.data.tasks.BenchmarkTasks`.
+        Source A (the brain task: 3 tissue classes, 600 train / 100 val per class), source B (7 AAL macro-regions,
+        600 / 100 per class) and the target (7 Brodmann systems: ``k`` train, 50 val and up to 150 test per class), as
+        :class:`~medmerge_bench.data.tasks.BenchmarkTasks`; a variant has the same counts per class.
 
     Raises:
-        ValueError: when ``k`` < 1 or exceeds a class's training pool.
+        ValueError: when ``k`` < 1 or exceeds a class's training pool, or for an unknown variant.
         FileNotFoundError: when an MRIcron template is missing (install ``mricron-data``).
         RuntimeError: when nilearn, nibabel or scipy is missing.
     """
     start = time.perf_counter()
-    arrays = _memo("arrays", _fixed_arrays, progress)
-    layout = brain_layout(progress)
+    bench = brain_benchmark(variant)
+    what = "arrays" if variant is None else f"arrays {variant}"
+    arrays = _memo(what, partial(_fixed_arrays, variant), progress, atlases=bench.atlases)
+    layout = brain_layout(progress, variant)
     train = target_train_patches(layout, k, seed)
-    x_train = extract_patches(layout.volumes.mni_t1, train)
+    x_train = extract_patches(getattr(layout.volumes, bench.target.image), train)
 
-    def data(name: str, classes: list[str], prefix: str, **given: TensorDataset) -> TaskData:
+    def data(spec: TaskSpec, prefix: str, **given: TensorDataset) -> TaskData:
         sets = {
             s: make_tensor_dataset(*arrays[f"{prefix}_{s}"])
             for s in ("train", "val", "test")
             if f"{prefix}_{s}" in arrays
         }
         sets.update(given)
-        return TaskData(name, sets["train"], sets["val"], sets.get("test"), list(classes))
+        return TaskData(spec.name, sets["train"], sets["val"], sets.get("test"), list(spec.classes))
 
-    test_counts = np.bincount(layout.target_test.labels, minlength=len(FUNCTION_CLASSES))
-    counts = ", ".join(f"{name} {n}" for name, n in zip(FUNCTION_CLASSES, test_counts, strict=True))
+    classes = bench.target.classes
+    test_counts = np.bincount(layout.target_test.labels, minlength=len(classes))
+    counts = ", ".join(f"{name} {n}" for name, n in zip(classes, test_counts, strict=True))
     tasks = BenchmarkTasks(
-        name="brain",
-        source_a=data("brain/tissue", TISSUE_CLASSES, "a"),
-        source_b=data("brain/anatomy", ANATOMY_CLASSES, "b"),
-        target=data("brain/function", FUNCTION_CLASSES, "t", train=make_tensor_dataset(x_train, train.labels)),
-        notes=f"{NOTES} Target test patches per class: {counts}.",
+        name=bench.name,
+        source_a=data(bench.source_a, "a"),
+        source_b=data(bench.source_b, "b"),
+        target=data(bench.target, "t", train=make_tensor_dataset(x_train, train.labels)),
+        notes=f"{bench.notes} Target test patches per class: {counts}.",
     )
-    report_progress(progress, f"brain tasks ready in {time.perf_counter() - start:.1f} s (k={k}, seed={seed})")
+    report_progress(progress, f"{bench.name} tasks ready in {time.perf_counter() - start:.1f} s (k={k}, seed={seed})")
     return tasks

@@ -7,6 +7,8 @@ and differ only in which few target images were labelled.
 
 - ``"brain"``: 32 x 32 patches of brain MRI templates on one MNI grid (see :mod:`medmerge_bench.data.brain`).
 - ``"fashion"``: Fashion-MNIST, a non-medical control (see :mod:`medmerge_bench.data.fashion`).
+- ``"brain_<variant>"``: the brain benchmark with other sources or another target on the same grid, searched for
+  room for a merge (see :data:`medmerge_bench.data.brain.BRAIN_VARIANTS` and ``benchmarks/room_search.py``).
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ from torch.utils.data import TensorDataset
 
 __all__ = [
     "BENCHMARKS",
+    "BRAIN_VARIANT_PREFIX",
     "BenchmarkTasks",
     "TaskData",
+    "ancestor_of",
+    "benchmark_names",
     "cache_dir",
     "k_shot_indices",
     "load_ancestor_task",
@@ -32,6 +37,8 @@ __all__ = [
 ]
 
 BENCHMARKS = ("brain", "fashion")
+# the brain variants are tasks named "brain_<variant>", one per key of medmerge_bench.data.brain.BRAIN_VARIANTS
+BRAIN_VARIANT_PREFIX = "brain_"
 PATCH_SIZE = 32
 CACHE_ENV = "MONAI_MEDMERGE_CACHE"
 
@@ -137,11 +144,28 @@ def report_progress(progress: bool, message: str) -> None:
         print(f"[medmerge_bench.data] {message}", file=sys.stderr, flush=True)
 
 
+def benchmark_names() -> tuple[str, ...]:
+    """The tasks :func:`load_benchmark_tasks` accepts: ``BENCHMARKS``, then the variants ``"brain_<variant>"``."""
+    from medmerge_bench.data.brain import BRAIN_VARIANTS
+
+    return BENCHMARKS + tuple(BRAIN_VARIANT_PREFIX + variant for variant in BRAIN_VARIANTS)
+
+
+def _brain_variant(task: str) -> str | None:
+    """The variant of a ``"brain_<variant>"`` task name, None for any other name (known or not)."""
+    if not task.startswith(BRAIN_VARIANT_PREFIX):
+        return None
+    from medmerge_bench.data.brain import BRAIN_VARIANTS
+
+    variant = task[len(BRAIN_VARIANT_PREFIX) :]
+    return variant if variant in BRAIN_VARIANTS else None
+
+
 def load_benchmark_tasks(task: str, k: int, seed: int, progress: bool = True) -> BenchmarkTasks:
     """The source and target tasks of one offline benchmark.
 
     Args:
-        task: ``"brain"`` or ``"fashion"``.
+        task: ``"brain"``, ``"fashion"`` or a brain variant ``"brain_<variant>"`` (:func:`benchmark_names`).
         k: labelled target training images per class.
         seed: seed of the target's ``k``-shot draw; sources, target validation and test do not depend on it.
         progress: print what is being built, and how long it took, to stderr.
@@ -163,11 +187,30 @@ def load_benchmark_tasks(task: str, k: int, seed: int, progress: bool = True) ->
         from medmerge_bench.data.fashion import load_fashion_tasks
 
         return load_fashion_tasks(k, seed, progress=progress)
-    raise ValueError(f"unknown benchmark task {task!r}; choose one of {', '.join(BENCHMARKS)}.")
+    variant = _brain_variant(task)
+    if variant is not None:
+        from medmerge_bench.data.brain import load_brain_tasks
+
+        return load_brain_tasks(k, seed, progress=progress, variant=variant)
+    raise ValueError(f"unknown benchmark task {task!r}; choose one of {', '.join(benchmark_names())}.")
 
 
 # The ancestor of each benchmark in the shared lineage: the OTHER benchmark's two source tasks pooled into one task.
+# The brain variants share the brain task's ancestor (see ancestor_of).
 ANCESTOR_OF = {"brain": "fashion", "fashion": "brain"}
+
+
+def ancestor_of(task: str) -> str:
+    """The benchmark whose pooled sources train the shared ancestor of ``task``'s sources: ``ANCESTOR_OF`` for
+    ``"brain"`` and ``"fashion"``; ``"fashion"`` for every brain variant.
+
+    Raises:
+        ValueError: for an unknown task.
+    """
+    family = "brain" if _brain_variant(task) is not None else task
+    if family not in ANCESTOR_OF:
+        raise ValueError(f"unknown benchmark task {task!r}; choose one of {', '.join(benchmark_names())}.")
+    return ANCESTOR_OF[family]
 
 
 def load_ancestor_task(task: str, progress: bool = True) -> TaskData:
@@ -175,14 +218,13 @@ def load_ancestor_task(task: str, progress: bool = True) -> TaskData:
 
     It is the other benchmark's two source tasks pooled into one classification over all their classes (brain:
     Fashion-MNIST's ten classes; fashion: three tissue and seven anatomy classes of brain MRI patches), so the
-    ancestor never sees the target's images or domain, as ImageNet never saw the paper's medical targets.
+    ancestor never sees the target's images or domain, as ImageNet never saw the paper's medical targets. The brain
+    variants (``"brain_<variant>"``) have the brain task's ancestor.
 
     Raises:
         ValueError: for an unknown task.
     """
-    if task not in ANCESTOR_OF:
-        raise ValueError(f"unknown benchmark task {task!r}; choose one of {', '.join(BENCHMARKS)}.")
-    other = load_benchmark_tasks(ANCESTOR_OF[task], k=1, seed=0, progress=progress)
+    other = load_benchmark_tasks(ancestor_of(task), k=1, seed=0, progress=progress)
     a, b = other.source_a, other.source_b
 
     def pooled(split: str) -> TensorDataset:

@@ -194,3 +194,217 @@ def test_unreadable_cache_is_rebuilt(monkeypatch, tmp_path, layout):
     monkeypatch.setattr(brain, "_MEMO", {})
     np.testing.assert_array_equal(brain.brain_volumes().function, layout.volumes.function)
     assert file.stat().st_size > 1000  # written again
+
+
+# --- the variants searched for room (medmerge_bench.data.brain.BRAIN_VARIANTS) ---
+
+# The commit whose brain.py made the recorded brain results; today's task must still give exactly its arrays.
+RECORDED_COMMIT = "10b9b3b"
+HAS_ATLASES = all((brain.MRICRON_DIR / name).is_file() for name in brain.ATLAS_FILES)
+needs_atlases = pytest.mark.skipif(
+    not (INSTALLED and HAS_NILEARN and HAS_ATLASES), reason=f"{SKIP_REASON} (or its atlases are missing)"
+)
+
+
+@pytest.fixture(scope="module", params=list(brain.BRAIN_VARIANTS))
+def variant(request):
+    if not (INSTALLED and HAS_NILEARN and HAS_ATLASES):
+        pytest.skip(SKIP_REASON)
+    tasks = brain.load_brain_tasks(k=10, seed=0, progress=False, variant=request.param)
+    return request.param, tasks, brain.brain_layout(variant=request.param)
+
+
+def _digest(tasks) -> str:
+    import hashlib
+
+    h = hashlib.sha256(f"{tasks.name}|{tasks.notes}".encode())
+    for field in ("source_a", "source_b", "target"):
+        task = getattr(tasks, field)
+        h.update(f"{task.name}|{task.class_names}".encode())
+        for split in (task.train, task.val, task.test):
+            for t in split.tensors if split is not None else ():
+                h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+@needs_data
+def test_brain_task_is_the_recorded_one(tasks, monkeypatch, tmp_path):
+    """Today's task gives, bit for bit, the arrays of the code that made the recorded results (run from git)."""
+    import subprocess
+    from importlib.util import module_from_spec, spec_from_file_location
+    from pathlib import Path
+
+    root = Path(brain.__file__).resolve().parents[2]
+    try:
+        source = subprocess.run(
+            ["git", "show", f"{RECORDED_COMMIT}:medmerge_bench/data/brain.py"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        pytest.skip(f"git or commit {RECORDED_COMMIT} is not available here")
+    file = tmp_path / "recorded_brain.py"
+    file.write_text(source)
+    spec = spec_from_file_location("recorded_brain", file)
+    recorded = module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "recorded_brain", recorded)
+    spec.loader.exec_module(recorded)
+    # the recorded code builds its own volumes in an empty cache: nothing it reads was written by the new code
+    monkeypatch.setenv("MONAI_MEDMERGE_CACHE", str(tmp_path / "cache"))
+    for k, seed in ((10, 0), (50, 1)):
+        new = tasks if (k, seed) == (10, 0) else brain.load_brain_tasks(k=k, seed=seed, progress=False)
+        assert _digest(new) == _digest(recorded.load_brain_tasks(k, seed, progress=False)), (k, seed)
+
+
+def test_variant_shapes_dtypes_and_balance(variant):
+    name, tasks, layout = variant
+    bench = brain.BRAIN_VARIANTS[name]
+    assert tasks.name == bench.name == f"brain_{name}"
+    for field in ("source_a", "source_b", "target"):
+        task, spec = getattr(tasks, field), getattr(bench, field)
+        assert task.class_names == list(spec.classes) and task.name == spec.name
+        n = task.num_classes
+        train, val = ([600] * n, [100] * n) if field != "target" else ([10] * n, [50] * n)
+        for dataset in [task.train, task.val] + ([task.test] if task.test is not None else []):
+            x, y = dataset.tensors
+            assert x.dtype == torch.float32 and x.shape == (len(y), 1, 32, 32)
+            assert y.dtype == torch.int64 and 0 <= y.min() and y.max() < n
+        assert _counts(task.train, n) == train, (field, _counts(task.train, n))
+        assert _counts(task.val, n) == val, field
+        assert (task.test is None) == (field != "target")
+        x = task.val.tensors[0]
+        assert abs(x.mean().item()) < 1.0 and 0.5 < x.std().item() < 2.0, task.name
+    test_counts = _counts(tasks.target.test, tasks.target.num_classes)
+    assert min(test_counts) >= 100 and max(test_counts) <= brain.TARGET_TEST, test_counts
+    assert "Target test patches per class" in tasks.notes and "held-out blocks" in tasks.notes
+
+
+def test_variant_patches_are_labelled_by_their_centre_voxel(variant):
+    name, tasks, layout = variant
+    bench = layout.benchmark
+    for spec, patches, x in (
+        (bench.source_a, layout.source_a_val, tasks.source_a.val.tensors[0]),
+        (bench.source_b, layout.source_b_val, tasks.source_b.val.tensors[0]),
+        (bench.target, layout.target_test, tasks.target.test.tensors[0]),
+        (bench.target, layout.target_val, tasks.target.val.tensors[0]),
+    ):
+        centre = tuple(patches.centres.T)
+        np.testing.assert_array_equal(layout.labels[spec.labels][centre], patches.labels)
+        np.testing.assert_array_equal(x[:, 0, 16, 16].numpy(), getattr(layout.volumes, spec.image)[centre])
+
+
+def test_variant_heldout_blocks_never_sampled(variant):
+    """No centre of any split but the target's test lies within GUARD voxels of a test block, for every variant."""
+    name, tasks, layout = variant
+    assert layout.heldout.any()
+    np.testing.assert_array_equal(layout.heldout, layout.heldout[::-1])
+    test = layout.target_test.centres
+    assert layout.heldout[tuple(test.T)].all()
+    others = {
+        "source_a_train": layout.source_a_train.centres,
+        "source_a_val": layout.source_a_val.centres,
+        "source_b_train": layout.source_b_train.centres,
+        "source_b_val": layout.source_b_val.centres,
+        "target_val": layout.target_val.centres,
+        "target_pool": layout.target_pool.centres,
+        "target_train": brain.target_train_patches(layout, k=200, seed=0).centres,
+    }
+    test_blocks = _block_ids(test)
+    # the guard measured here, not read from the layout: every other centre lies more than GUARD voxels (chessboard
+    # distance) from every held-out voxel
+    from scipy import ndimage
+
+    distance = ndimage.distance_transform_cdt(~layout.heldout, metric="chessboard")
+    for label, centres in others.items():
+        assert not layout.excluded[tuple(centres.T)].any(), label
+        assert not test_blocks & _block_ids(centres), label
+        assert distance[tuple(centres.T)].min() > brain.GUARD, label
+    train = set(map(tuple, others["target_train"].tolist()))
+    val = set(map(tuple, layout.target_val.centres.tolist()))
+    assert not train & val and not train & set(map(tuple, test.tolist()))
+
+
+def test_variant_classes_follow_their_definition(variant):
+    """Tissue x lobe and tracts/cortex classes are the tissue and atlas labels they are made of."""
+    name, tasks, layout = variant
+    labels = brain.brain_label_volumes(atlases=True)
+    tissue, lobe = labels["tissue"], labels["ho_lobe"]
+    if name == "tissue_lobe":
+        centres = tuple(layout.target_test.centres.T)
+        y = layout.target_test.labels
+        np.testing.assert_array_equal(tissue[centres], y % 2)
+        np.testing.assert_array_equal(lobe[centres], y // 2)
+        assert tasks.target.class_names[3] == "temporal white matter"
+    if name == "tracts_cortex":
+        y = labels["tract_cortex"]
+        assert (tissue[(y >= 0) & (y < 3)] == 1).all() and (tissue[y >= 3] == 0).all()
+        np.testing.assert_array_equal(lobe[y >= 3], y[y >= 3] - 3)
+    if name.startswith("split_"):
+        # the specialists' regions agree with the macro-regions the other look-up tables give the same atlases
+        back = [brain.ANATOMY_CLASSES.index(g) for g in ("parietal", "occipital")]
+        np.testing.assert_array_equal(labels["aal_posterior"] >= 0, np.isin(labels["anatomy"], back))
+        front = labels["aicha_group"][labels["aicha_anterior"] >= 0]
+        allowed = [brain.AICHA_CLASSES.index(g) for g in ("frontal", "temporal", "limbic/insula")]
+        assert np.isin(front, allowed).all() and (front == brain.AICHA_CLASSES.index("frontal")).mean() > 0.5
+
+
+@needs_atlases
+def test_harvard_oxford_names_match_where_the_areas_lie():
+    """The hard-coded Harvard-Oxford names are in the image's label order: a few areas sit where anatomy puts them."""
+    ho = brain._atlases(False)["harvard_oxford"]
+    mm = np.indices(brain.GRID_SHAPE).reshape(3, -1).T * brain.SPACING + np.array(brain.GRID_ORIGIN)
+    flat = ho.reshape(-1)
+    centre = {name: mm[flat == i + 1].mean(0) for i, name in enumerate(brain.HARVARD_OXFORD_CORTICAL)}
+    side = {name: np.abs(mm[flat == i + 1, 0]).mean() for i, name in enumerate(brain.HARVARD_OXFORD_CORTICAL)}
+    y = {name: c[1] for name, c in centre.items()}
+    assert max(y, key=y.get) == "Frontal Pole" and min(y, key=y.get) == "Occipital Pole"
+    assert y["Precentral Gyrus"] > y["Postcentral Gyrus"]
+    assert 25 < side["Insular Cortex"] < 45 and abs(y["Insular Cortex"]) < 10
+    assert side["Cingulate Gyrus, anterior division"] < 12 and side["Intracalcarine Cortex"] < 20
+    assert centre["Temporal Pole"][2] < -15 and centre["Superior Parietal Lobule"][2] > 40
+    assert sorted(sum(brain.HARVARD_OXFORD_LOBES.values(), ())) == list(range(1, 49))
+
+
+def test_unknown_variant_lists_the_choices():
+    with pytest.raises(ValueError, match="unknown brain variant 'nope'; choose one of tissue_lobe, tracts_cortex"):
+        brain.load_brain_tasks(k=10, seed=0, variant="nope")
+
+
+def test_missing_atlas_names_the_file_and_the_install(monkeypatch, tmp_path):
+    if not INSTALLED:
+        pytest.skip(SKIP_REASON)
+    for name in brain.MRICRON_FILES:  # the brain task's files are there, the atlases are not
+        (tmp_path / name).symlink_to(brain.MRICRON_DIR / name)
+    monkeypatch.setattr(brain, "MRICRON_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError) as e:
+        brain.load_brain_tasks(k=10, seed=0, progress=False, variant="tissue_lobe")
+    assert "HarvardOxford-cort-maxprob-thr0-1mm.nii.gz" in str(e.value)
+    assert "apt-get install -y mricron-data" in str(e.value)
+
+
+@needs_atlases
+def test_variants_are_benchmark_tasks_with_the_brain_ancestor():
+    from medmerge_bench.data.tasks import ancestor_of, benchmark_names, load_benchmark_tasks
+
+    names = benchmark_names()
+    assert names[:2] == ("brain", "fashion")
+    assert {f"brain_{v}" for v in brain.BRAIN_VARIANTS} == set(names[2:])
+    tasks = load_benchmark_tasks("brain_tissue_lobe", k=10, seed=0, progress=False)
+    assert tasks.name == "brain_tissue_lobe" and tasks.target.num_classes == 8
+    assert ancestor_of("brain_tissue_lobe") == ancestor_of("brain") == "fashion"
+    with pytest.raises(ValueError, match="unknown benchmark task 'brain_nope'; choose one of brain, fashion, brain_"):
+        ancestor_of("brain_nope")
+
+
+def test_brodmann_variants_share_the_brain_tasks_target_splits(variant, layout):
+    """Variants with the Brodmann target keep the brain task's held-out blocks, validation and test sets exactly."""
+    name, tasks, own = variant
+    if own.benchmark.target.labels != "function":
+        pytest.skip(f"{name} has its own target")
+    np.testing.assert_array_equal(own.heldout, layout.heldout)
+    for split in ("target_val", "target_test"):
+        for a, b in zip(getattr(own, split), getattr(layout, split), strict=True):
+            np.testing.assert_array_equal(a, b)
