@@ -115,9 +115,7 @@ def _main(argv: list[str]) -> int:
     _dicomweb_args(c)
     sub.add_parser("methods", help="list the registered merge methods and their settings (JSON)")
     b = sub.add_parser("benchmark", help="compare MedMerge with transfer baselines on an offline task, over seeds")
-    b.add_argument(
-        "--task", default="brain", help="brain, fashion, or a brain variant brain_<variant> (docs/data.md)"
-    )
+    b.add_argument("--task", default="brain", help="brain, fashion, or a brain variant brain_<variant> (docs/data.md)")
     b.add_argument("--k", type=_int_at_least(1), default=50, help="labelled target examples per class")
     b.add_argument("--seeds", type=_int_at_least(1), default=5, help="number of seeds (0, 1, ...)")
     b.add_argument("--methods", nargs="+", default=None, help="subset of methods (default: all)")
