@@ -443,6 +443,22 @@ def main(argv: list[str] | None = None) -> None:
             transfers.append((path.stem, data))
     picture = plot_room(transfers, args.results / "room_and_share.png")
     parts.append(room_section(transfers, picture.name if picture else None))
+    search = args.results / "room_search.json"
+    if search.exists():
+        import room_search  # the table the search script prints, from the same file
+
+        report = json.loads(search.read_text())
+        parts += [
+            "## Room search on brain MRI (`benchmarks/room_search.py`, `room_search.json`)",
+            "",
+            "Candidate brain tasks (docs/data.md) with only fine-tuning from each source and their ensemble; the room "
+            "on validation chose the task, test is shown beside it. Macro-F1 points.",
+            "",
+            room_search.table(report),
+            "",
+            room_search.cost(report),
+            "",
+        ]
     for stem, data in transfers:
         parts.append(transfer_section(data, stem))
     onepath = args.results / "brain_k50_onepath.json"
