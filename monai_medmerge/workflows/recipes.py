@@ -161,7 +161,7 @@ def phase1_sources(
         if not marker.is_file() or not best.is_file():
             raise FileNotFoundError(
                 f"recipe 'paper': phase 0 has not completed for source {i} ({marker} is missing): run phase 0 first "
-                "(`python -m monai.bundle run phase0 ...`, or the whole run), or set recipe: direct"
+                "(`python -m monai.bundle run phase0 ...`, or all phases with `run paper ...`), or set recipe: direct"
             )
         net = with_new_head(source, head, num_classes)
         net.load_state_dict(load_checkpoint(best))

@@ -40,6 +40,7 @@ def test_torchrun_two_processes_agree(example_workspace, tmp_path, recipe):
         "-m",
         "monai.bundle",
         "run",
+        "paper" if recipe == "paper" else "run",
         "--config_file",
         repr(files),
         "--logging_file",

@@ -118,7 +118,10 @@ def test_bundle_paper_recipe_runs_phase0_then_the_merge(example_workspace, tmp_p
         assert state["fc.weight"].shape[0] == len(example["class_names"])
     assert not (models / "phase1_best.pt").exists()
     stamps = [(models / f"phase0_source{i}.done").stat().st_mtime_ns for i in range(2)]
-    proc = run_bundle(root, ["train.yaml"], args)  # a fresh whole run: phase 0 again, then phases 1 and 2
+    proc = run_bundle(root, ["train.yaml"], args)  # `run` is phases 1 and 2: it reads phase 0's networks
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert (models / "model.pt").is_file()
+    proc = run_bundle(root, ["train.yaml"], args, run_id="paper")  # a fresh whole run: phase 0 again, then 1 and 2
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert all((models / f"phase0_source{i}.done").stat().st_mtime_ns > stamps[i] for i in range(2))
     assert (models / "model.pt").is_file() and (models / "phase1_best.pt").is_file()
