@@ -89,13 +89,9 @@ def test_patches_are_labelled_by_their_centre_voxel(tasks, layout):
     assert set(np.bincount(layout.source_a_train.planes).tolist()) == {600}  # planes balanced: 1800 / 3
 
 
-def test_heldout_blocks_mirror_symmetric_and_never_sampled(layout):
-    assert layout.heldout.any()
-    np.testing.assert_array_equal(layout.heldout, layout.heldout[::-1])
-    np.testing.assert_array_equal(layout.excluded, layout.excluded[::-1])
-    test = layout.target_test.centres
-    assert layout.heldout[tuple(test.T)].all()
-    others = {
+def _split_centres(layout) -> dict:
+    """The patch centres of every split of ``layout`` but the target's test and training draws."""
+    return {
         "source_a_train": layout.source_a_train.centres,
         "source_a_val": layout.source_a_val.centres,
         "source_b_train": layout.source_b_train.centres,
@@ -103,6 +99,15 @@ def test_heldout_blocks_mirror_symmetric_and_never_sampled(layout):
         "target_val": layout.target_val.centres,
         "target_pool": layout.target_pool.centres,
     }
+
+
+def test_heldout_blocks_mirror_symmetric_and_never_sampled(layout):
+    assert layout.heldout.any()
+    np.testing.assert_array_equal(layout.heldout, layout.heldout[::-1])
+    np.testing.assert_array_equal(layout.excluded, layout.excluded[::-1])
+    test = layout.target_test.centres
+    assert layout.heldout[tuple(test.T)].all()
+    others = _split_centres(layout)
     for seed in (0, 1):
         others[f"target_train_{seed}"] = brain.target_train_patches(layout, k=200, seed=seed).centres
     test_blocks = _block_ids(test)
@@ -303,13 +308,7 @@ def test_variant_heldout_blocks_never_sampled(variant):
     np.testing.assert_array_equal(layout.heldout, layout.heldout[::-1])
     test = layout.target_test.centres
     assert layout.heldout[tuple(test.T)].all()
-    others = {
-        "source_a_train": layout.source_a_train.centres,
-        "source_a_val": layout.source_a_val.centres,
-        "source_b_train": layout.source_b_train.centres,
-        "source_b_val": layout.source_b_val.centres,
-        "target_val": layout.target_val.centres,
-        "target_pool": layout.target_pool.centres,
+    others = _split_centres(layout) | {
         "target_train": brain.target_train_patches(layout, k=200, seed=0).centres,
     }
     test_blocks = _block_ids(test)
