@@ -21,6 +21,11 @@ Methods (the names used in results):
 - ``paper_medmerge_distill``: the paper's recipe with phase 2 distilled from the ensemble of the fine-tuned pair
   (:class:`Distilled`); ``ft_distill``: the same distillation into fine-tuning from the anchor source, the control
   that shows what the merge adds to distillation alone.
+- ``paper_zip_ft``: the fine-tuned pair zipped (:func:`~monai_medmerge.merging.zip_networks`, ZipIt!-style feature
+  merging) into one plain network ``Recipe.zip_width`` times as wide as a source (norm statistics recomputed on the
+  target), then fine-tuned: one network that may keep more of the ensemble than a same-width merge, at a cost (MACs,
+  recorded beside the single network's and the ensemble's) of about ``zip_width`` squared times one network.
+  ``paper_zip``: the same zipped network without the fine-tuning.
 - ``ensemble``: mean probabilities of ``ft_a`` and ``ft_b``, an upper bound that costs N networks at inference.
 
 The room of a benchmark is the ensemble's lead over the best single source (paired per seed); each one-network
@@ -38,6 +43,7 @@ test split is only evaluated.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
@@ -51,7 +57,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from medmerge_bench.data.tasks import cache_dir, load_ancestor_task
 from monai_medmerge.io import write_json
-from monai_medmerge.merging import align_sources, get_method, recalibrate_norm
+from monai_medmerge.merging import align_sources, get_method, inference_macs, recalibrate_norm, zip_networks
 from monai_medmerge.networks import KernelMerge
 from monai_medmerge.sources import load_checkpoint, save_checkpoint
 from monai_medmerge.workflows import classification_metrics, fine_tune, fit, learn_coefficients, predict
@@ -94,6 +100,8 @@ COMPARISON_METHODS = (
     "paper_medmerge_ft",
     "paper_medmerge_distill",
     "ft_distill",
+    "paper_zip",
+    "paper_zip_ft",
     "ensemble",
 )
 # the MedMerge recipes among the methods: the one reported as "the merge" is chosen among them on validation
@@ -122,6 +130,8 @@ METHOD_LABELS = {
     "paper_medmerge_ft": "paper's recipe: MedMerge of FT A and B + FT",
     "paper_medmerge_distill": "paper's recipe, FT distilled from the ensemble",
     "ft_distill": "fine-tune from the anchor, distilled from the ensemble",
+    "paper_zip": "zip of FT A and B into a wider network (no FT)",
+    "paper_zip_ft": "zip of FT A and B into a wider network + FT",
     "ensemble": "ensemble of FT A and B (2x cost)",
 }
 
@@ -146,6 +156,9 @@ class Recipe:
         ancestor_epochs: training of the shared ancestor.
         pair: ``"ab"`` (the two source networks) or ``"ancestor_b"`` (the ancestor itself as source A; shared only).
         distill_weight: weight of the distillation term of the ``*_distill`` methods.
+        zip_width: width of the ``paper_zip_ft`` network, as a multiple of the sources' ``widths`` (each rounded to
+            an integer), between 1 (one source's width and cost) and 2 (both sources side by side: the ensemble);
+            the cost grows about as its square, so it is below the two-network ensemble's under about 1.41.
     """
 
     widths: tuple[int, ...] = (16, 32, 64, 128)
@@ -168,8 +181,13 @@ class Recipe:
     ancestor_epochs: int = 4
     pair: str = "ab"
     distill_weight: float = 1.0
+    zip_width: float = 1.25
 
     def __post_init__(self) -> None:
+        if not 1.0 <= self.zip_width <= 2.0:
+            raise ValueError(
+                f"zip_width must lie in [1, 2] (one source's width to both side by side), got {self.zip_width}."
+            )
         if self.lineage not in ("independent", "shared"):
             raise ValueError(f"lineage must be 'independent' or 'shared', got {self.lineage!r}.")
         if self.pair not in ("ab", "ancestor_b"):
@@ -186,6 +204,10 @@ class Recipe:
                 raise ValueError("a recipe with a coefficient penalty needs the merge: recipe.phase1(merge).")
             kwargs["loss_function"] = coefficient_penalty(merge, self.coef_penalty)
         return kwargs
+
+    def zip_widths(self) -> tuple[int, ...]:
+        """The stage widths of the ``paper_zip_ft`` network: ``widths`` times ``zip_width``, rounded."""
+        return tuple(max(w, min(2 * w, round(w * self.zip_width))) for w in self.widths)
 
     def phase2(self) -> dict:
         """Keyword arguments of :func:`~monai_medmerge.workflows.fine_tune` (phase 2 and every fine-tuning)."""
@@ -379,6 +401,8 @@ def run_seed(
         "paper_medmerge_ft",
         "paper_medmerge_distill",
         "ft_distill",
+        "paper_zip",
+        "paper_zip_ft",
     } & set(methods)
     ft_nets: dict[str, nn.Module] = {}
     for i, tag in enumerate(("a", "b")):
@@ -467,6 +491,7 @@ def run_seed(
             "val": classification_metrics(target.val.tensors[1].numpy(), (va + vb) / 2),
             "test": classification_metrics(target.test.tensors[1].numpy(), probs),
             "inference_cost": "2 networks (2x parameters and compute of one)",
+            "inference_macs": sum(inference_macs(n, target.val.tensors[0][:1]) for n in ft_nets.values()),
         }
     for name in [m for m in recs if m not in methods]:
         del recs[name]
@@ -506,11 +531,42 @@ def _run_paper_recipe(
         recs[name] = record(net, val, test, hist2)
         recs[name]["curve_phase1"] = [v["macro_f1"] for v in hist1.val]
         out.models[name] = net
+    if {"paper_zip", "paper_zip_ft"} & set(methods):
+        _run_zip(out, pair, train, val, test, recipe, seed, methods, progress)
     if "ft_distill" in methods:
         torch.manual_seed(seed)
         start = from_source(sources[out.anchor], pair[out.anchor].get_submodule(HEAD).out_features, recipe)
         net, hist = _phase2(start, train(), val, recipe, teacher, seed, METHOD_LABELS["ft_distill"], progress)
         recs["ft_distill"] = record(net, val, test, hist)
+
+
+def _run_zip(out: SeedResult, pair, train, val, test, recipe: Recipe, seed: int, methods, progress: bool) -> None:
+    """``paper_zip`` and ``paper_zip_ft``: the fine-tuned pair zipped into a network ``recipe.zip_width`` times as
+    wide, on the target's training images (norm statistics recomputed on them), as it is and fine-tuned. Each record
+    holds the widths and the inference cost (MACs per image) of the zipped network, of one source and of the pair."""
+    torch.manual_seed(seed)
+    wide = dataclasses.replace(recipe, widths=recipe.zip_widths())
+    num_classes = pair[0].get_submodule(HEAD).out_features
+    report: dict = {}
+    zipped = zip_networks(pair, build_network(num_classes, wide), data=train(), report=report)
+    image = next(iter(val))[0][:1]
+    one = inference_macs(pair[0], image)
+    details = {
+        "zip_width": recipe.zip_width,
+        "widths": list(wide.widths),
+        "merged_features": sum(g["merges"] for g in report["groups"].values()),
+        "inference_macs": inference_macs(zipped, image),
+        "inference_macs_1x": one,
+        "inference_macs_ensemble": one * len(pair),
+    }
+    if "paper_zip" in methods:
+        out.records["paper_zip"] = record(zipped, val, test) | details
+    if "paper_zip_ft" in methods:
+        name = "paper_zip_ft"
+        desc = f"phase 2: fine-tune ({METHOD_LABELS[name]})"
+        net, hist = _phase2(zipped, train(), val, recipe, None, seed, desc, progress)
+        out.records[name] = record(net, val, test, hist) | details
+        out.models[name] = net
 
 
 def _phase2(net, train, val, recipe: Recipe, teacher, seed: int, desc: str, progress: bool):

@@ -59,10 +59,18 @@ def _main(argv: list[str]) -> int:
     d.add_argument("--no-progress", action="store_true")
     x = sub.add_parser(
         "example",
-        help="write a small example workspace for bundles/medmerge_classification (NIfTI images, two sources)",
+        help="write a small example workspace for bundles/medmerge_classification or, with --task segmentation, "
+        "bundles/medmerge_segmentation (NIfTI images, two sources)",
     )
     x.add_argument("--out", default="medmerge_out/example", help="the workspace folder to write")
-    x.add_argument("--k", type=int, default=16, help="target training images per class")
+    x.add_argument(
+        "--task",
+        choices=("classification", "segmentation"),
+        default="classification",
+        help="classification: images with class labels, two ResNets; segmentation: images with label maps, two UNets",
+    )
+    x.add_argument("--k", type=int, default=16, help="target training images per class (classification)")
+    x.add_argument("--n-train", type=int, default=12, help="target training image/label pairs (segmentation)")
     x.add_argument("--source-epochs", type=int, default=3, help="pretraining epochs of each source")
     x.add_argument("--seed", type=int, default=0)
     x.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
@@ -199,12 +207,16 @@ def _main(argv: list[str]) -> int:
     elif args.command == "export":
         return _export(args)
     elif args.command == "example":
-        from monai_medmerge.bundle.example import make_example
+        from monai_medmerge.bundle.example import make_example, make_segmentation_example
 
         try:
-            info = make_example(
+            if args.task == "segmentation":
+                make, size = make_segmentation_example, {"n_train": args.n_train}
+            else:
+                make, size = make_example, {"k": args.k}
+            info = make(
                 args.out,
-                k=args.k,
+                **size,
                 source_epochs=args.source_epochs,
                 seed=args.seed,
                 overwrite=args.overwrite,

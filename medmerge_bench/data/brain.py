@@ -66,8 +66,14 @@ __all__ = [
     "brain_label_volumes",
     "brain_layout",
     "brain_volumes",
+    "cached_arrays",
     "extract_patches",
     "load_brain_tasks",
+    "load_mni152",
+    "mricron_files",
+    "read_label_names",
+    "require_module",
+    "resample_to_grid",
     "target_train_patches",
 ]
 
@@ -515,6 +521,15 @@ class BrainLayout:
 
 def _require(module: str) -> ModuleType:
     # Imported when the volumes are built, not with this module: nilearn alone takes seconds to import.
+    return require_module(module)
+
+
+def require_module(module: str) -> ModuleType:
+    """``module`` imported (nilearn, nibabel or scipy, or one of their submodules).
+
+    Raises:
+        RuntimeError: when its package is not installed; the message says what to install.
+    """
     package = module.split(".")[0]
     installs = {"nilearn": INSTALL_NILEARN, "nibabel": "pip install nibabel", "scipy": "pip install scipy"}
     try:
@@ -534,16 +549,112 @@ def _check_files(data_dir: Path, names: tuple[str, ...] = MRICRON_FILES) -> list
     return paths
 
 
-def _resample(img: Any, order: int) -> np.ndarray:
-    """``img`` on the benchmark grid: linear (``order=1``) for intensities, nearest (``order=0``) for labels."""
+def mricron_files(names: tuple[str, ...]) -> list[Path]:
+    """The paths of the files ``names`` of the MRIcron package (under ``MRICRON_DIR``), checked to exist.
+
+    Raises:
+        FileNotFoundError: naming every missing file and the ``apt-get`` line that installs them.
+    """
+    return _check_files(MRICRON_DIR, names)
+
+
+def resample_to_grid(img: Any, affine: np.ndarray, shape: tuple[int, int, int], order: int) -> np.ndarray:
+    """``img`` (a nibabel image) resampled by its affine onto the grid of ``affine`` and ``shape``; zero outside it.
+
+    Args:
+        img: the image to resample.
+        affine: the target grid's voxel-to-world affine, 4 x 4.
+        shape: the target grid's shape.
+        order: 1 (linear, float32) for intensities and probabilities, 0 (nearest, the stored dtype) for labels.
+
+    Raises:
+        RuntimeError: when scipy is missing.
+    """
     ndimage = _require("scipy.ndimage")
     data = np.asanyarray(img.dataobj)
     if order > 0:
         data = data.astype(np.float32)
-    grid_to_voxel = np.linalg.inv(img.affine) @ GRID_AFFINE
+    grid_to_voxel = np.linalg.inv(img.affine) @ affine
     return ndimage.affine_transform(
-        data, grid_to_voxel[:3, :3], offset=grid_to_voxel[:3, 3], output_shape=GRID_SHAPE, order=order, cval=0
+        data, grid_to_voxel[:3, :3], offset=grid_to_voxel[:3, 3], output_shape=shape, order=order, cval=0
     )
+
+
+def _resample(img: Any, order: int) -> np.ndarray:
+    """``img`` on the benchmark grid: linear (``order=1``) for intensities, nearest (``order=0``) for labels."""
+    return resample_to_grid(img, GRID_AFFINE, GRID_SHAPE, order)
+
+
+# nilearn's MNI152 2009a symmetric images at 1 mm, by the names load_mni152 takes.
+_MNI152_LOADERS = {
+    "t1": "load_mni152_template",
+    "gm": "load_mni152_gm_template",
+    "wm": "load_mni152_wm_template",
+    "brain_mask": "load_mni152_brain_mask",
+}
+
+
+def load_mni152(kind: str) -> Any:
+    """One of nilearn's MNI152 2009a symmetric images at 1 mm, as a nibabel image (no download: nilearn ships them).
+
+    Args:
+        kind: ``"t1"`` (the T1 template), ``"gm"`` or ``"wm"`` (tissue probabilities), ``"brain_mask"``.
+
+    Raises:
+        ValueError: for another ``kind``.
+        RuntimeError: when nilearn is missing.
+    """
+    if kind not in _MNI152_LOADERS:
+        raise ValueError(f"unknown MNI152 image {kind!r}; choose one of {', '.join(_MNI152_LOADERS)}.")
+    datasets = _require("nilearn.datasets")
+    return getattr(datasets, _MNI152_LOADERS[kind])(resolution=1)
+
+
+def read_label_names(names_file: Path) -> dict[int, str]:
+    """Label value -> region name, from an MRIcron names file (lines ``"<value> <name> ..."``; blank lines skipped)."""
+    names = {}
+    for line in Path(names_file).read_text().splitlines():
+        if not line.strip():
+            continue
+        index, name = line.split()[:2]
+        names[int(index)] = name
+    return names
+
+
+def cached_arrays(
+    prefix: str, key: list[Any], build: Callable[[], dict[str, np.ndarray]], progress: bool, what: str
+) -> dict[str, np.ndarray]:
+    """Arrays built once per machine: read from ``cache_dir()/<prefix>-<hash of key>.npz``, else built and written.
+
+    An unreadable or incomplete file is rebuilt; a cache that cannot be written is reported, not raised.
+
+    Args:
+        prefix: the file name's start, a data version (bump it when what shapes the arrays changes).
+        key: JSON-serialisable values the arrays depend on (file stamps, versions, settings).
+        build: makes the arrays by name.
+        progress: print what is read or built to stderr.
+        what: the arrays' name in those messages.
+    """
+    digest = hashlib.sha1(json.dumps([prefix, *key]).encode()).hexdigest()[:12]
+    file = cache_dir() / f"{prefix}-{digest}.npz"
+    if file.is_file():
+        try:
+            with np.load(file) as stored:
+                arrays = {name: stored[name] for name in stored.files}
+            report_progress(progress, f"{what} read from {file}")
+            return arrays
+        except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile):
+            pass  # unreadable: rebuilt and written again below
+    start = time.perf_counter()
+    arrays = build()
+    report_progress(progress, f"{what} built in {time.perf_counter() - start:.1f} s")
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(file, "wb") as f:  # a concurrent reader never sees half a file
+            np.savez_compressed(f, **arrays)
+    except OSError as e:
+        report_progress(progress, f"could not write the cache {file}: {e}")
+    return arrays
 
 
 def _standardise(volume: np.ndarray, brain: np.ndarray) -> np.ndarray:
@@ -561,10 +672,7 @@ def _standardise(volume: np.ndarray, brain: np.ndarray) -> np.ndarray:
 
 def _aal_lut(names_file: Path) -> np.ndarray:
     lut = np.full(256, -1, dtype=np.int8)
-    for line in names_file.read_text().splitlines():
-        if not line.strip():
-            continue
-        index, name = line.split()[:2]
+    for index, name in read_label_names(names_file).items():
         groups = [g for g, prefixes in AAL_GROUPS.items() if name.startswith(prefixes)]
         if len(groups) != 1:
             raise RuntimeError(f"AAL region {name!r} of {names_file} matches {len(groups)} macro-regions, not one.")
@@ -581,11 +689,10 @@ def _brodmann_lut() -> np.ndarray:
 
 def _build_volumes(data_dir: Path) -> BrainVolumes:
     nib = _require("nibabel")
-    datasets = _require("nilearn.datasets")
-    mni = _resample(datasets.load_mni152_template(resolution=1), order=1)
-    gm = _resample(datasets.load_mni152_gm_template(resolution=1), order=1)
-    wm = _resample(datasets.load_mni152_wm_template(resolution=1), order=1)
-    mni_brain = _resample(datasets.load_mni152_brain_mask(resolution=1), order=0) > 0
+    mni = _resample(load_mni152("t1"), order=1)
+    gm = _resample(load_mni152("gm"), order=1)
+    wm = _resample(load_mni152("wm"), order=1)
+    mni_brain = _resample(load_mni152("brain_mask"), order=0) > 0
     probs = np.stack([gm, wm, np.clip(1.0 - gm - wm, 0.0, 1.0)])
     tissue = probs.argmax(0).astype(np.int8)
     tissue[~mni_brain | (probs.max(0) < TISSUE_CONFIDENCE)] = -1
@@ -668,10 +775,7 @@ def _aicha_lut(names_file: Path) -> np.ndarray:
     # AICHA names read G_Frontal_Sup-1, S_Intraparietal-2, N_Thalamus-1: kind, region, part
     groups = {g: AAL_GROUPS[g] + AICHA_EXTRA_GROUPS.get(g, ()) for g in AICHA_CLASSES}
     lut = np.full(256, -1, dtype=np.int8)
-    for line in names_file.read_text().splitlines():
-        if not line.strip():
-            continue
-        index, name = line.split()[:2]
+    for index, name in read_label_names(names_file).items():
         region = name.split("_", 1)[1].rsplit("-", 1)[0]
         matches = {g for g, prefixes in groups.items() if region.startswith(prefixes)}
         if len(matches) != 1:
@@ -686,10 +790,7 @@ def _exact_name_lut(
     """Label value -> index of the group that lists its region name exactly; ``-1`` for regions no group lists."""
     lut = np.full(256, -1, dtype=np.int8)
     seen: set[str] = set()
-    for line in names_file.read_text().splitlines():
-        if not line.strip():
-            continue
-        index, name = line.split()[:2]
+    for index, name in read_label_names(names_file).items():
         for c, names in enumerate(groups.values()):
             if region(name) in names:
                 lut[int(index)] = c
@@ -710,9 +811,8 @@ def _index_lut(groups: Mapping[str, tuple[int, ...]]) -> np.ndarray:
 def _build_atlases(data_dir: Path) -> dict[str, np.ndarray]:
     """The variants' atlases on the grid, as stored (labels ungrouped), and nilearn's MNI152 brain mask."""
     nib = _require("nibabel")
-    datasets = _require("nilearn.datasets")
     return {
-        "mni_brain": _resample(datasets.load_mni152_brain_mask(resolution=1), order=0) > 0,
+        "mni_brain": _resample(load_mni152("brain_mask"), order=0) > 0,
         "harvard_oxford": _resample(nib.load(data_dir / ATLAS_FILES[0]), order=0).astype(np.uint8),
         "aicha": _resample(nib.load(data_dir / ATLAS_FILES[1]), order=0).astype(np.uint8),
         "jhu": _resample(nib.load(data_dir / ATLAS_FILES[3]), order=0).astype(np.uint8),

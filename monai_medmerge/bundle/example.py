@@ -16,7 +16,7 @@ from monai_medmerge.io import atomic_folder, write_json
 from monai_medmerge.sources import save_checkpoint
 from monai_medmerge.workflows import fit
 
-__all__ = ["example_network_def", "make_example"]
+__all__ = ["example_network_def", "make_example", "make_segmentation_example", "segmentation_network_def"]
 
 TARGET = "count_size"
 CLASS_NAMES = ["one small", "one large", "five small", "five large"]
@@ -139,4 +139,139 @@ def make_example(
         "class_names": list(CLASS_NAMES),
         "network_def": example_network_def(len(CLASS_NAMES), widths),
         "spatial_size": [image_size, image_size],
+    }
+
+
+# --- a segmentation workspace (bundles/medmerge_segmentation) --------------------------------------------------------
+# Images of discs of random brightness (MONAI's create_test_image_2d). Source a outlines the discs (background,
+# disc); source b tells three brightness bands apart; the target wants two bands of the discs, which needs both.
+SEGMENTATION_SOURCES = {"a": 1, "b": 3}  # source -> brightness bands labelled (label maps with bands + 1 values)
+SEGMENTATION_LABELS = ["background", "dim disc", "bright disc"]
+
+
+def segmentation_network_def(num_classes: int, widths: Sequence[int] = (16, 32, 64, 128)) -> dict:
+    """The MONAI UNet config the segmentation example (and ``bundles/medmerge_segmentation``) uses."""
+    return {
+        "_target_": "monai.networks.nets.UNet",
+        "spatial_dims": 2,
+        "in_channels": 1,
+        "out_channels": int(num_classes),
+        "channels": [int(w) for w in widths],
+        "strides": [2] * (len(widths) - 1),
+        "num_res_units": 2,
+    }
+
+
+def _disc_images(n: int, bands: int, seed: int, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    from monai.data.synthetic import create_test_image_2d
+
+    rng = np.random.RandomState(seed)
+    pairs = [
+        create_test_image_2d(*shape, num_objs=6, rad_max=12, rad_min=4, noise_max=0.3, num_seg_classes=bands,
+                             random_state=rng)
+        for _ in range(n)
+    ]  # fmt: skip
+    images = np.stack([p[0] for p in pairs]).astype(np.float32)[:, None]
+    labels = np.stack([p[1] for p in pairs]).astype(np.int64)[:, None]
+    return images, labels
+
+
+def _write_pairs(folder: Path, base: Path, n: int, seed: int, prefix: str) -> list[dict]:
+    """``n`` target image/label-map pairs as 2-D NIfTI files of assorted sizes (a 1.5 mm grid)."""
+    import nibabel as nib
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(seed)
+    items = []
+    for i in range(n):
+        shape = (int(rng.randint(56, 97)), int(rng.randint(56, 97)))
+        image, label = _disc_images(1, len(SEGMENTATION_LABELS) - 1, seed * 1000 + i, shape)
+        affine = np.diag([1.5, 1.5, 1.5, 1.0])
+        paths = {}
+        for key, array, dtype in (("image", image[0, 0], np.float32), ("label", label[0, 0], np.uint8)):
+            path = folder / f"{prefix}_{i:04d}_{key}.nii.gz"
+            nib.save(nib.Nifti1Image(array.astype(dtype), affine), str(path))
+            paths[key] = os.path.relpath(path, base)
+        items.append(paths)
+    return items
+
+
+def make_segmentation_example(
+    out_dir: str | os.PathLike,
+    n_train: int = 12,
+    n_test: int = 8,
+    image_size: int = 64,
+    source_epochs: int = 3,
+    widths: Sequence[int] = (16, 32, 64, 128),
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Write an example workspace for ``bundles/medmerge_segmentation`` into ``out_dir``.
+
+    ``out_dir/data/datalist.json`` lists ``training``/``validation``/``test`` pairs ``{"image", "label"}`` of 2-D
+    NIfTI files (images of assorted sizes, 56 to 96 pixels a side, each label map with its image's affine) of the
+    target task: discs split into dim and bright ones (labels background, dim disc, bright disc).
+    ``out_dir/sources/a`` and ``sources/b`` are bundle folders of the same MONAI UNet pretrained on two other
+    tasks (discs against background; three brightness bands), each from its own random initialisation.
+
+    Args:
+        out_dir: the workspace folder; written under a temporary name and renamed into place.
+        n_train: target training pairs (as many again for validation).
+        n_test: target test pairs.
+        image_size: side of the sources' pretraining images.
+        source_epochs: pretraining epochs of each source.
+        widths: channels of the UNet's levels.
+        seed: seed of images, initialisations and training.
+        overwrite: replace an existing ``out_dir``.
+        progress: progress bars while pretraining.
+
+    Returns:
+        ``{"root", "datalist", "sources", "label_names", "network_def"}``.
+
+    Raises:
+        FileExistsError: when ``out_dir`` exists and ``overwrite`` is False.
+        NotADirectoryError: when ``out_dir`` is a file or a symbolic link.
+    """
+    from torch.utils.data import TensorDataset
+
+    out = Path(out_dir)
+    with atomic_folder(out, overwrite, what="example folder") as tmp:
+        from monai.bundle import ConfigParser
+
+        for i, (name, bands) in enumerate(SEGMENTATION_SOURCES.items()):
+            torch.manual_seed(seed + 101 * (i + 1))
+            net_def = segmentation_network_def(bands + 1, widths)
+            net = ConfigParser({"n": net_def}).get_parsed_content("n")
+            shape = (image_size, image_size)
+            data = [torch.as_tensor(a) for a in _disc_images(96, bands, seed + 11 * i, shape)]
+            val = [torch.as_tensor(a) for a in _disc_images(16, bands, seed + 11 * i + 5, shape)]
+            g = torch.Generator().manual_seed(seed + i)
+            fit(
+                net,
+                DataLoader(TensorDataset(*data), 16, shuffle=True, generator=g),
+                DataLoader(TensorDataset(*val), 16),
+                [{"params": net.parameters(), "lr": 3e-3}],
+                epochs=source_epochs,
+                progress=progress,
+                desc=f"source {name} ({bands} brightness band(s))",
+                task="segmentation",
+                num_classes=bands + 1,
+            )
+            _source_bundle(tmp / "sources" / name, net.eval(), net_def, f"discs, {bands} band(s)")
+        data = tmp / "data"
+        datalist = {
+            "description": "synthetic discs, dim or bright (monai_medmerge segmentation example)",
+            "labels": {str(i): c for i, c in enumerate(SEGMENTATION_LABELS)},
+            "training": _write_pairs(data / "images", data, n_train, seed + 1000, "training"),
+            "validation": _write_pairs(data / "images", data, n_train, seed + 2000, "validation"),
+            "test": _write_pairs(data / "images", data, n_test, seed + 3000, "test"),
+        }
+        write_json(data / "datalist.json", datalist)
+    return {
+        "root": str(out),
+        "datalist": str(out / "data" / "datalist.json"),
+        "sources": [str(out / "sources" / n) for n in SEGMENTATION_SOURCES],
+        "label_names": list(SEGMENTATION_LABELS),
+        "network_def": segmentation_network_def(len(SEGMENTATION_LABELS), widths),
     }

@@ -94,6 +94,9 @@ def export_bundle(
     window: Sequence[float] = (-1000.0, 1000.0),
     percentiles: Sequence[float] = (1.0, 99.0),
     pixdim: Sequence[float] | None = None,
+    task: str = "classification",
+    sw_batch_size: int = 4,
+    sw_overlap: float = 0.25,
 ) -> Path:
     """Write ``network`` as a MONAI bundle folder that needs MONAI and torch, not this package.
 
@@ -141,6 +144,11 @@ def export_bundle(
         window: CT window (low, high) in HU, scaled to [0, 1] and clipped.
         percentiles: MR percentiles (low, high), scaled to [0, 1] and clipped.
         pixdim: resample to this voxel spacing before resizing, or ``None`` to keep the image grid.
+        task: ``"classification"`` (``class_names`` are the classes; ``predictions.csv``) or ``"segmentation"``
+            (``class_names`` are the label names, background first; the network's output channels; the inference
+            segments whole images with a sliding window of ``spatial_shape`` and writes each label map as NIfTI in
+            its input's space, see :func:`~monai_medmerge.bundle.inference.inference_config`).
+        sw_batch_size, sw_overlap: the sliding window's windows per forward pass and overlap (segmentation).
 
     Returns:
         the bundle folder.
@@ -156,14 +164,19 @@ def export_bundle(
     """
     network_def = _plain_network_def(network_def)
     # built first: it checks the preprocessing settings before any network is run or file written
+    segmentation = task == "segmentation"
+    task_args = {"task": task} if segmentation else {}  # a classification record stays as it was
     steps = preprocessing_config(
         kind, spatial_shape, train=False, reader=reader, modality=modality, window=window, percentiles=percentiles,
-        pixdim=pixdim, label_key=None, channels=in_channels,
+        pixdim=pixdim, label_key=None, channels=in_channels, **task_args,
     )  # fmt: skip
     reader = steps[0]["reader"]
     options = {"kind": kind, "reader": reader, "modality": modality, "window": window, "percentiles": percentiles}
-    options = json.loads(json.dumps({**options, "pixdim": pixdim}))  # plain lists for YAML
-    config = inference_config(network_def, class_names, spatial_shape, steps, options)
+    options = json.loads(json.dumps({**options, "pixdim": pixdim, **task_args}))  # plain lists for YAML
+    config = inference_config(
+        network_def, class_names, spatial_shape, steps, options, task=task, sw_batch_size=sw_batch_size,
+        sw_overlap=sw_overlap,
+    )  # fmt: skip
     modality = {"CT": "CT", "MR": "MR", "MRI": "MR"}.get(modality.upper(), "other")
     if value_range is None:
         value_range = (-4.0, 4.0) if modality == "other" else (0.0, 1.0)
@@ -185,8 +198,10 @@ def export_bundle(
         ref = network.cpu()(x)
         got = plain(x)
     network.train(was_training)
-    if got.shape[-1] != len(class_names):
-        raise ValueError(f"the network has {got.shape[-1]} outputs but {len(class_names)} class names were given.")
+    outputs = got.shape[1] if segmentation else got.shape[-1]
+    if outputs != len(class_names):
+        names = "label names" if segmentation else "class names"
+        raise ValueError(f"the network has {outputs} outputs but {len(class_names)} {names} were given.")
     if not torch.allclose(ref, got, rtol=1e-4, atol=1e-5):
         raise ValueError("network_def rebuilt a network whose outputs differ from the given network's.")
 
@@ -195,6 +210,8 @@ def export_bundle(
     metadata["data_type"] = {"png": "png/jpeg", "dicom_series": "dicom series"}.get(kind, kind)
     metadata["image_classes"] = input_description(steps)
     metadata["pred_classes"] = "softmax probabilities of: " + ", ".join(class_names)
+    if segmentation:
+        _segmentation_metadata(metadata, class_names)
     image = metadata["network_data_format"]["inputs"]["image"]
     image["modality"], image["format"] = MODALITY_METADATA[modality]
     if extra_metadata:
@@ -216,7 +233,8 @@ def export_bundle(
         (tmp / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
         (tmp / "configs" / "inference.yaml").write_text(_yaml(config, metadata))
         (tmp / "configs" / "logging.conf").write_text(LOGGING_CONF)
-        (tmp / "docs" / "README.md").write_text(_readme(metadata, reader, scripted))
+        readme = _readme(metadata, reader, scripted)
+        (tmp / "docs" / "README.md").write_text(_segmentation_readme(readme) if segmentation else readme)
         write_scripts(tmp)
     return out
 
@@ -376,6 +394,48 @@ def _metadata(name, version, description, class_names, spatial_shape, in_channel
         },
         "merged_by": f"monai_medmerge {monai_medmerge.__version__} (not needed to load this bundle)",
     }
+
+
+def _segmentation_metadata(metadata: dict[str, Any], label_names: Sequence[str]) -> None:
+    """Metadata of a segmentation bundle (in place): the task, the label map output, patch inputs."""
+    metadata["task"] = "segmentation"
+    if metadata["description"].startswith("Classification network merged"):
+        metadata["description"] = "Segmentation network merged from several pretrained sources (MedMerge)."
+    metadata["label_classes"] = "one integer label map per image: " + ", ".join(
+        f"{i} {name}" for i, name in enumerate(label_names)
+    )
+    metadata["pred_classes"] = metadata["label_classes"]
+    metadata["network_data_format"]["inputs"]["image"]["is_patch_data"] = True
+    spatial = metadata["network_data_format"]["inputs"]["image"]["spatial_shape"]
+    metadata["network_data_format"]["outputs"]["pred"] = {
+        "type": "image",
+        "format": "segmentation",
+        "num_channels": len(label_names),
+        "spatial_shape": list(spatial),
+        "dtype": "float32",
+        "value_range": [0, 1],
+        "is_patch_data": True,
+        "channel_def": {str(i): name for i, name in enumerate(label_names)},
+    }
+
+
+def _segmentation_readme(readme: str) -> str:
+    """The classification README with its output section for label maps."""
+    start, end = readme.index("## Output"), readme.index("## Classes (output order)")
+    output = """## Output
+
+One label map per input that was read, `<input name>_seg.nii.gz` in `output_dir`: the argmax over the labels below,
+in the input's own grid, orientation and affine (`uint8`). Each whole image is segmented with a sliding window of
+the network's input shape (`inferer` in `configs/inference.yaml`: `sw_batch_size`, `overlap`).
+
+An input that cannot be read (not an image of this kind, truncated, a DICOM series with a slice missing, the wrong
+number of channels) does not stop the run: every other input is segmented, and `unreadable.csv` in `output_dir`
+lists each unreadable input with the reason (`file,reason`; only the header when all were read). The run then exits
+with status 1 and a last line that names the first one.
+
+"""
+    readme = readme[:start] + output + readme[end:].replace("## Classes (output order)", "## Labels (output channels)")
+    return readme.replace("the predictions table", "the label maps").replace("classified", "segmented")
 
 
 def _readme(metadata: Mapping[str, Any], reader: str, scripted: bool) -> str:

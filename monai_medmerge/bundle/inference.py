@@ -108,7 +108,8 @@ def input_description(steps: Sequence[Mapping[str, Any]]) -> str:
         scale = "intensities normalised to zero mean and unit variance"
     pixdim = _step_args(steps, "Spacingd").get("pixdim")
     spacing = f", resampled to spacing {list(pixdim)}" if pixdim else ""
-    return f"Images read with MONAI's {reader}{spacing}, resized to the network's input; {scale}."
+    resized = ", resized to the network's input" if _step_args(steps, "Resized") else ", kept on their grid"
+    return f"Images read with MONAI's {reader}{spacing}{resized}; {scale}."
 
 
 def required_packages(reader: str, steps: Sequence[Mapping[str, Any]] = ()) -> dict[str, str]:
@@ -173,8 +174,16 @@ def inference_config(
     spatial_shape: Sequence[int],
     preprocessing: Sequence[Mapping[str, Any]],
     preprocessing_options: Mapping[str, Any] | None = None,
+    task: str = "classification",
+    sw_batch_size: int = 4,
+    sw_overlap: float = 0.25,
 ) -> dict[str, Any]:
     """The ``configs/inference.yaml`` content of an exported bundle: a complete MONAI inference workflow.
+
+    Classification writes ``predictions.csv``. Segmentation (``task="segmentation"``) segments each whole image with
+    a ``SlidingWindowInferer`` of ``spatial_shape`` windows, takes the argmax over the label channels, maps the
+    label map back to the input's own grid and orientation (``Invertd`` of the preprocessing) and writes it as
+    ``<output_dir>/<input name>_seg.nii.gz`` (``SaveImaged``, the input's affine, ``uint8``).
 
     The ids follow MONAI's inference properties (``bundle_root``, ``device``, ``dataset_dir``, ``dataset``,
     ``evaluator``, ``network_def``, ``inferer``, ``preprocessing``, ``postprocessing``, ``handlers``), so
@@ -190,12 +199,14 @@ def inference_config(
         preprocessing_options: the settings the steps were made from (``kind``, ``reader``, ``modality``,
             ``window``, ``percentiles``, ``pixdim``), recorded as data under the same id as in the training bundle,
             so that a later merge training (the MONAI Label app's) builds the same pipeline.
+        task: ``"classification"`` or ``"segmentation"``.
+        sw_batch_size, sw_overlap: windows per forward pass and their overlap (segmentation).
 
     Returns:
         the config as a plain dict, ready for ``yaml.safe_dump``.
     """
     shipped = INFERENCE_MODULE
-    return {
+    config = {
         "imports": ["$import glob", "$import os", "$import sys", "$import torch"],
         "bundle_root": ".",
         "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
@@ -289,3 +300,57 @@ def inference_config(
             "$@unreadable.finish(len(@datalist), @predictions.path)",
         ],
     }
+    if task == "segmentation":
+        _segmentation_outputs(config, sw_batch_size, sw_overlap)
+    elif task != "classification":
+        raise ValueError(f"task must be classification or segmentation, got {task!r}.")
+    return config
+
+
+def _segmentation_outputs(config: dict[str, Any], sw_batch_size: int, sw_overlap: float) -> None:
+    """Turn the classification workflow of :func:`inference_config` into the segmentation one, in place: the same
+    reading, preprocessing and unreadable-input report; a sliding-window inferer; label maps written as NIfTI in the
+    input's space instead of a table."""
+    config["inferer"] = {
+        "_target_": "SlidingWindowInferer",
+        "roi_size": "@spatial_shape",
+        "sw_batch_size": int(sw_batch_size),
+        "overlap": float(sw_overlap),
+        "mode": "gaussian",
+    }
+    # label maps: softmax, argmax, back through the preprocessing (orientation, resampling) to the input's grid
+    config["postprocessing"] = {
+        "_target_": "Compose",
+        "transforms": [
+            {"_target_": "Activationsd", "keys": "pred", "softmax": True},
+            {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+            {
+                "_target_": "Invertd",
+                "keys": "pred",
+                "transform": "@preprocessing",
+                "orig_keys": "image",
+                "nearest_interp": True,
+                "to_tensor": True,
+            },
+            {
+                "_target_": "SaveImaged",
+                "keys": "pred",
+                "output_dir": "@output_dir",
+                "output_postfix": "seg",
+                "output_ext": ".nii.gz",
+                "output_dtype": "$numpy.uint8",
+                "resample": False,
+                "separate_folder": False,
+                "print_log": False,
+            },
+        ],
+    }
+    config["imports"] = [*config["imports"], "$import numpy"]
+    for key in ("predictions", "csv_format", "check_csv_format"):
+        config.pop(key)
+    config["handlers"] = []
+    config["run"] = [
+        "$@check_inputs",
+        "$@evaluator.run()",
+        "$@unreadable.finish(len(@datalist), @output_dir)",
+    ]

@@ -1,10 +1,11 @@
 """Datalists of labelled images in MONAI's decathlon style, and a check of every item before training.
 
 A datalist is a JSON file with ``"training"``, ``"validation"`` and ``"test"`` lists of
-``{"image": <file or DICOM series folder>, "label": <class index>}``, the format that
+``{"image": <file or DICOM series folder>, "label": <class index>}`` for classification, or
+``{"image": <file>, "label": <label map file>}`` for segmentation, the format that
 ``monai.data.load_decathlon_datalist`` reads. :func:`load_datalist` reads it with the same conventions and checks
-each item; :func:`check_items` loads every image once, so that a corrupt file stops the run before training, or is
-skipped and written to a report with ``skip_bad``.
+each item; :func:`check_items` loads every image (and label map) once, so that a corrupt file stops the run before
+training, or is skipped and written to a report with ``skip_bad``.
 """
 
 from __future__ import annotations
@@ -20,13 +21,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from monai_medmerge.data.transforms import MAX_NAMES, BadImageError, CheckedLoadImaged, as_class_label
+from monai_medmerge.data.transforms import (
+    MAX_NAMES,
+    BadImageError,
+    CheckedLabelMapd,
+    CheckedLoadImaged,
+    as_class_label,
+)
 from monai_medmerge.io import write_json
 
 __all__ = ["check_items", "load_datalist"]
 
 PathLike = str | os.PathLike[str]
 SECTIONS = ("training", "validation", "test")
+TASKS = ("classification", "segmentation")
 
 logger = logging.getLogger(__name__)
 # An image upsampled by more than this along an axis to reach the network input is reported as far too small.
@@ -38,6 +46,12 @@ def _first_names(names: Sequence[str], limit: int = MAX_NAMES) -> str:
     if len(names) > limit:
         shown += f" (and {len(names) - limit} more)"
     return shown
+
+
+def _check_task(task: Any) -> str:
+    if task not in TASKS:
+        raise ValueError(f"task {task!r} is not supported; choose one of {', '.join(TASKS)}")
+    return task
 
 
 def _num_classes(class_names: Sequence[str] | None, num_classes: int | None) -> int | None:
@@ -64,6 +78,7 @@ def load_datalist(
     sections: Sequence[str] = SECTIONS,
     require_label: bool = True,
     required: Sequence[str] = (),
+    task: str = "classification",
 ) -> dict[str, list[dict]]:
     """Read a decathlon-style datalist of labelled images and check every item's fields.
 
@@ -71,6 +86,10 @@ def load_datalist(
     kept. As in ``monai.data.load_decathlon_datalist``, an item may also be a bare image path (usual in ``"test"``),
     and relative image paths are resolved against ``base_dir``, by default the datalist's folder. A label given as a
     whole float (``1.0``) is read as the integer. Images are not opened here (see :func:`check_items`).
+
+    With ``task="segmentation"`` the ``"label"`` is a label map file (or DICOM series folder), resolved like the
+    image and required to exist; its values are checked when it is loaded (:func:`check_items`), so ``class_names``
+    and ``num_classes`` are only validated here.
 
     Args:
         path: the JSON file.
@@ -82,6 +101,7 @@ def load_datalist(
             whether that is acceptable (training usually needs ``"training"``).
         require_label: whether every item needs a ``"label"``; False for lists of unlabelled images to classify.
         required: sections that must hold at least one item (training needs ``("training", "validation")``).
+        task: ``"classification"`` (labels are class indices) or ``"segmentation"`` (labels are label map files).
 
     The items are also checked across each other: the same image (the same file after following links) in two
     sections, or twice with different labels, is an error; the same image twice with the same label in one
@@ -89,19 +109,21 @@ def load_datalist(
 
     Returns:
         a dict from each section name to its list of items, with ``"image"`` an absolute, normalised path string
-        and ``"label"`` an ``int``.
+        and ``"label"`` an ``int`` (segmentation: an absolute, normalised path string).
 
     Raises:
         FileNotFoundError: when ``path`` does not exist.
         ValueError: when the file is not valid JSON or not an object, a section is not a list, an item is not an
             object or a path, ``"image"`` or (with ``require_label``) ``"label"`` is missing, a label is not an
-            integer or lies outside ``[0, num_classes)``, or an image path does not exist; also for inconsistent
+            integer or lies outside ``[0, num_classes)``, or an image path (or, for segmentation, a label map path)
+            does not exist; also for an unknown ``task`` or inconsistent
             ``class_names`` and ``num_classes``. The message names the datalist file, the section, the item's index
             and the field. Also when the file holds none of ``sections`` (``"train"`` for ``"training"``), a
             ``required`` section is missing or empty, an image is in two sections (training and validation or
             test: the metrics would be measured on training images), or an image has two different labels.
     """
     path = Path(path).expanduser()
+    task = _check_task(task)
     n_classes = _num_classes(class_names, num_classes)
     if isinstance(sections, str):
         sections = (sections,)
@@ -129,7 +151,7 @@ def load_datalist(
                 f"datalist {path}, section {section!r}: expected a list of items, got a {type(entries).__name__}"
             )
         result[section] = [
-            _read_item(entry, path, section, index, base, n_classes, require_label)
+            _read_item(entry, path, section, index, base, n_classes, require_label, task)
             for index, entry in enumerate(entries)
         ]
     for section in required:
@@ -170,7 +192,14 @@ def _check_across_items(path: Path, sections: Mapping[str, list[dict]]) -> None:
 
 
 def _read_item(
-    entry: Any, path: Path, section: str, index: int, base: Path, n_classes: int | None, require_label: bool
+    entry: Any,
+    path: Path,
+    section: str,
+    index: int,
+    base: Path,
+    n_classes: int | None,
+    require_label: bool,
+    task: str = "classification",
 ) -> dict:
     where = f"datalist {path}, section {section!r}, item {index}"
     if isinstance(entry, str):
@@ -180,22 +209,27 @@ def _read_item(
     item = dict(entry)
     if "image" not in item:
         raise ValueError(f"{where}, field 'image': missing")
-    image = item["image"]
-    if not isinstance(image, str) or not image:
-        raise ValueError(f"{where}, field 'image': expected a file or folder path, got {image!r}")
-    resolved = Path(os.path.normpath(base / Path(image).expanduser()))
-    if not resolved.exists():
-        raise ValueError(f"{where}, field 'image': {resolved} does not exist")
-    item["image"] = str(resolved)
+    item["image"] = _resolve(item["image"], base, f"{where}, field 'image'")
     if "label" not in item:
         if require_label:
             raise ValueError(f"{where}, field 'label': missing")
+    elif task == "segmentation":
+        item["label"] = _resolve(item["label"], base, f"{where}, field 'label' (the label map of {item['image']})")
     else:
         try:
             item["label"] = as_class_label(item["label"], n_classes)
         except ValueError as e:
             raise ValueError(f"{where}, field 'label': {e}") from None
     return item
+
+
+def _resolve(value: Any, base: Path, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{where}: expected a file or folder path, got {value!r}")
+    resolved = Path(os.path.normpath(base / Path(value).expanduser()))
+    if not resolved.exists():
+        raise ValueError(f"{where}: {resolved} does not exist")
+    return str(resolved)
 
 
 def _jsonable(value: Any) -> Any:
@@ -223,6 +257,7 @@ def check_items(
     modality: str | None = None,
     window: Sequence[float] = (-1000.0, 1000.0),
     percentiles: Sequence[float] = (1.0, 99.0),
+    task: str = "classification",
     **loader_kwargs: Any,
 ) -> list[dict]:
     """Check every item before training: a valid label, and an image that loads with the chosen reader.
@@ -232,6 +267,11 @@ def check_items(
     a file the reader cannot read are all found now instead of in the middle of an epoch. This costs one read of
     every image.
 
+    With ``task="segmentation"`` the ``"label"`` is a label map file, loaded with the same reader and checked
+    against its image by :class:`~monai_medmerge.data.transforms.CheckedLabelMapd`: one channel, the image's spatial
+    shape and affine, integer values in ``[0, num_classes)``. A mismatch is a ``BadImageError`` whose message names
+    both files and what differs.
+
     Args:
         items: dicts with ``"image"`` and, optionally, ``"label"``, as :func:`load_datalist` returns them.
         reader: the one reader to load with, as for ``CheckedLoadImaged``.
@@ -240,16 +280,19 @@ def check_items(
         report_path: with ``skip_bad``, a JSON file that receives the list of skipped items as
             ``{"image", "label", "reason"}`` (an empty list when none was skipped). Written to a temporary file and
             renamed into place.
-        num_classes: when given, a label must lie in ``[0, num_classes)``.
+        num_classes: when given, a label (or every value of a label map) must lie in ``[0, num_classes)``.
         progress: show a progress bar.
         section: the datalist section the items come from, named in messages.
         spatial_size: the network's input size; images that must be upsampled more than
-            :data:`SMALL_IMAGE_FACTOR` times along an axis to reach it are counted in a warning.
+            :data:`SMALL_IMAGE_FACTOR` times along an axis to reach it are counted in a warning (classification
+            only: segmentation does not resize).
         modality: the pipeline's modality (``"CT"``, ``"MR"``/``"MRI"`` or ``"other"``); with ``"CT"``, images that
             lie entirely outside ``window`` (so clip to one value) are counted in a warning, with ``"MR"`` images
             whose ``percentiles`` are equal (so scale to nothing).
         window: the CT window in Hounsfield units, as in the pipeline.
         percentiles: the MR percentiles, as in the pipeline.
+        task: ``"classification"`` (labels are class indices) or ``"segmentation"`` (labels are label map files;
+            label maps without any foreground are counted in a warning).
         loader_kwargs: more arguments for ``CheckedLoadImaged`` (for example ``check_suffix`` or ``series_name``).
 
     Degenerate images that can still be trained on are counted, not refused: constant images (every value the same),
@@ -262,28 +305,43 @@ def check_items(
     Raises:
         BadImageError: without ``skip_bad``, for the first bad item; the message names the file and the problem.
         ValueError: for no items at all (an empty datalist section), an item that is not a dict with ``"image"``,
-            an unknown reader, or, with ``skip_bad``, when every item is bad.
+            an unknown reader or task, a segmentation ``num_classes`` below 2, or, with ``skip_bad``, when every
+            item is bad.
     """
+    task = _check_task(task)
+    segmentation = task == "segmentation"
     if not items:
         where = f"section {section!r}" if section else "the datalist section"
         raise ValueError(
             f"no items to check: {where} is empty; training needs 'training' and 'validation' items (early stopping "
             "picks the best epoch on validation), evaluation needs 'test' items"
         )
-    degenerate = _Degenerate(spatial_size, modality, window, percentiles)
-    loader = CheckedLoadImaged(keys="image", reader=reader, **loader_kwargs)
+    degenerate = _Degenerate(None if segmentation else spatial_size, modality, window, percentiles)
+    if segmentation:
+        # items without a label map (unlabelled test images) load their image only
+        loader = CheckedLoadImaged(keys=["image", "label"], reader=reader, allow_missing_keys=True, **loader_kwargs)
+        label_check = CheckedLabelMapd(keys="label", image_key="image", num_classes=num_classes)
+    else:
+        loader = CheckedLoadImaged(keys="image", reader=reader, **loader_kwargs)
     good: list[dict] = []
     skipped: list[dict] = []
     for index, item in enumerate(tqdm(items, desc="checking images", disable=not progress)):
         if not isinstance(item, Mapping) or "image" not in item:
             raise ValueError(f"item {index} must be a dict with an 'image' key, got {item!r}")
         try:
-            if "label" in item:
-                try:
-                    as_class_label(item["label"], num_classes)
-                except ValueError as e:
-                    raise BadImageError(item["image"], f"label {e}") from None
-            image = loader({"image": item["image"]})["image"]
+            if segmentation:
+                loaded = loader({k: item[k] for k in ("image", "label") if k in item})
+                if "label" in loaded:
+                    label_check(loaded)
+                    degenerate.add_label_map(str(item["label"]), loaded["label"])
+                image = loaded["image"]
+            else:
+                if "label" in item:
+                    try:
+                        as_class_label(item["label"], num_classes)
+                    except ValueError as e:
+                        raise BadImageError(item["image"], f"label {e}") from None
+                image = loader({"image": item["image"]})["image"]
         except BadImageError as e:
             if not skip_bad:
                 raise
@@ -355,6 +413,12 @@ class _Degenerate:
                         f"{SMALL_IMAGE_FACTOR:g} times along an axis)",
                         [],
                     ).append(f"{name} ({'x'.join(map(str, spatial))})")
+
+    def add_label_map(self, name: str, label: Any) -> None:
+        if not bool((label > 0).any()):
+            self.found.setdefault(
+                "have label maps without foreground (every value 0, background): they teach background only", []
+            ).append(name)
 
     def warn(self, n_items: int, where: str) -> None:
         for what, names in self.found.items():

@@ -25,11 +25,12 @@ import torch
 from monai.config import DtypeLike, KeysCollection
 from monai.data import MetaTensor
 from monai.data.image_reader import ITKReader, NibabelReader, PILReader, PydicomReader
-from monai.transforms import EnsureChannelFirst, MapTransform, Orientation, SqueezeDim
+from monai.transforms import EnsureChannelFirst, InvertibleTransform, MapTransform, Orientation, SqueezeDim
 from monai.transforms.io.array import switch_endianness
 from monai.utils import (
     ImageMetaKey,
     OptionalImportError,
+    TraceKeys,
     convert_to_dst_type,
     ensure_tuple,
     ensure_tuple_rep,
@@ -44,6 +45,7 @@ __all__ = [
     "as_class_label",
     "check_complete",
     "find_bad_image_error",
+    "CheckedLabelMapd",
     "CheckedLoadImaged",
     "ClassLabeld",
     "ImageChannelsd",
@@ -690,13 +692,16 @@ class ImageChannelsd(MapTransform):
         return d
 
 
-class OrientToRASd(MapTransform):
+class OrientToRASd(MapTransform, InvertibleTransform):
     """Reorient a channel-first image with an affine to RAS, using as many axis codes as it has spatial axes.
 
     ``Orientationd(axcodes="RAS")`` works on a 2-D image too but warns on every call; a loader may give 2-D or 3-D
     images (a single DICOM slice through ``PydicomReader`` or ``ITKReader``), so the codes are chosen per image:
     ``"RA"`` for 2-D, ``"RAS"`` for 3-D. Axis labels follow the image's ``space`` metadata (RAS for every reader
     here, which converts DICOM's LPS).
+
+    Invertible like ``Orientationd``: the step is recorded in the ``MetaTensor``'s ``applied_operations``, so
+    ``monai.transforms.Invertd`` takes a prediction back to the file's own axis order and affine.
 
     Args:
         keys: keys of the channel-first ``MetaTensor`` images.
@@ -707,22 +712,36 @@ class OrientToRASd(MapTransform):
         super().__init__(keys, allow_missing_keys)
         self._orient = {n: Orientation(axcodes="RAS"[:n], labels=None) for n in (1, 2, 3)}
 
+    def _orientation(self, d: Mapping[Hashable, Any], key: Hashable) -> Orientation:
+        n = d[key].ndim - 1
+        if n not in self._orient:
+            raise BadImageError(_image_path(d, key), f"{n} spatial axes; only 1-D to 3-D images can be oriented")
+        return self._orient[n]
+
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            n = d[key].ndim - 1
-            if n not in self._orient:
-                raise BadImageError(_image_path(d, key), f"{n} spatial axes; only 1-D to 3-D images can be oriented")
-            d[key] = self._orient[n](d[key])
+            d[key] = self._orientation(d, key)(d[key])
+        return d
+
+    def inverse(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            # the inverse is asked of the Orientation object that recorded the step (its id is in the record)
+            d[key] = self._orientation(d, key).inverse(d[key])
         return d
 
 
-class MatchSpatialDimsd(MapTransform):
+class MatchSpatialDimsd(MapTransform, InvertibleTransform):
     """Make a channel-first image have ``spatial_dims`` spatial axes by dropping a singleton axis of a 3-D image.
 
     A single DICOM slice read by ``ITKReader``, or a 2-D NIfTI saved with a depth of one, is a 3-D image with one
     axis of size 1; a 2-D pipeline needs it 2-D. The last axis of size 1 is removed (with its row and column of the
     affine). Anything else that does not match is an error, never silently reshaped.
+
+    Invertible: a removed axis is recorded in the ``MetaTensor``'s ``applied_operations`` with the affine before, so
+    ``monai.transforms.Invertd`` gives a prediction back its singleton axis and the file's affine. An image that
+    already matches is passed on as it is, with nothing recorded, and its inverse is nothing.
 
     Args:
         keys: keys of the channel-first images.
@@ -748,15 +767,143 @@ class MatchSpatialDimsd(MapTransform):
             if len(spatial) == self.spatial_dims:
                 continue
             singletons = [i for i, s in enumerate(spatial) if s == 1]
-            if len(spatial) == 3 and self.spatial_dims == 2 and singletons:
-                d[key] = SqueezeDim(dim=1 + singletons[-1])(img)
-                continue
-            raise BadImageError(
-                _image_path(d, key),
-                f"its spatial shape {spatial} has {len(spatial)} axes, and the pipeline is {self.spatial_dims}-D "
-                f"(spatial_size has {self.spatial_dims} values)",
-            )
+            if not (len(spatial) == 3 and self.spatial_dims == 2 and singletons):
+                raise BadImageError(
+                    _image_path(d, key),
+                    f"its spatial shape {spatial} has {len(spatial)} axes, and the pipeline is {self.spatial_dims}-D "
+                    f"(spatial_size has {self.spatial_dims} values)",
+                )
+            dim = 1 + singletons[-1]
+            out = SqueezeDim(dim=dim)(img)
+            if isinstance(out, MetaTensor) and isinstance(img, MetaTensor):
+                extra = {"squeezed_dim": dim, "affine": img.affine.clone()}
+                self.push_transform(out, orig_size=spatial, extra_info=extra)
+            d[key] = out
         return d
+
+    def inverse(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            # a call that removed nothing recorded nothing: then the latest record belongs to an earlier step
+            operations = img.applied_operations if isinstance(img, MetaTensor) else []
+            if not operations or operations[-1].get(TraceKeys.CLASS_NAME) != type(self).__name__:
+                continue
+            extra = self.pop_transform(img)[TraceKeys.EXTRA_INFO]
+            img = img.unsqueeze(extra["squeezed_dim"])
+            img.affine = extra["affine"]
+            d[key] = img
+        return d
+
+
+class CheckedLabelMapd(MapTransform):
+    """Check a segmentation label map against its image, right after both were loaded.
+
+    A label map is usable only when it lies on its image's voxel grid and holds class indices: one channel, the
+    image's spatial shape, the image's affine (within ``affine_tolerance``: NIfTI stores affines in single
+    precision, so two files written from one grid can differ in the last digits), and integer values in
+    ``[0, num_classes)`` with 0 the background. Any of these failing later shows up as a crash in a loss, or as a
+    network trained on shifted masks, so each is an error here that names the image and the label file and says
+    what differs. Nothing is changed: the label map comes out as it came in.
+
+    Args:
+        keys: keys of the channel-first label maps (``MetaTensor`` from a loader).
+        image_key: key of the image the label maps belong to.
+        num_classes: when given, values must lie in ``[0, num_classes)``; the background 0 counts, so it is at
+            least 2. ``None`` checks only that values are non-negative integers.
+        affine_tolerance: largest allowed absolute difference between matching entries of the two affines (mm for
+            the spacing, direction and origin entries).
+        allow_missing_keys: do not raise when a key is missing.
+
+    Raises:
+        ValueError: at construction, for ``num_classes`` that is not an integer of at least 2, or an
+            ``affine_tolerance`` that is negative.
+        BadImageError: when called on a label map with more than one channel, another spatial shape or affine than
+            its image, or values that are not integers in ``[0, num_classes)`` (the message lists the first few bad
+            values and counts the voxels). ``path`` is the image; the message names both files.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        image_key: Hashable = "image",
+        num_classes: int | None = None,
+        affine_tolerance: float = 1e-3,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if num_classes is not None and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2
+        ):
+            raise ValueError(
+                f"num_classes must be an integer of at least 2 (background 0 included) or None, got {num_classes!r}"
+            )
+        if not affine_tolerance >= 0:
+            raise ValueError(f"affine_tolerance must be a non-negative number, got {affine_tolerance!r}")
+        self.image_key = image_key
+        self.num_classes = None if num_classes is None else int(num_classes)
+        self.affine_tolerance = float(affine_tolerance)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image = d[self.image_key]
+        image_path = _image_path(d, self.image_key)
+        for key in self.key_iterator(d):
+            label = d[key]
+            where = f"label map {_image_path(d, key)}"
+            if label.shape[0] != 1:
+                raise BadImageError(
+                    image_path,
+                    f"{where} has {label.shape[0]} channels (shape {tuple(label.shape)}, channel first); a label map "
+                    "has 1, a class index per voxel",
+                )
+            if tuple(label.shape[1:]) != tuple(image.shape[1:]):
+                raise BadImageError(
+                    image_path,
+                    f"{where} has the spatial shape {tuple(label.shape[1:])}, the image {tuple(image.shape[1:])}: "
+                    "a label map must lie on its image's voxel grid",
+                )
+            if isinstance(label, MetaTensor) and isinstance(image, MetaTensor):
+                self._check_affines(image_path, where, image.affine, label.affine)
+            self._check_values(image_path, where, label)
+        return d
+
+    def _check_affines(self, image_path: str, where: str, image_affine: Any, label_affine: Any) -> None:
+        a = np.asarray(convert_to_dst_type(image_affine, np.zeros(1), dtype=np.float64)[0])
+        b = np.asarray(convert_to_dst_type(label_affine, np.zeros(1), dtype=np.float64)[0])
+        difference = np.inf if a.shape != b.shape else float(np.max(np.abs(a - b)))
+        if difference > self.affine_tolerance:
+            raise BadImageError(
+                image_path,
+                f"{where} and the image have different affines (largest difference {difference:.4g}, tolerance "
+                f"{self.affine_tolerance:g}): label map {np.round(b, 4).tolist()}, image {np.round(a, 4).tolist()}",
+            )
+
+    def _check_values(self, image_path: str, where: str, label: Any) -> None:
+        values = torch.as_tensor(label.as_tensor() if isinstance(label, MetaTensor) else label)
+        if values.is_floating_point():
+            not_integer = values != torch.round(values)
+            if bool(not_integer.any()):
+                bad = torch.unique(values[not_integer])
+                raise BadImageError(
+                    image_path,
+                    f"{where} holds values that are not integer class indices: {_first_values(bad)} "
+                    f"({int(not_integer.sum())} voxels)",
+                )
+        outside = values < 0
+        if self.num_classes is not None:
+            outside |= values >= self.num_classes
+        if bool(outside.any()):
+            bad = torch.unique(values[outside])
+            bound = f"[0, {self.num_classes})" if self.num_classes is not None else "non-negative integers"
+            raise BadImageError(
+                image_path,
+                f"{where} holds values outside the classes {bound}: {_first_values(bad)} ({int(outside.sum())} voxels)",
+            )
+
+
+def _first_values(values: torch.Tensor, limit: int = MAX_NAMES) -> str:
+    return _first_names([f"{float(v):g}" for v in values.tolist()], limit)
 
 
 class ClassLabeld(MapTransform):

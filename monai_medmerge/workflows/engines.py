@@ -33,6 +33,7 @@ from monai_medmerge.io import atomic_write, write_json
 from monai_medmerge.merging import get_method, recalibrate_norm
 from monai_medmerge.merging.norm import batch_input
 from monai_medmerge.networks import KernelMerge
+from monai_medmerge.networks.heads import find_head, head_size
 from monai_medmerge.sources import load_checkpoint, load_source, state_dict_diff
 from monai_medmerge.workflows.metrics import SCORES, classification_metrics
 
@@ -43,12 +44,16 @@ ProgressBar, _ = optional_import("ignite.handlers", name="ProgressBar")
 EarlyStopping, _ = optional_import("ignite.handlers", name="EarlyStopping")
 
 __all__ = [
+    "KEY_METRICS",
     "SCORES",
+    "TASKS",
     "BestState",
     "ClassificationScore",
     "PhaseMarker",
     "ResumableCheckpoint",
+    "check_task",
     "collapse_merge",
+    "default_loss",
     "latest_checkpoint",
     "load_sources",
     "merge_parameter_groups",
@@ -181,8 +186,8 @@ def phase1_network(
         example = torch.randn(2, in_channels, *[int(s) for s in spatial_size], generator=g)
     data = _image_batches(align_data, align_batches) if align and matching == "activations" else None
     if merge_heads:
-        heads = [s.get_submodule(head) for s in sources]
-        sizes = [getattr(h, "out_features", getattr(h, "out_channels", None)) for h in heads]
+        names = [find_head(s, example) if head == "auto" else head for s in sources]
+        sizes = [head_size(s.get_submodule(n)) for s, n in zip(sources, names, strict=True)]
         if any(size != int(num_classes) for size in sizes):
             raise ValueError(
                 f"merge_heads: every source's head {head!r} must have {num_classes} outputs (the target's classes), "
@@ -744,6 +749,37 @@ def _scores_of_logits(output: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.softmax(output["pred"].float(), dim=1), output["label"]
 
 
+def _label_maps(output: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
+    """The predicted label map (argmax over the class channels) and the true one, both ``(batch, 1, *spatial)``."""
+    pred, label = output["pred"], output["label"]
+    pred = torch.stack([_plain_tensor(p) for p in pred]) if isinstance(pred, (list, tuple)) else _plain_tensor(pred)
+    label = torch.stack([_plain_tensor(v) for v in label]) if isinstance(label, (list, tuple)) else _plain_tensor(label)
+    if label.ndim == pred.ndim - 1:
+        label = label.unsqueeze(1)
+    return pred.argmax(1, keepdim=True), label.round().long()
+
+
+TASKS = ("classification", "segmentation")
+KEY_METRICS = {"classification": "macro_f1", "segmentation": "mean_dice"}
+
+
+def check_task(task: str) -> str:
+    """``task`` if it is one of :data:`TASKS`, else a ``ValueError`` that lists them."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}.")
+    return task
+
+
+def default_loss(task: str = "classification") -> nn.Module:
+    """The training loss of a task: cross-entropy for classification; for segmentation MONAI's ``DiceCELoss``
+    (softmax over the class channels, the label map one-hot encoded), the usual loss of MONAI's segmentation bundles."""
+    if check_task(task) == "segmentation":
+        from monai.losses import DiceCELoss
+
+        return DiceCELoss(to_onehot_y=True, softmax=True)
+    return nn.CrossEntropyLoss()
+
+
 def phase_evaluator(
     network: nn.Module,
     val_data_loader: Iterable,
@@ -754,27 +790,48 @@ def phase_evaluator(
     inferer: Any = None,
     prepare_batch: Callable = default_prepare_batch,
     amp: bool = False,
+    task: str = "classification",
 ) -> SupervisedEvaluator:
-    """The validation engine of a phase: a MONAI ``SupervisedEvaluator`` with ``{prefix}_macro_f1`` as its key
-    metric and ``{prefix}_accuracy``, ``{prefix}_balanced_accuracy`` and ``{prefix}_auroc`` beside it, computed
-    from the softmax of the network's outputs over the whole loader.
+    """The validation engine of a phase: a MONAI ``SupervisedEvaluator`` over the whole loader.
+
+    Classification: ``{prefix}_macro_f1`` is the key metric, with ``{prefix}_accuracy``,
+    ``{prefix}_balanced_accuracy`` and ``{prefix}_auroc`` beside it, computed from the softmax of the network's
+    outputs. Segmentation: ``{prefix}_mean_dice`` is the key metric, MONAI's ``MeanDice`` of the predicted label map
+    (argmax over the class channels) against the true one, averaged over the foreground labels (background, label
+    0, left out) and the images; an image without a label and without its prediction does not count for that label.
 
     Args:
         network: the network to validate (the trainer's network).
         val_data_loader: validation batches: dicts with ``image``/``label`` or ``(image, label)`` pairs.
         device: where to run.
-        num_classes: classes of the task (default: the width of the network's output).
+        num_classes: classes of the task, background included for segmentation (default: the width of the
+            network's output).
         val_handlers: more handlers of the evaluator (statistics, TensorBoard).
         prefix: name prefix of the metrics.
-        inferer: a MONAI inferer (default: ``SimpleInferer``).
+        inferer: a MONAI inferer (default: ``SimpleInferer``; for segmentation of whole images usually a
+            ``SlidingWindowInferer`` with the training patch size).
         prepare_batch: how a batch becomes ``(input, label)`` (MONAI's default reads both batch forms above).
         amp: automatic mixed precision.
+        task: ``"classification"`` or ``"segmentation"``.
+
+    Raises:
+        ValueError: for an unknown ``task``, or a segmentation task without ``num_classes``.
     """
-    metrics = {
-        f"{prefix}_{score}": ClassificationScore(score, num_classes, output_transform=_scores_of_logits)
-        for score in SCORES
-    }
-    key = f"{prefix}_macro_f1"
+    if check_task(task) == "segmentation":
+        from monai.handlers import MeanDice
+
+        if num_classes is None:
+            raise ValueError("phase_evaluator(task='segmentation') needs num_classes (background included).")
+        metrics = {
+            f"{prefix}_mean_dice": MeanDice(include_background=False, num_classes=int(num_classes),
+                                            output_transform=_label_maps, save_details=False)
+        }  # fmt: skip
+    else:
+        metrics = {
+            f"{prefix}_{score}": ClassificationScore(score, num_classes, output_transform=_scores_of_logits)
+            for score in SCORES
+        }
+    key = f"{prefix}_{KEY_METRICS[task]}"
     return SupervisedEvaluator(
         device=device,
         val_data_loader=val_data_loader,
@@ -782,7 +839,7 @@ def phase_evaluator(
         inferer=inferer,
         prepare_batch=prepare_batch,
         key_val_metric={key: metrics.pop(key)},
-        additional_metrics=metrics,
+        additional_metrics=metrics or None,
         val_handlers=list(val_handlers or []),
         amp=amp,
         decollate=False,
@@ -825,7 +882,7 @@ def phase_trainer(
         optimizer: the optimizer (Adam over :func:`merge_parameter_groups` in phase 1).
         max_epochs: the most epochs to run.
         device: where to train.
-        loss_function: ``loss(pred, label)``; default cross-entropy.
+        loss_function: ``loss(pred, label)``; default cross-entropy (:func:`default_loss` gives a task's loss).
         patience: stop after this many validations without improvement (``None``: run every epoch).
         val_interval: validate every this many epochs.
         best_path: a file for the best state (process 0 writes it).

@@ -26,7 +26,15 @@ from monai_medmerge.networks import replace_head
 from monai_medmerge.sources import load_checkpoint
 from monai_medmerge.workflows import engines
 
-__all__ = ["RECIPES", "check_recipe", "fine_tune_sources", "phase0_files", "phase1_sources", "with_new_head"]
+__all__ = [
+    "RECIPES",
+    "check_recipe",
+    "example_input",
+    "fine_tune_sources",
+    "phase0_files",
+    "phase1_sources",
+    "with_new_head",
+]
 
 RECIPES = ("direct", "paper")
 
@@ -38,12 +46,24 @@ def check_recipe(recipe: str) -> str:
     return recipe
 
 
-def with_new_head(source: nn.Module, head: str, num_classes: int) -> nn.Module:
+def with_new_head(
+    source: nn.Module, head: str, num_classes: int, example_input: torch.Tensor | None = None
+) -> nn.Module:
     """A copy of ``source`` whose module ``head`` is a fresh one with ``num_classes`` outputs (``source`` is left
-    as it is)."""
+    as it is); ``head="auto"`` finds it by running ``example_input`` (see
+    :func:`monai_medmerge.networks.find_head`)."""
     net = copy.deepcopy(source)
-    replace_head(net, head, int(num_classes))
+    replace_head(net, head, int(num_classes), example_input)
     return net
+
+
+def example_input(spatial_size: Sequence[int] | None, in_channels: int = 1) -> torch.Tensor | None:
+    """A fixed random batch of two inputs of ``spatial_size`` (``None`` when no size is given), for tracing a
+    network (``head="auto"``, alignment)."""
+    if spatial_size is None:
+        return None
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, int(in_channels), *[int(s) for s in spatial_size], generator=g)
 
 
 def phase0_files(ckpt_dir: str | os.PathLike, index: int) -> tuple[Path, Path]:
@@ -69,15 +89,19 @@ def fine_tune_sources(
     loss_function: Callable | None = None,
     inferer: Any = None,
     recipe: str = "paper",
+    task: str = "classification",
+    spatial_size: Sequence[int] | None = None,
+    in_channels: int = 1,
 ) -> list[nn.Module]:
     """Phase 0 of the ``paper`` recipe: each source with a new ``num_classes`` head, fine-tuned fully on the target.
 
     Args:
         sources: the source networks (left unchanged: each is copied first).
-        head: dotted name of the classifier module to replace (``"fc"`` for MONAI ResNet).
-        num_classes: classes of the target.
+        head: dotted name of the classifier module to replace (``"fc"`` for MONAI ResNet), or ``"auto"``.
+        num_classes: classes of the target (background included for segmentation).
         train_loader: target training batches (dicts with ``image``/``label`` or ``(image, label)`` pairs).
-        val_loader: validation batches; the best validation macro-F1 state of each source is kept.
+        val_loader: validation batches; the state of the best validation key metric of each source is kept
+            (macro-F1, or mean Dice for segmentation).
         epochs, lr, patience, val_interval: Adam fine-tuning with early stopping, as phase 2.
         device: where to train.
         ckpt_dir: where to keep each source's best state (``phase0_source<i>.pt``), periodic checkpoints and
@@ -85,18 +109,24 @@ def fine_tune_sources(
         resume: continue from the latest checkpoints in ``ckpt_dir``; a source marked complete is loaded, not
             trained again.
         progress: a progress bar per source.
-        loss_function: the trainer's loss (default cross-entropy).
+        loss_function: the trainer's loss (default: the task's, :func:`~monai_medmerge.workflows.engines.default_loss`).
         inferer: the evaluator's inferer (default: a plain forward pass).
         recipe: ``"direct"`` returns ``sources`` as they are (so a bundle can run this step for either recipe).
+        task: ``"classification"`` or ``"segmentation"`` (the validation metric and the default loss).
+        spatial_size, in_channels: the size of an example input, to find ``head="auto"``.
 
     Returns:
         the fine-tuned networks in eval mode, in the order of ``sources``.
     """
     if check_recipe(recipe) == "direct":
         return list(sources)
+    engines.check_task(task)
+    if loss_function is None:
+        loss_function = engines.default_loss(task)
+    example = example_input(spatial_size, in_channels)
     tuned = []
     for i, source in enumerate(sources):
-        net = with_new_head(source, head, num_classes).to(device)
+        net = with_new_head(source, head, num_classes, example).to(device)
         best = marker = None
         if ckpt_dir is not None:
             best, marker = phase0_files(ckpt_dir, i)
@@ -111,7 +141,9 @@ def fine_tune_sources(
         model = net
         if _distributed():
             model = nn.parallel.DistributedDataParallel(net, device_ids=[device] if torch.cuda.is_available() else None)
-        evaluator = engines.phase_evaluator(model, val_loader, device=device, num_classes=num_classes, inferer=inferer)
+        evaluator = engines.phase_evaluator(
+            model, val_loader, device=device, num_classes=num_classes, inferer=inferer, task=task
+        )
         checkpoint = None
         if ckpt_dir is not None:
             checkpoint = engines.ResumableCheckpoint(
@@ -145,9 +177,16 @@ def _distributed() -> bool:
 
 
 def phase1_sources(
-    recipe: str, sources: Sequence[nn.Module], head: str, num_classes: int, ckpt_dir: str | os.PathLike
+    recipe: str,
+    sources: Sequence[nn.Module],
+    head: str,
+    num_classes: int,
+    ckpt_dir: str | os.PathLike,
+    spatial_size: Sequence[int] | None = None,
+    in_channels: int = 1,
 ) -> list[nn.Module]:
-    """The networks phase 1 merges: ``sources`` for ``direct``; for ``paper`` the phase-0 networks in ``ckpt_dir``.
+    """The networks phase 1 merges: ``sources`` for ``direct``; for ``paper`` the phase-0 networks in ``ckpt_dir``
+    (``spatial_size`` and ``in_channels`` make the example input that finds ``head="auto"``).
 
     Raises:
         FileNotFoundError: (``paper``) when phase 0 has not completed for a source: the message names the marker
@@ -163,7 +202,7 @@ def phase1_sources(
                 f"recipe 'paper': phase 0 has not completed for source {i} ({marker} is missing): run phase 0 first "
                 "(`python -m monai.bundle run phase0 ...`, or all phases with `run paper ...`), or set recipe: direct"
             )
-        net = with_new_head(source, head, num_classes)
+        net = with_new_head(source, head, num_classes, example_input(spatial_size, in_channels))
         net.load_state_dict(load_checkpoint(best))
         nets.append(net.eval())
     return nets

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,8 +78,12 @@ def fit(
     desc: str = "train",
     progress: bool = True,
     loss_function: Callable | None = None,
+    task: str = "classification",
+    num_classes: int | None = None,
+    inferer: Any = None,
 ) -> History:
-    """Train with Adam on the bundle's engines; keep the state of the best validation macro-F1 (early stopping).
+    """Train with Adam on the bundle's engines; keep the state of the best validation key metric (macro-F1, or
+    mean Dice for segmentation; early stopping).
 
     Args:
         model: the network (a :class:`KernelMerge` or a plain one).
@@ -91,7 +96,11 @@ def fit(
         weight_decay: Adam weight decay.
         desc: label of the progress bar: what is trained.
         progress: show a progress bar.
-        loss_function: ``loss(pred, label)`` of a batch, the trainer's loss (default cross-entropy).
+        loss_function: ``loss(pred, label)`` of a batch, the trainer's loss (default: the task's,
+            :func:`~monai_medmerge.workflows.engines.default_loss`).
+        task: ``"classification"`` or ``"segmentation"`` (label maps; validation by mean Dice).
+        num_classes: classes of the task (needed for segmentation: labels, background included).
+        inferer: the validation inferer (e.g. a ``SlidingWindowInferer`` for whole images).
 
     Returns:
         the :class:`History`; ``model`` holds the best epoch's state afterwards.
@@ -106,7 +115,11 @@ def fit(
         raise ValueError("fit: no trainable parameter in param_groups.")
     model.to(device)
     optimizer = torch.optim.Adam(param_groups, weight_decay=weight_decay)
-    evaluator = engines.phase_evaluator(model, val_loader, device=device)
+    evaluator = engines.phase_evaluator(
+        model, val_loader, device=device, num_classes=num_classes, inferer=inferer, task=task
+    )
+    if loss_function is None:
+        loss_function = engines.default_loss(task)
     trainer = engines.phase_trainer(
         model,
         train_loader,

@@ -70,3 +70,39 @@ def test_quick_demo_writes_report_and_plain_bundle(brain_available, tmp_path, mo
     assert inference["network_def"]["_target_"] == "monai.networks.nets.ResNet"
     state = torch.load(bundle / "models" / "model.pt", weights_only=True)
     assert state["fc.weight"].shape[0] == len(report["data"]["target"]["classes"]) == 7
+
+
+def test_zip_row_records_metrics_and_cost_beside_the_ensemble():
+    """``paper_zip(_ft)`` on a tiny random task: the zipped pair at the recipe's width, with its MACs."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import TensorDataset
+
+    from medmerge_bench.transfer import build_network, run_seed
+    from monai_medmerge.cli import _with_settings
+
+    recipe = _with_settings(Recipe(widths=(4, 8, 8, 16), ft_epochs=1, patience=1), ["zip_width=1.5"])
+    assert recipe.zip_widths() == (6, 12, 12, 24)
+    with pytest.raises(ValueError, match=r"zip_width must lie in \[1, 2\]"):
+        Recipe(zip_width=2.5)
+    g = torch.Generator().manual_seed(0)
+
+    def split(n):
+        return TensorDataset(torch.randn(n, 1, 32, 32, generator=g), torch.arange(n) % 3)
+
+    tasks = SimpleNamespace(target=SimpleNamespace(num_classes=3, train=split(12), val=split(9), test=split(9)))
+    sources = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        sources.append(build_network(5, recipe).eval())
+    result = run_seed(
+        tasks, sources, recipe, 0, ["ft_a", "ft_b", "paper_zip", "paper_zip_ft", "ensemble"], progress=False
+    )
+    rec = result.records["paper_zip_ft"]
+    assert rec["widths"] == [6, 12, 12, 24] and rec["zip_width"] == 1.5 and 0.0 <= rec["test"]["macro_f1"] <= 1.0
+    assert rec["merged_features"] == sum(w // 2 for w in (4, 4, 8, 8, 8, 8, 16, 16))  # conv1 group and 7 more
+    assert (
+        rec["inference_macs_ensemble"] == result.records["ensemble"]["inference_macs"] == 2 * rec["inference_macs_1x"]
+    )
+    assert 2.0 * rec["inference_macs_1x"] < rec["inference_macs"] < 2.3 * rec["inference_macs_1x"]
+    assert result.records["paper_zip"]["widths"] == rec["widths"] and "curve" not in result.records["paper_zip"]

@@ -231,3 +231,33 @@ def test_best_state_writes_the_best_and_survives_a_dying_save(tmp_path, monkeypa
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "best.pt.best.json"]  # state, score record
     assert torch.equal(torch.load(tmp_path / "best.pt", weights_only=True)["weight"], weights[1])
+
+
+def test_segmentation_evaluator_scores_mean_dice_of_the_argmax():
+    from monai.losses import DiceCELoss
+    from monai.metrics import DiceMetric
+
+    from monai_medmerge.workflows.engines import default_loss, phase_evaluator
+
+    g = torch.Generator().manual_seed(0)
+    net = torch.nn.Conv2d(1, 3, 3, padding=1)
+    images = torch.randn(6, 1, 12, 12, generator=g)
+    labels = torch.randint(0, 3, (6, 1, 12, 12), generator=g)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=4)
+    evaluator = phase_evaluator(net, loader, num_classes=3, task="segmentation")
+    evaluator.run()
+    assert evaluator.state.key_metric_name == "val_mean_dice"
+    with torch.no_grad():
+        pred = net(images).argmax(1, keepdim=True)
+    dice = DiceMetric(include_background=False, num_classes=3)
+    dice(pred, labels)
+    expected = float(dice.aggregate())
+    assert 0.0 < expected < 1.0
+    assert evaluator.state.metrics["val_mean_dice"] == pytest.approx(expected, rel=1e-6)
+    # the loss of the task, and a clear refusal of an unknown task or a missing class count
+    assert isinstance(default_loss("segmentation"), DiceCELoss)
+    assert isinstance(default_loss(), torch.nn.CrossEntropyLoss)
+    with pytest.raises(ValueError, match="task must be one of classification, segmentation"):
+        phase_evaluator(net, loader, task="detection")
+    with pytest.raises(ValueError, match="needs num_classes"):
+        phase_evaluator(net, loader, task="segmentation")
