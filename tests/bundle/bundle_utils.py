@@ -8,6 +8,17 @@ from pathlib import Path
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "medmerge_classification"
 WIDTHS = [8, 16, 16, 32]
 
+# written by every process at the end, so the test can compare what each one holds
+RANKS_OVERLAY = {
+    "finalize": [
+        "$torch.save(@merge_network.merge_logits.detach().cpu(),"
+        " os.path.join(@ckpt_dir, f'coefficients_rank{dist.get_rank()}.pt'))",
+        "$torch.save({k: v.detach().cpu() for k, v in @finetune#network.module.state_dict().items()},"
+        " os.path.join(@ckpt_dir, f'phase2_rank{dist.get_rank()}.pt'))",
+        "$dist.is_initialized() and dist.destroy_process_group()",
+    ]
+}
+
 
 def bundle_copy(dst: Path) -> Path:
     """A copy of bundles/medmerge_classification to train in (so the repository's folder stays clean)."""

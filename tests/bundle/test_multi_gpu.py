@@ -10,18 +10,7 @@ import sys
 import pytest
 import torch
 import yaml
-from bundle_utils import bundle_copy, overrides
-
-# written by every process at the end, so the test can compare what each one holds
-RANKS_OVERLAY = {
-    "finalize": [
-        "$torch.save(@merge_network.merge_logits.detach().cpu(),"
-        " os.path.join(@ckpt_dir, f'coefficients_rank{dist.get_rank()}.pt'))",
-        "$torch.save({k: v.detach().cpu() for k, v in @finetune#network.module.state_dict().items()},"
-        " os.path.join(@ckpt_dir, f'phase2_rank{dist.get_rank()}.pt'))",
-        "$dist.is_initialized() and dist.destroy_process_group()",
-    ]
-}
+from bundle_utils import RANKS_OVERLAY, bundle_copy, overrides
 
 
 @pytest.mark.parametrize("recipe", ["direct", "paper"])

@@ -211,3 +211,35 @@ def test_properties_metadata_and_the_shared_overlay(example, tmp_path):
     schema = metadata_schema()  # skips, saying where to get it, when absent
     jsonschema = pytest.importorskip("jsonschema")
     jsonschema.validate(meta, schema)
+
+
+def test_torchrun_two_processes_agree(example, tmp_path):
+    """The classification bundle's multi-GPU overlay runs the segmentation bundle under torchrun (gloo on CPU): the
+    mean Dice of validation is gathered from both processes, so both keep the same states."""
+    import sys
+
+    import yaml
+
+    from tests.bundle.bundle_utils import RANKS_OVERLAY
+
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available")
+    torchrun = shutil.which("torchrun")
+    launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    root = _bundle(tmp_path)
+    (root / "configs" / "ranks.yaml").write_text(yaml.safe_dump(RANKS_OVERLAY, width=1000))
+    files = [str(root / "configs" / f) for f in ("train.yaml", "multi_gpu_train.yaml", "ranks.yaml")]
+    cmd = [*launcher, "--nproc_per_node=2", "--standalone", "-m", "monai.bundle", "run", "--config_file", repr(files)]
+    cmd += ["--logging_file", str(root / "configs" / "logging.conf"), *_overrides(example, root)]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    models = root / "models"
+    c0 = torch.load(models / "coefficients_rank0.pt", weights_only=True)
+    assert torch.equal(c0, torch.load(models / "coefficients_rank1.pt", weights_only=True))
+    start = torch.tensor([0.9, 0.1]).log()  # the anchored start: the coefficients were trained away from it
+    assert not torch.allclose(c0 - c0.logsumexp(0, keepdim=True), start[:, None].expand_as(c0), atol=1e-4)
+    p0 = torch.load(models / "phase2_rank0.pt", weights_only=True)
+    p1 = torch.load(models / "phase2_rank1.pt", weights_only=True)
+    for k in p0:
+        torch.testing.assert_close(p0[k], p1[k], msg=f"phase-2 tensor {k} differs between the two processes")
+    assert torch.load(models / "model.pt", weights_only=True).keys() == p0.keys()
