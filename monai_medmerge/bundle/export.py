@@ -426,7 +426,9 @@ def _segmentation_readme(readme: str) -> str:
 
 One label map per input that was read, `<input name>_seg.nii.gz` in `output_dir`: the argmax over the labels below,
 in the input's own grid, orientation and affine (`uint8`). Each whole image is segmented with a sliding window of
-the network's input shape (`inferer` in `configs/inference.yaml`: `sw_batch_size`, `overlap`).
+the network's input shape (`inferer` in `configs/inference.yaml`: `sw_batch_size`, `overlap`). A DICOM series input
+also gets `<series folder>_seg.dcm`, a DICOM Segmentation object (one segment per label, referencing the series'
+instances), where `highdicom` is installed (`pip install highdicom`); without it only the NIfTI mask is written.
 
 An input that cannot be read (not an image of this kind, truncated, a DICOM series with a slice missing, the wrong
 number of channels) does not stop the run: every other input is segmented, and `unreadable.csv` in `output_dir`

@@ -183,7 +183,8 @@ def inference_config(
     Classification writes ``predictions.csv``. Segmentation (``task="segmentation"``) segments each whole image with
     a ``SlidingWindowInferer`` of ``spatial_shape`` windows, takes the argmax over the label channels, maps the
     label map back to the input's own grid and orientation (``Invertd`` of the preprocessing) and writes it as
-    ``<output_dir>/<input name>_seg.nii.gz`` (``SaveImaged``, the input's affine, ``uint8``).
+    ``<output_dir>/<input name>_seg.nii.gz`` (``SaveImaged``, the input's affine, ``uint8``); a DICOM series input
+    also as ``<output_dir>/<series folder>_seg.dcm``, a DICOM Segmentation object, where ``highdicom`` is installed.
 
     The ids follow MONAI's inference properties (``bundle_root``, ``device``, ``dataset_dir``, ``dataset``,
     ``evaluator``, ``network_def``, ``inferer``, ``preprocessing``, ``postprocessing``, ``handlers``), so
@@ -348,7 +349,14 @@ def _segmentation_outputs(config: dict[str, Any], sw_batch_size: int, sw_overlap
     config["imports"] = [*config["imports"], "$import numpy"]
     for key in ("predictions", "csv_format", "check_csv_format"):
         config.pop(key)
-    config["handlers"] = []
+    # a DICOM series input also gets a DICOM SEG object referencing it, where highdicom is installed
+    config["dicom_seg"] = {
+        "_target_": f"{INFERENCE_MODULE}.DicomSegWriter",
+        "_requires_": "@scripts_path",
+        "output_dir": "@output_dir",
+        "label_names": "@class_names",
+    }
+    config["handlers"] = ["@dicom_seg"]
     config["run"] = [
         "$@check_inputs",
         "$@evaluator.run()",

@@ -16,6 +16,8 @@ torch, numpy, the standard library and that sibling. Its ``configs/inference.yam
 - :class:`PredictionsCSVWriter` writes ``<output_dir>/predictions.csv``: a header row (``file`` and one column per
   class name), then one row per classified input; or, with ``csv_format="monai"``, the rows of MONAI's
   ``ClassificationSaver`` (no header; the path, then the probabilities).
+- :class:`DicomSegWriter` (segmentation) writes the mask of each DICOM series input also as a DICOM Segmentation
+  object that references the series, when ``highdicom`` is installed.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_
 __all__ = [
     "CSV_FORMATS",
     "UNREADABLE_KEY",
+    "DicomSegWriter",
     "PredictionsCSVWriter",
     "ReadableDataset",
     "UnreadableInputs",
@@ -277,3 +280,135 @@ class PredictionsCSVWriter:
         _write_atomically(self.path, self.text())
         logger.info(f"predictions of {len(self.rows)} input(s) written to {self.path}")
         return self.path
+
+
+class DicomSegWriter:
+    """An Ignite handler that writes the mask of every DICOM series input as a DICOM Segmentation object.
+
+    Needs ``highdicom`` (and so pydicom); without it the handler logs once that no DICOM SEG is written and does
+    nothing else (the NIfTI masks are written either way). Inputs that are not a folder of DICOM files are left to
+    the NIfTI writer. For each series the mask (the evaluator's decollated ``pred_key`` output, already mapped back
+    to the input's space, with its affine in RAS millimetres) is sampled at the centre of every pixel of every slice
+    of the series (nearest voxel, from each slice's ImagePositionPatient, ImageOrientationPatient and PixelSpacing),
+    so the frames follow the slices whatever the order in which the reader stacked them. The object is written as
+    ``<output_dir>/<series folder name>_seg.dcm``: one segment per foreground label (``label_names[1:]``, segment
+    number = label value), binary, referencing the source instances.
+
+    Args:
+        output_dir: the folder of the objects (created when missing).
+        label_names: one name per label value, background (0) first.
+        image_key: the key of the input image in a batch item.
+        pred_key: the key of the mask in an output item.
+        algorithm: the algorithm name recorded in the object.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        label_names: Sequence[str],
+        image_key: str = "image",
+        pred_key: str = "pred",
+        algorithm: str = "merged network (monai_medmerge)",
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.label_names = [str(n) for n in label_names]
+        self.image_key, self.pred_key = image_key, pred_key
+        self.algorithm = algorithm
+        self.written: list[Path] = []
+        self._highdicom, self._available = optional_import("highdicom")
+        self._warned = False
+
+    def attach(self, engine: Any) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
+
+    def collect(self, engine: Any) -> None:
+        outputs = engine.state.output
+        if not outputs:
+            return
+        for item, output in zip(engine.state.batch, outputs, strict=True):
+            meta = getattr(item[self.image_key], "meta", {})
+            source = Path(str(meta.get(ImageMetaKey.FILENAME_OR_OBJ, "")))
+            if not source.is_dir():
+                continue
+            if not self._available:
+                if not self._warned:
+                    logger.warning("highdicom is not installed: masks of DICOM series are written as NIfTI only")
+                    self._warned = True
+                return
+            mask = output[self.pred_key]
+            affine = np.asarray(getattr(mask, "affine", meta.get("affine")), dtype=float)
+            self.written.append(self.write(np.asarray(mask.detach().cpu()).reshape(mask.shape[-3:]), affine, source))
+
+    def write(self, mask: np.ndarray, affine: np.ndarray, series: Path) -> Path:
+        """Write ``mask`` (a 3-D label map with ``affine`` from voxel index to RAS mm) as the Segmentation of the
+        DICOM series in the folder ``series``; returns the file."""
+        import pydicom
+        from pydicom.sr.codedict import codes
+        from pydicom.uid import generate_uid
+
+        hd = self._highdicom
+        datasets = []
+        for f in sorted(p for p in series.iterdir() if p.is_file()):
+            try:
+                datasets.append(pydicom.dcmread(f))
+            except pydicom.errors.InvalidDicomError:
+                continue
+        frames = np.stack([_sample_slice(mask, affine, ds) for ds in datasets]).astype(np.uint8)
+        algorithm = hd.AlgorithmIdentificationSequence(
+            name=self.algorithm, version="1", family=codes.cid7162.ArtificialIntelligence
+        )
+        segments = [
+            hd.seg.SegmentDescription(
+                segment_number=value,
+                segment_label=name[:64],
+                segmented_property_category=codes.SCT.Tissue,
+                segmented_property_type=codes.SCT.Tissue,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+            )
+            for value, name in enumerate(self.label_names)
+            if value > 0
+        ]
+        seg = hd.seg.Segmentation(
+            source_images=datasets,
+            pixel_array=frames,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=segments,
+            series_instance_uid=generate_uid(),
+            series_number=900,
+            sop_instance_uid=generate_uid(),
+            instance_number=1,
+            manufacturer="monai_medmerge",
+            manufacturer_model_name="merged segmentation network",
+            software_versions="1",
+            device_serial_number="0",
+            series_description="MedMerge segmentation",
+            omit_empty_frames=False,
+        )
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        path = self.output_dir / f"{series.name}_seg.dcm"
+        tmp = path.with_name(path.name + ".tmp")
+        seg.save_as(tmp)
+        os.replace(tmp, path)
+        logger.info(f"DICOM SEG of {series} written to {path}")
+        return path
+
+
+def _sample_slice(mask: np.ndarray, affine: np.ndarray, ds: Any) -> np.ndarray:
+    """The label of the voxel of ``mask`` nearest to the centre of every pixel of the DICOM slice ``ds`` (0 outside
+    the mask)."""
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    origin = np.asarray(ds.ImagePositionPatient, dtype=float)
+    orientation = np.asarray(ds.ImageOrientationPatient, dtype=float)
+    row_dir, col_dir = orientation[:3], orientation[3:]  # along a row (columns increase), along a column
+    row_spacing, col_spacing = (float(v) for v in ds.PixelSpacing)
+    i, j = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    lps = origin + j[..., None] * col_spacing * row_dir + i[..., None] * row_spacing * col_dir
+    ras = lps * np.array([-1.0, -1.0, 1.0])
+    index = np.rint(
+        (np.linalg.inv(affine) @ np.concatenate([ras, np.ones((rows, cols, 1))], -1)[..., None])[..., :3, 0]
+    ).astype(int)
+    inside = np.all((index >= 0) & (index < np.asarray(mask.shape)), axis=-1)
+    out = np.zeros((rows, cols), dtype=mask.dtype)
+    out[inside] = mask[tuple(index[inside].T)]
+    return out

@@ -243,3 +243,47 @@ def test_torchrun_two_processes_agree(example, tmp_path):
     for k in p0:
         torch.testing.assert_close(p0[k], p1[k], msg=f"phase-2 tensor {k} differs between the two processes")
     assert torch.load(models / "model.pt", weights_only=True).keys() == p0.keys()
+
+
+def test_a_dicom_series_gets_its_mask_as_nifti_and_as_dicom_seg(tmp_path):
+    """A network that labels CT voxels above 0 HU as label 1: the DICOM SEG frames of each source instance must equal
+    that threshold of the instance's own pixels, read with pydicom (independently of the bundle's reader and of how it
+    stacked the slices)."""
+    pydicom = pytest.importorskip("pydicom")
+    hd = pytest.importorskip("highdicom")
+    pytest.importorskip("itk")
+    from monai_medmerge.bundle import export_bundle
+
+    series = Path(pydicom.__file__).parent / "data" / "test_files" / "dicomdirtests" / "98892001" / "CT5N"
+    if not series.is_dir():
+        pytest.skip(f"pydicom's test series not found at {series}")
+    net = torch.nn.Conv3d(1, 3, 1)
+    with torch.no_grad():  # logits: label 1 where the windowed intensity (HU + 1000) / 2000 is above 0.5
+        net.weight.zero_()
+        net.bias.copy_(torch.tensor([0.0, -50.0, -100.0]))
+        net.weight[1, 0] = 100.0
+    net_def = {"_target_": "torch.nn.Conv3d", "in_channels": 1, "out_channels": 3, "kernel_size": 1}
+    bundle = export_bundle(
+        net, net_def, tmp_path / "bundle", ["background", "above 0 HU", "never"], [32, 32, 4],
+        kind="dicom_series", modality="CT", task="segmentation",
+    )  # fmt: skip
+    inputs = tmp_path / "inputs"
+    shutil.copytree(series, inputs / "CT5N")
+    cmd = [os.sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml"]
+    cmd += ["--bundle_root", str(bundle), "--dataset_dir", str(inputs), "--output_dir", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, cwd=bundle, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert (tmp_path / "out" / "CT5N_seg.nii.gz").is_file()
+    seg = hd.seg.segread(str(tmp_path / "out" / "CT5N_seg.dcm"))
+    sources = [pydicom.dcmread(f) for f in sorted((inputs / "CT5N").iterdir())]
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == sources[0].SeriesInstanceUID
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["above 0 HU", "never"]
+    checked = 0
+    for ds in sources:
+        hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        labels = seg.get_pixels_by_source_instance(source_sop_instance_uids=[ds.SOPInstanceUID], combine_segments=True)[
+            0
+        ]
+        np.testing.assert_array_equal(labels, (hu > 0).astype(labels.dtype))
+        checked += int((hu > 0).sum() > 0)
+    assert checked >= 3  # the threshold labels something on most slices
