@@ -3,7 +3,8 @@
 Methods (the names used in results):
 
 - ``scratch``: a fresh network, fine-tuned on the target.
-- ``ft_a`` / ``ft_b``: fine-tuning from source A / B (body loaded, fresh head).
+- ``ft_a`` / ``ft_b``: fine-tuning from source A / B (body loaded, fresh head); ``ft_c`` from the third source where
+  there is one (``pair="ab_ancestor"``: A, B and their ancestor, N = 3).
 - ``lpft_a`` / ``lpft_b``: linear probing of a fresh head on the frozen source body, then full fine-tuning.
 - ``average_ft``: uniform weight average of the sources (fresh head, norm statistics recomputed), fine-tuned.
 - ``layer_ft``: learned layer-level merge, collapsed, fine-tuned.
@@ -26,7 +27,8 @@ Methods (the names used in results):
   target), then fine-tuned: one network that may keep more of the ensemble than a same-width merge, at a cost (MACs,
   recorded beside the single network's and the ensemble's) of about ``zip_width`` squared times one network.
   ``paper_zip``: the same zipped network without the fine-tuning.
-- ``ensemble``: mean probabilities of ``ft_a`` and ``ft_b``, an upper bound that costs N networks at inference.
+- ``ensemble``: mean probabilities of ``ft_a`` and ``ft_b`` (and ``ft_c``), an upper bound that costs N networks at
+  inference.
 
 The room of a benchmark is the ensemble's lead over the best single source (paired per seed); each one-network
 method's gain over the best single source is also reported as its share of that room (:func:`summarize`).
@@ -86,6 +88,7 @@ COMPARISON_METHODS = (
     "scratch",
     "ft_a",
     "ft_b",
+    "ft_c",
     "lpft_a",
     "lpft_b",
     "average_ft",
@@ -116,6 +119,7 @@ METHOD_LABELS = {
     "scratch": "scratch",
     "ft_a": "fine-tune from A",
     "ft_b": "fine-tune from B",
+    "ft_c": "fine-tune from C (the third source)",
     "lpft_a": "LP-FT from A",
     "lpft_b": "LP-FT from B",
     "average_ft": "uniform average + FT",
@@ -136,6 +140,12 @@ METHOD_LABELS = {
 }
 
 
+# the sources of a run: A and B; the ancestor and B (the paper's pair); A, B and the ancestor (N = 3)
+PAIRS = ("ab", "ancestor_b", "ab_ancestor")
+SOURCE_TAGS = ("a", "b", "c")
+SINGLE_SOURCE = tuple(f"ft_{t}" for t in SOURCE_TAGS)
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Every setting of a comparison run. ``source_key()`` names the cached sources it pretrains.
@@ -154,7 +164,8 @@ class Recipe:
         lineage: ``"independent"`` (each source from its own random initialisation) or ``"shared"`` (both sources
             fine-tuned for ``source_epochs`` from one ancestor trained ``ancestor_epochs`` on a broad task).
         ancestor_epochs: training of the shared ancestor.
-        pair: ``"ab"`` (the two source networks) or ``"ancestor_b"`` (the ancestor itself as source A; shared only).
+        pair: ``"ab"`` (the two source networks), ``"ancestor_b"`` (the ancestor itself as source A; shared only) or
+            ``"ab_ancestor"`` (three sources: A, B and their ancestor as C; shared only).
         distill_weight: weight of the distillation term of the ``*_distill`` methods.
         zip_width: width of the ``paper_zip_ft`` network, as a multiple of the sources' ``widths`` (each rounded to
             an integer), between 1 (one source's width and cost) and 2 (both sources side by side: the ensemble);
@@ -190,10 +201,10 @@ class Recipe:
             )
         if self.lineage not in ("independent", "shared"):
             raise ValueError(f"lineage must be 'independent' or 'shared', got {self.lineage!r}.")
-        if self.pair not in ("ab", "ancestor_b"):
-            raise ValueError(f"pair must be 'ab' or 'ancestor_b', got {self.pair!r}.")
-        if self.pair == "ancestor_b" and self.lineage != "shared":
-            raise ValueError("pair='ancestor_b' needs lineage='shared': only the shared lineage has an ancestor.")
+        if self.pair not in PAIRS:
+            raise ValueError(f"pair must be one of {', '.join(PAIRS)}, got {self.pair!r}.")
+        if self.pair != "ab" and self.lineage != "shared":
+            raise ValueError(f"pair={self.pair!r} needs lineage='shared': only the shared lineage has an ancestor.")
 
     def phase1(self, merge: KernelMerge | None = None) -> dict:
         """Keyword arguments of :func:`~monai_medmerge.workflows.learn_coefficients` for this recipe; with
@@ -320,6 +331,9 @@ def pretrain_sources(
     if recipe.pair == "ancestor_b":
         sources[0] = ancestor
         info["names"][0] = f"ancestor ({ancestor_task.name})"
+    elif recipe.pair == "ab_ancestor":
+        sources.append(ancestor)
+        info["names"].append(f"ancestor ({ancestor_task.name})")
     return sources, info
 
 
@@ -361,12 +375,18 @@ def run_seed(
 ) -> SeedResult:
     """Run the chosen methods for one seed (``tasks.target`` already holds this seed's k-shot subset).
 
-    ``ensemble`` needs ``ft_a`` and ``ft_b``; MedMerge's anchor is the source whose fine-tuning validated better
-    (``ft_a``/``ft_b`` are run for that even when not asked for).
+    ``ensemble`` needs every ``ft_<source>``; MedMerge's anchor is the source whose fine-tuning validated best
+    (``ft_a``/``ft_b``/``ft_c`` are run for that even when not asked for). With three ``sources`` every merge row
+    merges all three.
     """
     unknown = sorted(set(methods) - set(COMPARISON_METHODS))
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {list(COMPARISON_METHODS)}.")
+    tags = SOURCE_TAGS[: len(sources)]
+    if not 2 <= len(sources) <= len(SOURCE_TAGS):
+        raise ValueError(f"run_seed merges 2 or 3 sources, got {len(sources)}.")
+    if "ft_c" in methods and len(sources) < 3:
+        raise ValueError("method ft_c needs a third source (pair='ab_ancestor').")
     target = tasks.target
     k = target.num_classes
 
@@ -390,6 +410,7 @@ def run_seed(
     need_ft = {
         "ft_a",
         "ft_b",
+        "ft_c",
         "ensemble",
         "layer_ft",
         "medmerge",
@@ -405,7 +426,7 @@ def run_seed(
         "paper_zip_ft",
     } & set(methods)
     ft_nets: dict[str, nn.Module] = {}
-    for i, tag in enumerate(("a", "b")):
+    for i, tag in enumerate(tags):
         if need_ft:
             torch.manual_seed(seed)
             ft_nets[tag] = finetuned(from_source(sources[i], k, recipe), f"ft_{tag}")
@@ -430,7 +451,8 @@ def run_seed(
             )
             finetuned(net, f"lpft_{tag}")
     if need_ft:
-        out.anchor = int(recs["ft_b"]["val"]["macro_f1"] > recs["ft_a"]["val"]["macro_f1"])
+        # the first of the best on ties (A before B before C)
+        out.anchor = int(np.argmax([recs[f"ft_{t}"]["val"]["macro_f1"] for t in tags]))
 
     def aligned_onto_anchor(models: Sequence[nn.Module]) -> list[nn.Module]:
         # channels permuted onto the anchor's; target images drive the tracing and the function check
@@ -485,12 +507,13 @@ def run_seed(
         out, ft_nets, sources, aligned_onto_anchor, finetuned, train, val, test, recipe, seed, methods, progress
     )
     if "ensemble" in methods:
-        (va, ta), (vb, tb) = recs["ft_a"]["_probs"], recs["ft_b"]["_probs"]
-        probs = (ta + tb) / 2
+        val_probs = np.mean([recs[f"ft_{t}"]["_probs"][0] for t in tags], axis=0)
+        test_probs = np.mean([recs[f"ft_{t}"]["_probs"][1] for t in tags], axis=0)
+        n = len(tags)
         recs["ensemble"] = {
-            "val": classification_metrics(target.val.tensors[1].numpy(), (va + vb) / 2),
-            "test": classification_metrics(target.test.tensors[1].numpy(), probs),
-            "inference_cost": "2 networks (2x parameters and compute of one)",
+            "val": classification_metrics(target.val.tensors[1].numpy(), val_probs),
+            "test": classification_metrics(target.test.tensors[1].numpy(), test_probs),
+            "inference_cost": f"{n} networks ({n}x parameters and compute of one)",
             "inference_macs": sum(inference_macs(n, target.val.tensors[0][:1]) for n in ft_nets.values()),
         }
     for name in [m for m in recs if m not in methods]:
@@ -506,7 +529,7 @@ def _run_paper_recipe(
     """The methods on the fine-tuned pair (phase 0 = ``ft_a``/``ft_b``): the paper's recipe and its baselines, and
     the distillation rows. Their heads are already target heads, so they are merged like every other layer."""
     recs = out.records
-    pair = [ft_nets[t] for t in ("a", "b") if t in ft_nets]
+    pair = [ft_nets[t] for t in SOURCE_TAGS if t in ft_nets]
     if "paper_aligned_average_ft" in methods:
         aligned_pair = aligned_onto_anchor(pair)
     for name in ("paper_average_ft", "paper_aligned_average_ft"):
@@ -665,7 +688,8 @@ def summarize(
 ) -> dict:
     """Mean and standard deviation per method and metric, and MedMerge + FT paired against the best single source.
 
-    The best single-source fine-tuning is the one of ``ft_a``/``ft_b`` with the higher mean VALIDATION macro-F1.
+    The best single-source fine-tuning is the one of ``ft_a``/``ft_b`` (/``ft_c``) with the highest mean VALIDATION
+    macro-F1.
     The paired comparison gives per-seed test macro-F1 differences, their mean, a paired t-test and (with at least
     5 seeds) a Wilcoxon signed-rank test.
     """
@@ -683,7 +707,8 @@ def summarize(
                 }
     summary = {"methods": table, "seeds": [r.seed for r in results]}
     if {"ft_a", "ft_b"} <= set(methods):
-        best = max(("ft_a", "ft_b"), key=lambda m: table[m]["val_macro_f1"]["mean"])
+        singles = [m for m in SINGLE_SOURCE if m in methods]
+        best = max(singles, key=lambda m: table[m]["val_macro_f1"]["mean"])
         summary["best_single_source"] = best
         for name in ("medmerge_ft", "aligned_medmerge_ft", "aligned_ftmerge_ft"):
             if name in methods:
@@ -705,7 +730,7 @@ def room_summary(table: dict, methods: Sequence[str], best: str) -> dict:
     """
     out: dict = {"vs_best_single_source": {}}
     for name in methods:
-        if name not in ("ft_a", "ft_b", "ensemble"):
+        if name not in (*SINGLE_SOURCE, "ensemble"):
             out["vs_best_single_source"][name] = _paired(table, name, best)
     room = None
     if "ensemble" in methods:

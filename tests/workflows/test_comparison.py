@@ -106,3 +106,59 @@ def test_zip_row_records_metrics_and_cost_beside_the_ensemble():
     )
     assert 2.0 * rec["inference_macs_1x"] < rec["inference_macs"] < 2.3 * rec["inference_macs_1x"]
     assert result.records["paper_zip"]["widths"] == rec["widths"] and "curve" not in result.records["paper_zip"]
+
+
+def test_three_sources_are_fine_tuned_ensembled_and_merged_together(monkeypatch):
+    """N = 3 (A, B and their ancestor): ``ft_c`` is the third source's fine-tuning, the ensemble averages all three
+    fine-tuned networks, the paper's MedMerge merges the three, and the best single source is chosen among three."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import TensorDataset
+
+    import medmerge_bench.transfer as transfer
+    from medmerge_bench.transfer import build_network, run_seed, summarize
+    from monai_medmerge.workflows.metrics import classification_metrics
+
+    recipe = Recipe(widths=(4, 8, 8, 16), ft_epochs=1, coef_epochs=1, patience=1)
+    with pytest.raises(ValueError, match="needs lineage='shared'"):
+        Recipe(pair="ab_ancestor")
+    g = torch.Generator().manual_seed(0)
+
+    def split(n):
+        return TensorDataset(torch.randn(n, 1, 32, 32, generator=g), torch.arange(n) % 3)
+
+    tasks = SimpleNamespace(target=SimpleNamespace(num_classes=3, train=split(12), val=split(9), test=split(9)))
+    sources = []
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        sources.append(build_network(5, recipe).eval())
+    merged_sources = []
+    real_merge = transfer.KernelMerge
+
+    def spy(pool, *args, **kwargs):
+        merged_sources.append(len(pool))
+        return real_merge(pool, *args, **kwargs)
+
+    monkeypatch.setattr(transfer, "KernelMerge", spy)
+    probs = {}
+    real_record = transfer.record
+
+    def keep(model, val, test, history=None):
+        rec = real_record(model, val, test, history)
+        probs[len(probs)] = rec["_probs"][1]
+        return rec
+
+    monkeypatch.setattr(transfer, "record", keep)
+    methods = ["ft_a", "ft_b", "ft_c", "paper_medmerge_ft", "ensemble"]
+    result = run_seed(tasks, sources, recipe, 0, methods, progress=False)
+    assert set(result.records) == set(methods)
+    assert merged_sources == [3]  # the paper's MedMerge merged the three fine-tuned networks
+    expected = classification_metrics(tasks.target.test.tensors[1].numpy(), (probs[0] + probs[1] + probs[2]) / 3)
+    assert result.records["ensemble"]["test"] == pytest.approx(expected)
+    assert result.records["ensemble"]["inference_cost"].startswith("3 networks")
+    summary = summarize([result])
+    singles = {m: result.records[m]["val"]["macro_f1"] for m in ("ft_a", "ft_b", "ft_c")}
+    assert summary["best_single_source"] == max(singles, key=singles.get)
+    assert set(summary["vs_best_single_source"]) == {"paper_medmerge_ft"}
+    with pytest.raises(ValueError, match="ft_c needs a third source"):
+        run_seed(tasks, sources[:2], recipe, 0, ["ft_c"], progress=False)
