@@ -126,6 +126,32 @@ def _check(make_items, **kwargs) -> Callable[[Path], Callable[[], object]]:
     return build
 
 
+def _segmentation_pair(label: np.ndarray, affine: np.ndarray | None = None, num_classes: int = 3):
+    """A NIfTI image and its label map (``label``, saved with ``affine``), checked by ``check_items`` for
+    segmentation."""
+
+    def build(root: Path):
+        _write(root / "image.nii", _nifti_bytes())
+        lab = nib.Nifti1Image(label, np.eye(4) if affine is None else affine)
+        _write(root / "label.nii", lab.to_bytes())
+        items = [{"image": str(root / "image.nii"), "label": str(root / "label.nii")}]
+        return lambda: check_items(items, "NibabelReader", task="segmentation", num_classes=num_classes)
+
+    return build
+
+
+def _segmentation_datalist(label) -> Callable[[Path], Callable[[], object]]:
+    def build(root: Path):
+        _write(root / "image.nii", _nifti_bytes())
+        path = _write(root / "datalist.json", json.dumps({"training": [{"image": "image.nii", "label": label}]}))
+        return lambda: load_datalist(path, task="segmentation")
+
+    return build
+
+
+LABELS = (VOLUME % 3).astype(np.uint8)
+
+
 def _resnet_def(num_classes: int = 3) -> dict:
     return {
         "_target_": "monai.networks.nets.ResNet",
@@ -484,6 +510,37 @@ CASES = {
         _datalist({"training": [{"image": "0.png", "label": 3}]}, num_classes=3),
         ValueError,
         r"item 0, field 'label': 3 is outside the classes \[0, 3\)",
+    ),
+    # --- segmentation: a label map that does not fit its image is named with the image
+    "segmentation_label_shape": Case(
+        _segmentation_pair(LABELS[..., :7]),
+        BadImageError,
+        r"image\.nii: label map .*label\.nii has the spatial shape \(16, 16, 7\), the image \(16, 16, 8\)",
+    ),
+    "segmentation_label_affine": Case(
+        _segmentation_pair(LABELS, np.diag([2.0, 1.0, 1.0, 1.0])),
+        BadImageError,
+        r"image\.nii: label map .*label\.nii and the image have different affines \(largest difference 1",
+    ),
+    "segmentation_label_values": Case(
+        _segmentation_pair((VOLUME % 5).astype(np.uint8)),
+        BadImageError,
+        r"label map .*label\.nii holds values outside the classes \[0, 3\): 3, 4",
+    ),
+    "segmentation_label_channels": Case(
+        _segmentation_pair(np.stack([LABELS, LABELS], -1)),
+        BadImageError,
+        r"label map .*label\.nii has 2 channels",
+    ),
+    "segmentation_datalist_label_missing": Case(
+        _segmentation_datalist("nope.nii.gz"),
+        ValueError,
+        r"item 0, field 'label' \(the label map of .*image\.nii\): .*nope\.nii\.gz does not exist",
+    ),
+    "segmentation_datalist_class_index": Case(
+        _segmentation_datalist(2),
+        ValueError,
+        r"item 0, field 'label' \(the label map of .*image\.nii\): expected a file or folder path, got 2",
     ),
     "datalist_image_missing": Case(
         _datalist({"training": [{"image": "9.png", "label": 0}]}),
