@@ -581,11 +581,20 @@ def permutation_spec(model: nn.Module, example_input: torch.Tensor | None = None
     """
     if example_input is None:
         example_input = example_input_for(model)
+    tracer, _, outputs = _trace(model, example_input)
+    for o in outputs:
+        tracer.fix_feat(tracer.feat(o))  # class outputs keep their order
+    return _collect(tracer)
+
+
+def _trace(model: nn.Module, x: torch.Tensor) -> tuple[_Tracer, int, list]:
+    """Run ``model`` once on ``x`` under the tracer (eval mode, no gradients; the mode is restored): the tracer,
+    the group of the input channels (fixed) and the network's outputs, flattened."""
     tracer = _Tracer(model)
     was_training = model.training
     model.eval()
     try:
-        x = example_input.detach().clone()
+        x = x.detach().clone()
         with torch.no_grad(), tracer:
             source = tracer.groups.new(x.shape[1] if x.dim() > 1 else 1, "input", fixed=True)
             tracer.set_feat(x, _Feat(1 if x.dim() > 1 else 0, (source,)))
@@ -593,9 +602,7 @@ def permutation_spec(model: nn.Module, example_input: torch.Tensor | None = None
     finally:
         tracer.remove_hooks()
         model.train(was_training)
-    for o in _flat(list(out.values()) if isinstance(out, dict) else [out]):
-        tracer.fix_feat(tracer.feat(o))  # class outputs keep their order
-    return _collect(tracer)
+    return tracer, source, _flat(list(out.values()) if isinstance(out, dict) else [out])
 
 
 def _collect(tracer: _Tracer) -> PermutationSpec:

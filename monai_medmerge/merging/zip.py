@@ -37,10 +37,8 @@ from monai_medmerge.merging.permutation import (
     PermutationSpec,
     UnsupportedOperationError,
     _collect,
-    _Feat,
-    _flat,
     _group_names,
-    _Tracer,
+    _trace,
     trace_activations,
 )
 
@@ -76,21 +74,10 @@ def _trace_layout(model: nn.Module, x: torch.Tensor) -> _Layout:
             convolutions, group norms with 1 < groups < channels, misaligned concatenations): those cannot be
             widened.
     """
-    tracer = _Tracer(model)
-    was_training = model.training
-    model.eval()
-    try:
-        x = x.detach().clone()
-        with torch.no_grad(), tracer:
-            source = tracer.groups.new(x.shape[1] if x.dim() > 1 else 1, "input", fixed=True)
-            tracer.set_feat(x, _Feat(1 if x.dim() > 1 else 0, (source,)))
-            out = model(x)
-    finally:
-        tracer.remove_hooks()
-        model.train(was_training)
+    tracer, source, traced_outputs = _trace(model, x)
     groups = tracer.groups
     outputs = set()
-    for o in _flat(list(out.values()) if isinstance(out, dict) else [out]):
+    for o in traced_outputs:
         feat = tracer.feat(o)
         tracer.fix_feat(feat)
         outputs |= {groups.find(g) for g in (feat.segments if feat is not None else ())}
