@@ -55,6 +55,20 @@ def _write_images(folder: Path, base: Path, ds, prefix: str) -> list[dict]:
     return items
 
 
+def _pretrained(
+    net_def: dict, init_seed: int, train, val, lr: float, epochs: int, progress: bool, what: str, **fit_args
+) -> torch.nn.Module:
+    """A source network: ``net_def`` built from its own random initialisation (``init_seed``) and trained with
+    :func:`~monai_medmerge.workflows.fit`; returned in eval mode."""
+    from monai.bundle import ConfigParser
+
+    torch.manual_seed(init_seed)
+    net = ConfigParser({"n": net_def}).get_parsed_content("n")
+    fit(net, train, val, [{"params": net.parameters(), "lr": lr}], epochs, progress=progress, desc=f"source {what}",
+        **fit_args)  # fmt: skip
+    return net.eval()
+
+
 def _source_bundle(folder: Path, net: torch.nn.Module, network_def: dict, task: str) -> None:
     (folder / "configs").mkdir(parents=True, exist_ok=True)
     (folder / "models").mkdir(exist_ok=True)
@@ -101,25 +115,15 @@ def make_example(
     """
     out = Path(out_dir)
     with atomic_folder(out, overwrite, what="example folder") as tmp:
-        from monai.bundle import ConfigParser
-
         for i, (name, task) in enumerate(SOURCE_TASKS.items()):
-            torch.manual_seed(seed + 101 * (i + 1))
             net_def = example_network_def(TASKS[task].num_classes, widths)
-            net = ConfigParser({"n": net_def}).get_parsed_content("n")
             g = torch.Generator().manual_seed(seed + i)
             train = DataLoader(make_blob_dataset(task, 150, seed + 11 * i, image_size), 32, shuffle=True, generator=g)
             val = DataLoader(make_blob_dataset(task, 30, seed + 11 * i + 5, image_size), 64)
-            fit(
-                net,
-                train,
-                val,
-                [{"params": net.parameters(), "lr": 1e-3}],
-                epochs=source_epochs,
-                progress=progress,
-                desc=f"source {name} ({task})",
+            net = _pretrained(
+                net_def, seed + 101 * (i + 1), train, val, 1e-3, source_epochs, progress, f"{name} ({task})"
             )
-            _source_bundle(tmp / "sources" / name, net.eval(), net_def, task)
+            _source_bundle(tmp / "sources" / name, net, net_def, task)
         data = tmp / "data"
         splits = {
             "training": make_blob_dataset(TARGET, k, seed + 1000, image_size),
@@ -237,28 +241,19 @@ def make_segmentation_example(
 
     out = Path(out_dir)
     with atomic_folder(out, overwrite, what="example folder") as tmp:
-        from monai.bundle import ConfigParser
-
         for i, (name, bands) in enumerate(SEGMENTATION_SOURCES.items()):
-            torch.manual_seed(seed + 101 * (i + 1))
             net_def = segmentation_network_def(bands + 1, widths)
-            net = ConfigParser({"n": net_def}).get_parsed_content("n")
             shape = (image_size, image_size)
             data = [torch.as_tensor(a) for a in _disc_images(96, bands, seed + 11 * i, shape)]
             val = [torch.as_tensor(a) for a in _disc_images(16, bands, seed + 11 * i + 5, shape)]
             g = torch.Generator().manual_seed(seed + i)
-            fit(
-                net,
-                DataLoader(TensorDataset(*data), 16, shuffle=True, generator=g),
-                DataLoader(TensorDataset(*val), 16),
-                [{"params": net.parameters(), "lr": 3e-3}],
-                epochs=source_epochs,
-                progress=progress,
-                desc=f"source {name} ({bands} brightness band(s))",
-                task="segmentation",
-                num_classes=bands + 1,
-            )
-            _source_bundle(tmp / "sources" / name, net.eval(), net_def, f"discs, {bands} band(s)")
+            train = DataLoader(TensorDataset(*data), 16, shuffle=True, generator=g)
+            desc = f"{name} ({bands} brightness band(s))"
+            net = _pretrained(
+                net_def, seed + 101 * (i + 1), train, DataLoader(TensorDataset(*val), 16), 3e-3, source_epochs,
+                progress, desc, task="segmentation", num_classes=bands + 1,
+            )  # fmt: skip
+            _source_bundle(tmp / "sources" / name, net, net_def, f"discs, {bands} band(s)")
         data = tmp / "data"
         datalist = {
             "description": "synthetic discs, dim or bright (monai_medmerge segmentation example)",

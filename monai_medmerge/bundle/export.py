@@ -318,6 +318,13 @@ def _yaml(config: Mapping[str, Any], metadata: Mapping[str, Any]) -> str:
         "# ClassificationSaver format instead (no header). Inputs that cannot be read are listed with the reason in\n"
         "# <output_dir>/unreadable.csv (the others are classified) and the run then exits with status 1.\n"
     )
+    if metadata.get("task") == "segmentation":
+        header = header.split("# writes ")[0] + (
+            "# writes <output_dir>/<input name>_seg.nii.gz (default output_dir: <bundle_root>/eval): the label map of\n"
+            "# each input in its own grid and affine (and <series folder>_seg.dcm, a DICOM SEG object, for a DICOM\n"
+            "# series where highdicom is installed). Inputs that cannot be read are listed with the reason in\n"
+            "# <output_dir>/unreadable.csv (the others are segmented) and the run then exits with status 1.\n"
+        )
     return header + yaml.dump(dict(config), Dumper=_Dumper, sort_keys=False, width=120)
 
 

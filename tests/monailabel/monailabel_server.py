@@ -1,5 +1,5 @@
-"""Helpers for the MONAI Label tests: the separate environment, synthetic studies, a trained exported bundle, and a
-real ``monailabel start_server`` process.
+"""Helpers for the MONAI Label tests: the separate environment, synthetic studies, trained exported bundles
+(classification and segmentation), and a real ``monailabel start_server`` process.
 
 Not a conftest (a second ``conftest`` module would clash with ``tests/conftest.py`` on ``sys.path``); the test
 module imports what it needs from here.
@@ -23,6 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 APP_DIR = ROOT / "apps" / "monailabel"
 TRAIN_BUNDLE = ROOT / "bundles" / "medmerge_classification"
+SEGMENTATION_BUNDLE = ROOT / "bundles" / "medmerge_segmentation"
 ENV_DIR = Path(os.environ.get("MEDMERGE_MONAILABEL_ENV", "/tmp/medmerge_monailabel_env"))
 ENV_HINT = "make it with `bash .ci/monailabel_env` (or point MEDMERGE_MONAILABEL_ENV at one)"
 
@@ -124,7 +125,13 @@ def train_and_export(work: Path, sources: Sequence[str], phase1: int = 3, phase2
         "progress": False,
         "export_dir": str(work / "exported"),
     }
-    # both phases, then the `export` id, as `python -m monai.bundle run` and `run export` would, in one process
+    run_training_bundle(TRAIN_BUNDLE, overrides, work)
+    return work / "exported"
+
+
+def run_training_bundle(bundle: Path, overrides: Mapping[str, Any], cwd: Path, timeout: float = 300) -> None:
+    """Both phases of a training bundle, then its ``export`` id, as ``python -m monai.bundle run`` and ``run export``
+    would, in one process of the main environment; fails with the output when it does not succeed."""
     script = (
         "import json, sys, monai.bundle\n"
         "kw = json.loads(sys.argv[1])\n"
@@ -132,12 +139,44 @@ def train_and_export(work: Path, sources: Sequence[str], phase1: int = 3, phase2
         "    monai.bundle.run(run_id, config_file=sys.argv[2], meta_file=sys.argv[3], **kw)\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", script, json.dumps(overrides), str(TRAIN_BUNDLE / "configs" / "train.yaml"),
-         str(TRAIN_BUNDLE / "configs" / "metadata.json")],
-        cwd=work, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-c", script, json.dumps(dict(overrides)), str(bundle / "configs" / "train.yaml"),
+         str(bundle / "configs" / "metadata.json")],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
-    assert done.returncode == 0, f"training the bundle failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, f"training {bundle.name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+
+
+def train_and_export_segmentation(work: Path, example: Mapping[str, Any], patch: Sequence[int]) -> Path:
+    """One short run of the segmentation training bundle on the example workspace of
+    ``make_segmentation_example`` (main environment, both phases), exported; returns ``work/exported``."""
+    work.mkdir(parents=True, exist_ok=True)
+    net = dict(example["network_def"])
+    overrides = {
+        "bundle_root": str(work),
+        "dataset_dir": str(Path(example["datalist"]).parent),
+        "sources": list(example["sources"]),
+        "label_names": list(example["label_names"]),
+        "network_target": net.pop("_target_"),
+        "network_args": net,
+        "spatial_size": list(patch),
+        "phase1_epochs": 1,
+        "phase2_epochs": 1,
+        "batch_size": 4,
+        "progress": False,
+        "export_dir": str(work / "exported"),
+    }
+    run_training_bundle(SEGMENTATION_BUNDLE, overrides, work)
     return work / "exported"
+
+
+def app_module(name: str) -> Any:
+    """A module of the app's ``lib`` (plain Python ones: ``labels``), imported from its file."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"medmerge_app_{name}", APP_DIR / "lib" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class MonaiLabelServer:
@@ -224,15 +263,48 @@ class MonaiLabelServer:
             files={"label": ("label.json", label, "application/json")},
         )
 
-    def train(self, model: str, params: Mapping[str, Any], timeout: float = 240.0) -> dict[str, Any]:
+    def save_label_map(self, image_id: str, path: Path, tag: str = "final") -> dict[str, Any]:
+        """A label map file saved as the image's label (``final``: the labels segmentation training reads)."""
+        return self.request(
+            "PUT",
+            "/datastore/label",
+            params={"image": image_id, "tag": tag},
+            files={"label": (path.name, path.read_bytes(), "application/octet-stream")},
+        )
+
+    def infer_mask(self, model: str, image_id: str, folder: Path) -> tuple[dict[str, Any], Path]:
+        """``POST /infer/<model>?image=<id>`` of a segmentation model, MONAI Label's default answer (multipart: the
+        params and the mask file); returns the params and the mask saved in ``folder``."""
+        from email.parser import BytesParser
+        from email.policy import HTTP
+
+        import requests
+
+        response = requests.post(self.url + f"/infer/{model}", params={"image": image_id}, timeout=120)
+        assert response.ok, f"infer {image_id}: HTTP {response.status_code} {response.text[:2000]}\n{self.log_tail()}"
+        head = f"Content-Type: {response.headers['content-type']}\r\n\r\n".encode()
+        parts = {
+            part.get_param("name", header="content-disposition"): part
+            for part in BytesParser(policy=HTTP).parsebytes(head + response.content).iter_parts()
+        }
+        assert set(parts) == {"params", "image"}, f"infer {image_id} answered with parts {sorted(parts)}"
+        params = json.loads(parts["params"].get_payload(decode=True))
+        folder.mkdir(parents=True, exist_ok=True)
+        mask = folder / f"{image_id}_{len(list(folder.iterdir()))}.nii.gz"
+        mask.write_bytes(parts["image"].get_payload(decode=True))
+        return params, mask
+
+    def train(
+        self, model: str, params: Mapping[str, Any], timeout: float = 240.0, expect: str = "DONE"
+    ) -> dict[str, Any]:
         """``POST /train/<model>`` (a background task, as MONAI Label runs it) and wait until it ends; returns the
-        final task status. Fails with the task's output when it does not end DONE."""
+        final task status. Fails with the task's output when it does not end with the status ``expect``."""
         self.request("POST", f"/train/{model}", json=dict(params))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             status = self.request("GET", "/train/")
             if status.get("status") not in ("SUBMITTED", "RUNNING"):
-                assert status.get("status") == "DONE", f"training ended {status}:\n{self.log_tail(12000)}"
+                assert status.get("status") == expect, f"training ended {status}:\n{self.log_tail(12000)}"
                 return status
             time.sleep(1.0)
         pytest.fail(f"training did not end within {timeout:g} s:\n{self.log_tail(12000)}")

@@ -12,7 +12,6 @@ probability above 0.8.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -21,9 +20,9 @@ from types import SimpleNamespace
 
 import pytest
 from monailabel_server import (
-    APP_DIR,
     CLASS_NAMES,
     MonaiLabelServer,
+    app_module,
     make_source_bundles,
     require_env,
     train_and_export,
@@ -47,20 +46,13 @@ TRAIN_PARAMS = {
 }
 
 
-def _labels_module():
-    spec = importlib.util.spec_from_file_location("medmerge_app_labels", APP_DIR / "lib" / "labels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # --- the class-label store and datalist helpers (plain Python: no server needed) ---------------------------------
 def test_class_labels_are_read_strictly(tmp_path):
-    labels = _labels_module()
+    labels = app_module("labels")
     good = tmp_path / "a.json"
     good.write_text(json.dumps({"class": "bright"}))
     assert labels.read_class_label(good, CLASS_NAMES) == 1
@@ -82,7 +74,7 @@ def test_class_labels_are_read_strictly(tmp_path):
 
 
 def test_stratified_split_and_image_kind(tmp_path):
-    labels = _labels_module()
+    labels = app_module("labels")
     items = [{"image": f"{i}.nii.gz", "label": i % 2} for i in range(9)]
     train, val = labels.stratified_split(items, 0.25, seed=0)
     assert sorted(i["image"] for i in train + val) == sorted(i["image"] for i in items)

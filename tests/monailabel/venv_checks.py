@@ -84,7 +84,7 @@ def main(bundle: str, image: str, expected: str, work: str) -> dict:
     import main as app_main
 
     try:
-        app_main.MedMergeClassificationApp(str(APP_DIR), str(Path(work) / "empty_studies"), {})
+        app_main.MedMergeApp(str(APP_DIR), str(Path(work) / "empty_studies"), {})
         out["no_model_error"] = None
     except MONAILabelException as e:
         out["no_model_error"] = e.msg

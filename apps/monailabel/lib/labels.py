@@ -1,6 +1,14 @@
-"""How the app stores a class label per image, and the classification datalist it builds from a datastore.
+"""How the app stores labels, and the datalists it builds from a datastore: a class label per image for
+classification, a label map per image for segmentation.
 
 Plain Python (no MONAI Label, torch or monai_medmerge imports), so that it can be tested anywhere.
+
+**Label maps** (segmentation) are MONAI Label's ordinary final labels: a NIfTI file of the study's grid with one
+integer label value per voxel (0 the background, value ``i`` the segmentation bundle's output channel ``i``), saved
+with the label tag ``final`` (``PUT /datastore/label?image=<id>&tag=final``, which is also what a MONAI Label client
+such as 3D Slicer does when a label is submitted); :func:`segmentation_datalist` lists them.
+
+**Class labels** (classification):
 
 A class label is a small JSON file saved through MONAI Label's ordinary label endpoint with the label tag
 :data:`CLASS_LABEL_TAG` (``"class"``)::
@@ -25,17 +33,22 @@ from typing import Any
 
 __all__ = [
     "CLASS_LABEL_TAG",
+    "FINAL_LABEL_TAG",
     "ClassLabelError",
     "class_count",
     "class_datalist",
     "image_kind_of",
+    "random_split",
     "read_class_label",
+    "segmentation_datalist",
     "stratified_split",
 ]
 
 logger = logging.getLogger(__name__)
 
 CLASS_LABEL_TAG = "class"
+# MONAI Label's tag of submitted (final) labels: for segmentation, the label maps training reads
+FINAL_LABEL_TAG = "final"
 
 
 class ClassLabelError(ValueError):
@@ -167,3 +180,50 @@ def stratified_split(
             "least two images of a class"
         )
     return train, val
+
+
+def segmentation_datalist(datastore: Any) -> list[dict[str, Any]]:
+    """The studies of a MONAI Label datastore that have a final label map, as a segmentation datalist.
+
+    Args:
+        datastore: the app's datastore (its ``datalist()``: the image and final label file of each labelled study).
+
+    Returns:
+        ``[{"image": <image file>, "label": <label map file>}, ...]`` sorted by image path.
+
+    Raises:
+        FileNotFoundError: for a label map that the datastore records but whose file is missing (the first one).
+    """
+    items = []
+    for entry in datastore.datalist():
+        if not entry or not entry.get("label"):
+            continue
+        if not os.path.exists(entry["label"]):
+            raise FileNotFoundError(
+                f"the label map of {entry['image']} is recorded but its file is missing: {entry['label']}"
+            )
+        items.append({"image": entry["image"], "label": entry["label"]})
+    items.sort(key=lambda item: item["image"])
+    logger.info(f"{len(items)} studies with a '{FINAL_LABEL_TAG}' label map")
+    return items
+
+
+def random_split(
+    items: Sequence[dict[str, Any]], val_split: float, seed: int = 0
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split at random (fixed by ``seed``): ``round(n * val_split)`` items, at least one and at most ``n - 1``, go to
+    validation, the rest to training.
+
+    Raises:
+        ValueError: when ``val_split`` is not in (0, 1), or there are fewer than two items.
+    """
+    if not 0.0 < float(val_split) < 1.0:
+        raise ValueError(f"val_split must lie in (0, 1), got {val_split!r}; merge training needs a validation set")
+    if len(items) < 2:
+        raise ValueError(
+            f"{len(items)} labelled image(s): merge training needs at least two, one to train on and one to validate"
+        )
+    shuffled = list(items)
+    random.Random(seed).shuffle(shuffled)
+    n_val = min(len(shuffled) - 1, max(1, round(len(shuffled) * float(val_split))))
+    return shuffled[n_val:], shuffled[:n_val]
