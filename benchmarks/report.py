@@ -21,35 +21,53 @@ def _machine(m: dict) -> str:
     )
 
 
+def _step_target(r: dict, row: dict) -> float:
+    """The step-ratio target of one row: recorded in the row, or (older files) by N alone."""
+    if "target_step_ratio" in row:
+        return row["target_step_ratio"]
+    return r["targets"]["step_ratio"][str(row["n_sources"])]
+
+
 def merge_overhead_section(r: dict) -> str:
     lines = [
         "## Cost of coefficient learning (`benchmarks/merge_overhead.py`)",
         "",
         "Median time of one training step of `KernelMerge` coefficient learning (sources frozen, coefficients and a "
         "new head trained) against one step of plain fine-tuning of a single network of the same architecture and "
-        "batch, both with Adam and cross-entropy, measured alternately in one process; peak memory of each in a "
-        "fresh process; inference of the collapsed network against a plain network of the same class.",
+        "batch, both with Adam (cross-entropy for the classifiers, `DiceCELoss(to_onehot_y=True, softmax=True)` for "
+        'the segmentation networks, whose head the merge finds with `head="auto"`), measured alternately in one '
+        "process; peak memory of each in a fresh process; inference of the collapsed network against a plain network "
+        "of the same class.",
         "",
         f"Machine: {_machine(r['machine'])}. Device `{r['device']}`, seed {r['seed']}, written {r['written']}.",
         "",
-        "| network | input, batch | N | plain step (ms) | merge step (ms) | ratio | target | "
-        "peak MiB plain / merge | inference collapsed / plain |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| network | input, batch | N | reps | plain step (ms) | merge step (ms) | ratio | paired ratio (quartiles) | "
+        "target | peak MiB plain / merge | inference collapsed / plain | load before / after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in r["results"]:
         st, inf, mem = row["train_step"], row["inference"], row["peak_memory_mib"]
-        target = r["targets"]["step_ratio"][str(row["n_sources"])]
         ok = "met" if row["meets_target"]["step_ratio"] else "**missed**"
         iok = "" if row["meets_target"]["inference_ratio"] else " (**outside 1.00 +- 0.03**)"
         shape = "x".join(map(str, row["input"]))
+        paired = f"{st['median_paired_ratio']:.3f}"
+        if "paired_ratio_quartiles" in st:
+            q1, q3 = st["paired_ratio_quartiles"]
+            paired += f" ({q1:.3f}-{q3:.3f})"
+        load = row.get("load_average")
+        load = f"{load['before'][0]:.1f} / {load['after'][0]:.1f}" if load else "-"
         lines.append(
-            f"| {row['arch']} | {shape}, {row['batch']} | {row['n_sources']} | {1000 * st['median_s']['plain']:.0f} | "
-            f"{1000 * st['median_s']['merge']:.0f} | {st['ratio_of_medians']:.3f} | <= {target} ({ok}) | "
-            f"{mem['plain']:.0f} / {mem['merge']:.0f} | {inf['ratio_of_medians']:.3f}{iok} |"
+            f"| {row['arch']} | {shape}, {row['batch']} | {row['n_sources']} | {st['reps']} | "
+            f"{1000 * st['median_s']['plain']:.0f} | {1000 * st['median_s']['merge']:.0f} | "
+            f"{st['ratio_of_medians']:.3f} | {paired} | <= {_step_target(r, row)} ({ok}) | "
+            f"{mem['plain']:.0f} / {mem['merge']:.0f} | {inf['ratio_of_medians']:.3f}{iok} | {load} |"
         )
     lines += [
         "",
-        f"Medians over {r['results'][0]['train_step']['reps']} alternating repetitions per mode. Peak memory on CPU is "
+        "Medians over the given number of alternating repetitions per mode, after warm-up steps; the ratio is that of "
+        "the medians (the target is checked on it), the paired ratio the median of each repetition's merge/plain "
+        "ratio, with its first and third quartiles as the spread. The load is the machine's one-minute load average "
+        "before and after the case. Peak memory on CPU is "
         "the peak resident set size that building the model and two training steps add above the resident size "
         "after imports (the merge holds the N frozen sources; fine-tuning holds gradients and Adam state for every "
         "parameter).",
@@ -61,7 +79,7 @@ def merge_overhead_section(r: dict) -> str:
 def room_of(r: dict) -> dict | None:
     """The room and share of a transfer result: recorded in newer files, computed from the recorded per-seed table
     (the same function) for files written before the room was recorded; None without an ensemble row."""
-    from medmerge_bench.transfer import room_summary
+    from medmerge_bench.transfer import SINGLE_SOURCE, room_summary
 
     s = r["summary"]
     methods = list(s["methods"])
@@ -69,12 +87,16 @@ def room_of(r: dict) -> dict | None:
         return None
     if "room" in s:
         return s
-    best = max(("ft_a", "ft_b"), key=lambda m: s["methods"][m]["val_macro_f1"]["mean"])
+    singles = [m for m in SINGLE_SOURCE if m in methods]
+    best = max(singles, key=lambda m: s["methods"][m]["val_macro_f1"]["mean"])
     return {"best_single_source": best, **room_summary(s["methods"], methods, best)}
 
 
+PAIR_NAMES = {"ab": "", "ancestor_b": " (ancestor, B)", "ab_ancestor": " (A, B, ancestor: N = 3)"}
+
+
 def _lineage(r: dict) -> str:
-    return r.get("lineage", "independent") + (" (ancestor, B)" if r.get("pair") == "ancestor_b" else "")
+    return r.get("lineage", "independent") + PAIR_NAMES[r.get("pair", "ab")]
 
 
 def room_section(results: list[tuple[str, dict]], picture: str | None) -> str:
@@ -82,8 +104,8 @@ def room_section(results: list[tuple[str, dict]], picture: str | None) -> str:
     lines = [
         "## Where merging can help: the room, and the share a merge takes",
         "",
-        "The room of a benchmark is the ensemble of the two fine-tuned sources (two networks, twice the cost) minus "
-        "the better single-source fine-tuning (chosen on mean validation macro-F1), test macro-F1 points, paired per "
+        "The room of a benchmark is the ensemble of the fine-tuned sources (N networks, N times the cost) minus "
+        "the best single-source fine-tuning (chosen on mean validation macro-F1), test macro-F1 points, paired per "
         "seed. A one-network method's share is its own paired gain over the better source divided by the room (shown "
         "only where the room is positive). The MedMerge recipe is chosen per benchmark on mean validation macro-F1 "
         "among the MedMerge rows that benchmark ran.",
@@ -415,6 +437,117 @@ def onepath_section(old: dict, new: dict, old_stem: str, new_stem: str, check: d
     return "\n".join(lines)
 
 
+def segmentation_section(results: Path) -> str:
+    """The segmentation benchmark (`benchmarks/segmentation.py`): one part per `segmentation_k<k>.json`, Dice in
+    points (x 100), mean +- sd over seeds, each one-network method paired per seed against the better source."""
+    parts = []
+    for path in sorted(results.glob("segmentation_k*.json")):
+        r = json.loads(path.read_text())
+        if r.get("benchmark") != "segmentation":
+            continue
+        s, data, rec = r["summary"], r["data"], r["recipe"]
+        structures = data["target"]["classes"][1:]
+        best = s.get("best_single_source")
+        paired = s.get("vs_best_single_source", {})
+
+        def pm(stat: dict) -> str:
+            return "n/a" if stat["mean"] is None else f"{100 * stat['mean']:.1f} +- {100 * stat['std']:.1f}"
+
+        against = {}
+        for m in r["methods"]:
+            p = paired.get(m) or (s.get("room") if m == "ensemble" else None)
+            test = f", p = {p['t_test_p']:.2g}" if p and "t_test_p" in p else ""
+            against[m] = "(better source)" if m == best else f"{100 * p['mean_difference']:+.1f}{test}" if p else ""
+
+        sources = r["sources"]["sources"]
+        lines = [
+            f"## Segmentation on brain MRI, k = {r['k']} slices per structure (`{path.stem}.json`)",
+            "",
+            f"Target: {data['target']['name']} ({', '.join(structures)}; background 0), k = {r['k']} training slices "
+            f"per structure (their union per seed), {data['target']['val']} validation and {data['target']['test']} "
+            f"test slices held out spatially (see docs/data.md, Segmentation tasks). Sources, each a 2-D MONAI UNet "
+            f"(channels {rec['channels']}, {rec['num_res_units']} residual units) from its own random "
+            f"initialisation: A = {data['source_a']['name']} (validation mean Dice "
+            f"{sources['a']['val_mean_dice']:.3f}), B = {data['source_b']['name']} (validation mean Dice "
+            f"{sources['b']['val_mean_dice']:.3f}), {rec['source_epochs']} epochs each. Preprocessing: "
+            f"{r['preprocessing']}. Metric: {r['metric']}. Test Dice x 100, mean +- sd over seeds {r['seeds']}; the "
+            "last column is the mean paired per-seed difference of test mean Dice against the better single source "
+            "(chosen by mean validation Dice) with the paired t-test's p.",
+            "",
+            "| method | mean Dice | " + " | ".join(structures) + " | validation mean Dice | vs better source |",
+            "|---" * (len(structures) + 4) + "|",
+        ]
+        for m, label in r["methods"].items():
+            t = s["methods"][m]
+            cells = [pm(t["test_mean_dice"])] + [pm(t[f"test_dice_{c}"]) for c in structures]
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {pm(t['val_mean_dice'])} | {against[m]} |")
+        if "room" in s:
+            room = s["room"]
+            diffs = ", ".join(f"{100 * d:+.1f}" for d in room["differences"])
+            line = (
+                f"Room (ensemble minus {r['methods'][best]}): {100 * room['mean_difference']:+.1f} Dice points "
+                f"(per seed {diffs})"
+            )
+            if "wilcoxon_p" in room:
+                line += f", Wilcoxon p = {room['wilcoxon_p']:.2g}"
+            lines += ["", line + "."]
+            for m in ("medmerge_ft", "paper_medmerge_ft"):
+                if m in paired:
+                    p = paired[m]
+                    share = "" if p.get("share_of_room") is None else f", {100 * p['share_of_room']:.0f}% of the room"
+                    tests = [f"paired t-test p = {p['t_test_p']:.2g}"] if "t_test_p" in p else []
+                    tests += [f"Wilcoxon p = {p['wilcoxon_p']:.2g}"] if "wilcoxon_p" in p else []
+                    lines += [
+                        "",
+                        f"{r['methods'][m]} minus {r['methods'][best]}: {100 * p['mean_difference']:+.1f} points "
+                        f"(per seed {', '.join(f'{100 * d:+.1f}' for d in p['differences'])}; "
+                        f"{'; '.join(tests) or 'one seed: no test'}{share}).",
+                    ]
+            control = s.get("paper_medmerge_ft_vs_ft_longer")
+            if control is None and {"paper_medmerge_ft", "ft_longer"} <= set(s["methods"]):
+                from medmerge_bench.transfer import room_summary  # from the recorded per-seed Dice, as room_of does
+
+                table = {
+                    m: {
+                        "val_macro_f1": s["methods"][m]["val_mean_dice"],
+                        "test_macro_f1": s["methods"][m]["test_mean_dice"],
+                    }
+                    for m in ("paper_medmerge_ft", "ft_longer")
+                }
+                control = room_summary(table, ["paper_medmerge_ft"], "ft_longer")["vs_best_single_source"]
+                control = control["paper_medmerge_ft"]
+            if control is not None:
+                p_value = f"paired t-test p = {control['t_test_p']:.2g}" if "t_test_p" in control else "one seed"
+                lines += [
+                    "",
+                    f"{r['methods']['paper_medmerge_ft']} minus its control of the same fine-tuning budget without a "
+                    f"merge ({r['methods']['ft_longer']}): {100 * control['mean_difference']:+.1f} points (per seed "
+                    f"{', '.join(f'{100 * d:+.1f}' for d in control['differences'])}; {p_value}).",
+                ]
+            if "chosen_medmerge" in s:
+                c = s["chosen_medmerge"]
+                lines += ["", f"MedMerge recipe chosen on validation: {r['methods'][c['method']]} ({c['chosen_on']})."]
+        anchors = ", ".join(f"seed {p['seed']}: {p['anchor'].upper()}" for p in r["per_seed"])
+        lines += [
+            "",
+            f"Anchor of the direct recipe, chosen per seed as the source whose fine-tuning validated better: {anchors}."
+            " "
+            f"Every training phase runs on the product's engines (Adam, DiceCE loss, the best validation mean Dice "
+            f"kept), batch {rec['batch_size']}: phase 1 up to {rec['coef_epochs']} epochs (coefficients lr "
+            f"{rec['coef_lr']}, new head lr {rec['head_lr']}, anchor weight {rec['anchor_weight']}); every "
+            f"fine-tuning {rec['ft_epochs']} epochs at lr {rec['ft_lr']}, "
+            f"{'patience ' + str(rec['patience']) if rec['patience'] else 'no early stopping'}. The paper's recipe "
+            "fine-tunes twice (phase 0, which is also fine-tune from A and from B, and phase 2); its control with the "
+            "same fine-tuning budget and no merge is the anchor's fine-tuned network fine-tuned again. "
+            f"Machine: {_machine(r['machine'])}; code {r['machine'].get('code')}; {r['seconds']:.0f} s; "
+            f"written {r['written']}.",
+            "",
+        ]
+        lines += [f"![{p}](../benchmarks/results/{p})" for p in r.get("pictures", [])]
+        parts.append("\n".join(lines + [""]))
+    return "\n".join(parts)
+
+
 SECTIONS = {"merge_overhead": merge_overhead_section, "alignment": alignment_section}
 
 
@@ -461,6 +594,7 @@ def main(argv: list[str] | None = None) -> None:
         ]
     for stem, data in transfers:
         parts.append(transfer_section(data, stem))
+    parts.append(segmentation_section(args.results))
     onepath = args.results / "brain_k50_onepath.json"
     if onepath.exists():
         check = args.results / "brain_k50_onepath_equivalence.json"

@@ -167,11 +167,13 @@ def learn_coefficients(
     progress: bool = True,
     desc: str = "phase 1: coefficients",
     loss_function: Callable | None = None,
+    **task_args: Any,
 ) -> tuple[nn.Module, History]:
     """Phase 1: train the merge coefficients (at ``lr``) and the new head (at ``head_lr``) with the sources frozen,
     then collapse into a plain network with its norm statistics recomputed on ``train_loader`` (``recalibrate``).
 
     The merged network normalises with batch statistics while it learns. ``merge`` keeps its best state.
+    ``task_args`` go to :func:`fit`: ``task="segmentation"`` with ``num_classes`` (and an ``inferer``) for label maps.
 
     Returns:
         ``(plain network in eval mode, History)``.
@@ -189,6 +191,7 @@ def learn_coefficients(
         desc=desc,
         progress=progress,
         loss_function=loss_function,
+        **task_args,
     )
     plain = engines.collapse_merge(merge, None, train_loader if recalibrate else None, device=device)
     return plain.eval(), history
@@ -206,8 +209,10 @@ def fine_tune(
     progress: bool = True,
     desc: str = "phase 2: fine-tune",
     loss_function: Callable | None = None,
+    **task_args: Any,
 ) -> tuple[nn.Module, History]:
-    """Phase 2 (and the fine-tuning baselines): train every parameter of a plain network.
+    """Phase 2 (and the fine-tuning baselines): train every parameter of a plain network. ``task_args`` go to
+    :func:`fit` (``task``, ``num_classes``, ``inferer``).
 
     Returns:
         ``(model with the best validation state, in eval mode, History)``.
@@ -227,5 +232,6 @@ def fine_tune(
         desc=desc,
         progress=progress,
         loss_function=loss_function,
+        **task_args,
     )
     return model.eval(), history

@@ -261,3 +261,25 @@ def test_segmentation_evaluator_scores_mean_dice_of_the_argmax():
         phase_evaluator(net, loader, task="detection")
     with pytest.raises(ValueError, match="needs num_classes"):
         phase_evaluator(net, loader, task="segmentation")
+
+
+def test_learn_coefficients_and_fine_tune_take_label_maps():
+    """Phase 1 and phase 2 of the Python API on a segmentation task (DiceCE, mean Dice)."""
+    from monai.networks.nets import UNet
+
+    from monai_medmerge.workflows import fine_tune, learn_coefficients
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(8, 1, 32, 32, generator=g)
+    labels = (images > 0.5).long() + (images > 1.5).long()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=4)
+    sources = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        sources.append(UNet(2, 1, 2, channels=(4, 8), strides=(2,), num_res_units=0))
+    merge = KernelMerge(sources, head="auto", out_channels=3, example_input=images[:2])
+    seg = {"task": "segmentation", "num_classes": 3}
+    plain, hist1 = learn_coefficients(merge, loader, loader, epochs=1, progress=False, **seg)
+    assert "mean_dice" in hist1.val[0] and plain(images[:1]).shape == (1, 3, 32, 32)
+    tuned, hist2 = fine_tune(plain, loader, loader, epochs=1, progress=False, **seg)
+    assert 0.0 <= hist2.best_score <= 1.0 and "mean_dice" in hist2.val[0]
