@@ -71,7 +71,7 @@ def run_comparison(
     k: int,
     seeds: Sequence[int],
     out_dir: str | Path,
-    methods: Sequence[str] = COMPARISON_METHODS,
+    methods: Sequence[str] | None = None,
     recipe: Recipe | None = None,
     progress: bool = True,
     name: str | None = None,
@@ -84,7 +84,8 @@ def run_comparison(
         k: labelled target training examples per class.
         seeds: each seed draws the k-shot subset and the new heads' initialisation.
         out_dir: folder for ``<name>.json``, ``<name>_per_seed.csv`` and the PNG pictures.
-        methods: subset of :data:`~medmerge_bench.transfer.COMPARISON_METHODS`.
+        methods: subset of :data:`~medmerge_bench.transfer.COMPARISON_METHODS`; ``None``: every one the recipe's
+            sources allow (``ft_c`` only with three sources).
         recipe: training settings (defaults of :class:`Recipe`).
         progress: progress bars.
         name: file stem (default ``<task>_k<k>``).
@@ -104,6 +105,8 @@ def run_comparison(
     machine = machine_description()
     tasks = load_benchmark_tasks(task, k=k, seed=seeds[0], progress=progress)
     sources, source_info = pretrain_sources(tasks, recipe, progress=progress)
+    if methods is None:
+        methods = [m for m in COMPARISON_METHODS if m != "ft_c" or len(sources) > 2]
     results = []
     for seed in seeds:
         print(f"[medmerge] {task} k={k}: seed {seed}", flush=True)

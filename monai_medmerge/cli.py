@@ -199,7 +199,7 @@ def _main(argv: list[str]) -> int:
             args.k,
             list(range(args.seeds)),
             args.out,
-            methods=args.methods or methods,
+            methods=args.methods,
             recipe=recipe,
             progress=not args.no_progress,
             name=args.name,

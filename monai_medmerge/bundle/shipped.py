@@ -342,16 +342,17 @@ class DicomSegWriter:
     def write(self, mask: np.ndarray, affine: np.ndarray, series: Path) -> Path:
         """Write ``mask`` (a 3-D label map with ``affine`` from voxel index to RAS mm) as the Segmentation of the
         DICOM series in the folder ``series``; returns the file."""
-        import pydicom
-        from pydicom.sr.codedict import codes
-        from pydicom.uid import generate_uid
-
+        # pydicom comes with highdicom; imported only here, so that the module itself needs neither
+        pydicom, _ = optional_import("pydicom")
+        codes, _ = optional_import("pydicom.sr.codedict", name="codes")
+        generate_uid, _ = optional_import("pydicom.uid", name="generate_uid")
+        invalid_dicom, _ = optional_import("pydicom.errors", name="InvalidDicomError")
         hd = self._highdicom
         datasets = []
         for f in sorted(p for p in series.iterdir() if p.is_file()):
             try:
                 datasets.append(pydicom.dcmread(f))
-            except pydicom.errors.InvalidDicomError:
+            except invalid_dicom:
                 continue
         frames = np.stack([_sample_slice(mask, affine, ds) for ds in datasets]).astype(np.uint8)
         algorithm = hd.AlgorithmIdentificationSequence(

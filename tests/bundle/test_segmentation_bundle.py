@@ -135,6 +135,9 @@ def test_train_evaluate_export_and_plain_inference(example, tmp_path):
     plain = subprocess.run(cmd, cwd=exported, env=env, capture_output=True, text=True, timeout=600)
     assert plain.returncode == 0, (plain.stdout + plain.stderr)[-4000:]
     reference = _reference_masks(example, model, items)
+    # the training bundle's own inference.yaml (with the plugin) writes the same masks
+    own = run_bundle(root, ["inference.yaml"], ["--input_dir", str(inputs), "--output_dir", str(tmp_path / "own")])
+    assert own.returncode == 0, own.stdout[-4000:]
     for item, ref in zip(items, reference, strict=True):
         name = Path(item["image"]).name.removesuffix(".nii.gz")
         written = nib.load(str(out / f"{name}_seg.nii.gz"))
@@ -144,6 +147,9 @@ def test_train_evaluate_export_and_plain_inference(example, tmp_path):
         mask = np.asarray(written.dataobj).reshape(source.shape[:2])
         assert set(np.unique(mask)) <= {0, 1, 2}
         np.testing.assert_array_equal(mask, ref)
+        ours = nib.load(str(tmp_path / "own" / f"{name}_seg.nii.gz"))
+        np.testing.assert_allclose(ours.affine, source.affine, atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(ours.dataobj).reshape(source.shape[:2]), ref)
 
 
 def test_paper_recipe_fine_tunes_the_sources_first(example, tmp_path):
