@@ -1,7 +1,8 @@
 """Segmentation benchmark on real offline brain MRI: MedMerge against fine-tuning, averaging and the ensemble.
 
 Pretrains 2-D MONAI UNets on source A (tissue, MNI152) and source B (lobes, Colin27), each from its own random
-initialisation (cached under ``~/.cache/monai_medmerge/sources``), then per seed on the few-shot target (six
+initialisation or (``--lineage shared``) both fine-tuned from one ancestor trained on Fashion-MNIST garment scenes
+(cached under ``~/.cache/monai_medmerge/sources``), then per seed on the few-shot target (six
 subcortical structures): scratch, fine-tune from A and from B, uniform average + FT, MedMerge + FT (direct recipe),
 the paper's recipe and the ensemble of the two fine-tuned sources; see :mod:`medmerge_bench.segmentation`. Runs at
 one torch thread and writes ``benchmarks/results/segmentation_k<k>.json`` with ``_slice.png`` and ``_dice.png``::
@@ -25,7 +26,14 @@ sys.path.insert(0, str(HERE.parent))
 
 import torch  # noqa: E402
 
-from medmerge_bench.segmentation import DEFAULT_METHODS, SEGMENTATION_METHODS, SegRecipe, run_segmentation  # noqa: E402
+from medmerge_bench.segmentation import (  # noqa: E402
+    DEFAULT_METHODS,
+    LINEAGES,
+    PAIRS,
+    SEGMENTATION_METHODS,
+    SegRecipe,
+    run_segmentation,
+)
 
 RESULTS = HERE / "results"
 
@@ -44,6 +52,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--coef-epochs", type=int, default=defaults.coef_epochs)
     parser.add_argument("--ft-epochs", type=int, default=defaults.ft_epochs)
     parser.add_argument("--patience", type=int, default=defaults.patience, help="early stopping; 0 or unset: none")
+    parser.add_argument("--lineage", choices=LINEAGES, default=defaults.lineage, help="sources' starting points")
+    parser.add_argument("--pair", choices=PAIRS, default=defaults.pair, help="ancestor_b: the ancestor as source A")
+    parser.add_argument("--ancestor-epochs", type=int, default=defaults.ancestor_epochs)
     parser.add_argument("--no-cache", action="store_true", help="pretrain the sources again, without caching them")
     parser.add_argument("--progress", action="store_true", help="progress bars (default: one line per step)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (results are recorded at 1)")
@@ -57,6 +68,9 @@ def main(argv: list[str] | None = None) -> dict:
         coef_epochs=args.coef_epochs,
         ft_epochs=args.ft_epochs,
         patience=args.patience or None,
+        lineage=args.lineage,
+        ancestor_epochs=args.ancestor_epochs,
+        pair=args.pair,
     )
     t0 = time.time()
 

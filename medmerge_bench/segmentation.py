@@ -55,7 +55,7 @@ from monai_medmerge.merging import get_method
 from monai_medmerge.sources import load_checkpoint, save_checkpoint
 from monai_medmerge.workflows import fit
 from monai_medmerge.workflows.engines import collapse_merge, merge_parameter_groups, phase1_network
-from monai_medmerge.workflows.recipes import example_input, fine_tune_sources
+from monai_medmerge.workflows.recipes import example_input, fine_tune_sources, with_new_head
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -87,6 +87,8 @@ SEGMENTATION_METHODS = (
 DEFAULT_METHODS = tuple(m for m in SEGMENTATION_METHODS if m != "average_ft")
 LABELS = METHOD_LABELS | {"ft_longer": "FT from the anchor source, fine-tuned again (the paper recipe's FT budget)"}
 MERGE_METHODS = ("medmerge_ft", "paper_medmerge_ft")
+LINEAGES = ("independent", "shared")
+PAIRS = ("ab", "ancestor_b")
 HEAD = "auto"
 
 
@@ -105,6 +107,13 @@ class SegRecipe:
             slices the networks first predict only background, at Dice 0, for longer than a patience of 25 epochs).
         percentiles: MR intensity normalisation per slice (low, high percentile to [0, 1]).
         augment: the product pipeline's training augmentation (flip, small affine, noise).
+        lineage: ``"independent"`` (each source from its own random initialisation) or ``"shared"`` (an ancestor
+            trained first for ``ancestor_epochs`` on the garment scenes of
+            :func:`~medmerge_bench.data.segmentation.load_segmentation_ancestor_task`, both sources fine-tuned from
+            it with new heads), the lineages of :class:`medmerge_bench.transfer.Recipe`.
+        ancestor_epochs: training of the shared ancestor.
+        pair: ``"ab"`` (the two sources) or ``"ancestor_b"`` (the ancestor itself as source A, the paper's pair of
+            a generic network and a domain network; shared lineage only).
     """
 
     channels: tuple[int, ...] = (16, 32, 64, 128)
@@ -123,10 +132,24 @@ class SegRecipe:
     patience: int | None = None
     percentiles: tuple[float, float] = (1.0, 99.0)
     augment: bool = True
+    lineage: str = "independent"
+    ancestor_epochs: int = 20
+    pair: str = "ab"
+
+    def __post_init__(self) -> None:
+        if self.lineage not in LINEAGES:
+            raise ValueError(f"lineage must be one of {LINEAGES}, got {self.lineage!r}.")
+        if self.pair not in PAIRS:
+            raise ValueError(f"pair must be one of {PAIRS}, got {self.pair!r}.")
+        if self.pair != "ab" and self.lineage != "shared":
+            raise ValueError(f"pair={self.pair!r} needs lineage='shared': only the shared lineage has an ancestor.")
 
     def source_key(self, data_version: str) -> str:
         names = ("channels", "strides", "num_res_units", "batch_size", "percentiles", "augment")
         fields = {k: v for k, v in asdict(self).items() if k.startswith("source") or k in names}
+        if self.lineage == "shared":
+            # only in the shared lineage, so that the keys of independent sources cached before lineages still hold
+            fields |= {"lineage": self.lineage, "ancestor_epochs": self.ancestor_epochs}
         blob = json.dumps({"task": "brain-seg", "data": data_version, **fields}, sort_keys=True)
         return f"brain-seg-{hashlib.sha1(blob.encode()).hexdigest()[:12]}"
 
@@ -213,42 +236,51 @@ def _train(
 def pretrain_sources(
     tasks, recipe: SegRecipe, cache: bool = True, progress: bool = False, log=print
 ) -> tuple[list[nn.Module], dict]:
-    """Pretrain UNets on source A (tissue) and source B (lobes), each from its own random initialisation, or load
-    them from ``cache_dir()/sources/<key>``; the key covers the recipe's source settings and a digest of the
-    sources' slices.
+    """Pretrain UNets on source A (tissue) and source B (lobes), or load them from ``cache_dir()/sources/<key>``;
+    the key covers the recipe's source settings and a digest of the training slices.
+
+    In the independent lineage each source starts from its own random initialisation. In the shared lineage an
+    ancestor is trained first on :func:`~medmerge_bench.data.segmentation.load_segmentation_ancestor_task` and both
+    sources are fine-tuned from it (new heads, ``source_epochs`` each); with ``recipe.pair == "ancestor_b"`` the
+    ancestor itself is returned as source A.
 
     Returns:
-        ``([source_a, source_b], info)``: per source its best validation mean Dice, epochs, and whether it was cached.
+        ``([source_a, source_b], info)``: per network its best validation mean Dice, epochs, and whether it was
+        cached; ``names`` (what sources A and B are), ``lineage`` and ``pair``.
     """
+    from medmerge_bench.data.segmentation import load_segmentation_ancestor_task
+
+    ancestor_task = load_segmentation_ancestor_task() if recipe.lineage == "shared" else None
     digest = hashlib.sha1(SEGMENTATION_DATA_VERSION.encode())
-    for task in (tasks.source_a, tasks.source_b):
-        for split in (task.train, task.val):
+    for task in (tasks.source_a, tasks.source_b, ancestor_task):
+        for split in (task.train, task.val) if task is not None else ():
             digest.update(split.images.tobytes())
             digest.update(split.labels.tobytes())
     key = recipe.source_key(digest.hexdigest()[:16])
     folder = cache_dir() / "sources" / key
-    info: dict = {"key": key, "sources": {}}
-    nets = []
-    for tag, task, seed in (
-        ("a", tasks.source_a, recipe.source_seeds[0]),
-        ("b", tasks.source_b, recipe.source_seeds[1]),
-    ):
+    info: dict = {"key": key, "lineage": recipe.lineage, "pair": recipe.pair, "sources": {}}
+
+    def trained(tag: str, task, seed: int, epochs: int, start: nn.Module | None) -> nn.Module:
         path, meta_path = folder / f"source_{tag}.safetensors", folder / f"source_{tag}.json"
         torch.manual_seed(seed)
-        net = build_unet(task.num_classes, recipe)
+        if start is None:
+            net = build_unet(task.num_classes, recipe)
+        else:
+            net = with_new_head(start, HEAD, task.num_classes, example_input(task.train.images.shape[2:], 1))
         if cache and path.exists() and meta_path.exists():
             net.load_state_dict(load_checkpoint(path))
             meta = json.loads(meta_path.read_text()) | {"cached": True}
         else:
             t0 = time.time()
             loaders = _Loaders(task, recipe, seed)
+            what = f"pretrain {tag}" if start is None else f"fine-tune the ancestor on {tag}"
             hist = fit(
                 net,
                 loaders.train(),
                 loaders.eval("val"),
                 [{"params": net.parameters(), "lr": recipe.source_lr}],
-                recipe.source_epochs,
-                desc=f"pretrain source {tag.upper()} ({task.name})",
+                epochs,
+                desc=f"{what} ({task.name})",
                 progress=progress,
                 task="segmentation",
                 num_classes=task.num_classes,
@@ -257,19 +289,37 @@ def pretrain_sources(
                 "task": task.name,
                 "classes": list(task.class_names),
                 "seed": seed,
-                "epochs": recipe.source_epochs,
+                "epochs": epochs,
                 "best_epoch": hist.best_epoch,
                 "val_mean_dice": hist.best_score,
                 "seconds": round(time.time() - t0, 1),
             }
+            if start is not None:
+                meta["from"] = "ancestor"
             if cache:
                 folder.mkdir(parents=True, exist_ok=True)
                 save_checkpoint(net, path)
                 write_json(meta_path, meta, indent=None)
             meta |= {"cached": False}
-        log(f"source {tag.upper()} ({task.name}): val mean Dice {meta['val_mean_dice']:.3f}, cached {meta['cached']}")
+        label = tag if tag == "ancestor" else f"source {tag.upper()}"
+        log(f"{label} ({task.name}): val mean Dice {meta['val_mean_dice']:.3f}, cached {meta['cached']}")
         info["sources"][tag] = meta
-        nets.append(net.eval())
+        return net.eval()
+
+    ancestor = None
+    if ancestor_task is not None:
+        ancestor = trained("ancestor", ancestor_task, recipe.source_seeds[0], recipe.ancestor_epochs, None)
+    nets = [
+        trained(tag, task, seed, recipe.source_epochs, ancestor)
+        for tag, task, seed in (
+            ("a", tasks.source_a, recipe.source_seeds[0]),
+            ("b", tasks.source_b, recipe.source_seeds[1]),
+        )
+    ]
+    info["names"] = [tasks.source_a.name, tasks.source_b.name]
+    if recipe.pair == "ancestor_b":
+        nets[0] = ancestor
+        info["names"][0] = f"ancestor ({ancestor_task.name})"
     return nets, info
 
 
@@ -570,6 +620,10 @@ def plot_slice(
     return _save(fig, Path(path))
 
 
+def _describe(task) -> dict:
+    return {"name": task.name, "classes": list(task.class_names), "train": len(task.train), "val": len(task.val)}
+
+
 def run_segmentation(
     k: int,
     seeds: Sequence[int],
@@ -588,7 +642,7 @@ def run_segmentation(
         the report written to ``<name>.json``.
     """
     from medmerge_bench.comparison import machine_description
-    from medmerge_bench.data.segmentation import load_segmentation_tasks
+    from medmerge_bench.data.segmentation import load_segmentation_ancestor_task, load_segmentation_tasks
 
     recipe = recipe or SegRecipe()
     name = name or f"segmentation_k{k}"
@@ -626,30 +680,23 @@ def run_segmentation(
         "methods": labels,
         "recipe": asdict(recipe),
         "network": "monai.networks.nets.UNet (2-D, 1 input channel)",
+        "lineage": recipe.lineage,
+        "pair": recipe.pair,
         "preprocessing": "product MR pipeline: per-slice percentiles "
         f"{recipe.percentiles[0]:g}-{recipe.percentiles[1]:g} to [0, 1]"
         + (", training augmentation (flip, small affine, noise)" if recipe.augment else ""),
         "metric": "MONAI DiceMetric of the argmax label map, background excluded, slices without a structure not "
         "counted for it; mean Dice = mean over counted (slice, structure) pairs (the validation key metric)",
         "data": {
-            "source_a": {
-                "name": tasks.source_a.name,
-                "classes": list(tasks.source_a.class_names),
-                "train": len(tasks.source_a.train),
-                "val": len(tasks.source_a.val),
-            },
-            "source_b": {
-                "name": tasks.source_b.name,
-                "classes": list(tasks.source_b.class_names),
-                "train": len(tasks.source_b.train),
-                "val": len(tasks.source_b.val),
-            },
+            "source_a": _describe(load_segmentation_ancestor_task() if recipe.pair == "ancestor_b" else tasks.source_a),
+            "source_b": _describe(tasks.source_b),
             "target": {
                 "name": target.name,
                 "classes": list(target.class_names),
                 "val": len(target.val),
                 "test": len(target.test),
             },
+            **({"ancestor": _describe(load_segmentation_ancestor_task())} if recipe.lineage == "shared" else {}),
             "split_rule": tasks.split_rule,
             "notes": tasks.notes,
         },

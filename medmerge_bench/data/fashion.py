@@ -29,6 +29,7 @@ __all__ = [
     "FASHION_DIR",
     "FASHION_FILES",
     "fashion_split_indices",
+    "fashion_training_set",
     "load_fashion_tasks",
     "read_idx",
 ]
@@ -139,6 +140,17 @@ def _fixed_indices(data_dir: Path) -> dict[str, np.ndarray]:
     test = [rng.choice(np.flatnonzero(test_labels == c), TARGET_TEST, replace=False) for c in range(len(CLASS_NAMES))]
     out["t_test"] = np.sort(np.concatenate(test))
     return out
+
+
+def fashion_training_set() -> tuple[np.ndarray, np.ndarray]:
+    """The official training set: uint8 images ``(60000, 32, 32)`` (28 x 28 padded with background) and int64
+    labels ``(60000,)``, read-only arrays shared by every caller in this process.
+
+    Raises:
+        FileNotFoundError: when Fashion-MNIST is not installed (``dataset-fashion-mnist``).
+    """
+    arrays = _arrays(FASHION_DIR)
+    return arrays["train_images"], arrays["train_labels"]
 
 
 def fashion_split_indices(k: int, seed: int) -> dict[str, np.ndarray]:

@@ -27,10 +27,13 @@ import torch
 from torch.utils.data import TensorDataset
 
 from medmerge_bench.data import brain
+from medmerge_bench.data.fashion import CLASS_NAMES as FASHION_CLASSES
 from medmerge_bench.data.tasks import cache_dir, report_progress
 from monai_medmerge.io import write_json
 
 __all__ = [
+    "ANCESTOR_CLASSES",
+    "ANCESTOR_SCENES",
     "GRID_AFFINE",
     "GRID_SHAPE",
     "LOBE_CLASSES",
@@ -45,6 +48,7 @@ __all__ = [
     "TARGET_PATTERN",
     "TISSUE_CLASSES",
     "format_voxel_counts",
+    "load_segmentation_ancestor_task",
     "load_segmentation_tasks",
     "segmentation_layout",
     "segmentation_volumes",
@@ -481,6 +485,62 @@ def load_segmentation_tasks(k: int, seed: int, progress: bool = True) -> Segment
     )
     report_progress(progress, f"segmentation tasks ready (k={k}, seed={seed}: {len(train)} target training slices)")
     return tasks
+
+
+# The shared lineage's ancestor (the stand-in for an ImageNet-pretrained encoder): garment scenes of Fashion-MNIST,
+# another domain, segmented per pixel into the ten product categories. Scenes per split, garments per scene, the
+# range of their scale and the intensity above which a garment pixel is labelled; one fixed seed draws everything.
+ANCESTOR_CLASSES = ("background", *FASHION_CLASSES)
+ANCESTOR_SCENES = {"train": 600, "val": 100}
+ANCESTOR_GARMENTS = 3
+ANCESTOR_SCALE = (1.5, 3.0)
+ANCESTOR_THRESHOLD = 0.1
+ANCESTOR_SEED = 0
+
+
+def load_segmentation_ancestor_task(progress: bool = False) -> SegmentationTask:
+    """The broad task of the shared lineage's ancestor: Fashion-MNIST garments on the benchmark's slice grid,
+    segmented into their ten categories.
+
+    Each scene is a 96 x 112 canvas holding :data:`ANCESTOR_GARMENTS` garments of the official training set, each
+    scaled by a factor drawn from :data:`ANCESTOR_SCALE` (bilinear) and placed at a random position, later ones
+    over earlier ones; a pixel is labelled with the garment's category + 1 where the garment's intensity (scaled
+    to [0, 1]) exceeds :data:`ANCESTOR_THRESHOLD`, else background. Like ImageNet for a medical target, the
+    ancestor never sees a brain, a label of the target or MR contrast. Everything is drawn by
+    :data:`ANCESTOR_SEED`; no garment appears twice.
+
+    Returns:
+        A :class:`SegmentationTask` ``"fashion-seg/garments"`` with ``train`` and ``val`` scenes (``slices`` numbers
+        the scenes) and no test split.
+
+    Raises:
+        FileNotFoundError: when Fashion-MNIST is not installed (``dataset-fashion-mnist``).
+    """
+    from scipy.ndimage import zoom
+
+    from medmerge_bench.data.fashion import fashion_training_set
+
+    images, labels = fashion_training_set()
+    rng = np.random.default_rng(ANCESTOR_SEED)
+    order = iter(rng.permutation(len(images)))
+    height, width = GRID_SHAPE[:2]
+    splits = {}
+    for split, count in ANCESTOR_SCENES.items():
+        x = np.zeros((count, 1, height, width), dtype=np.float32)
+        y = np.zeros((count, 1, height, width), dtype=np.int64)
+        for i in range(count):
+            for _ in range(ANCESTOR_GARMENTS):
+                j = next(order)
+                garment = zoom(images[j].astype(np.float32) / 255.0, rng.uniform(*ANCESTOR_SCALE), order=1)
+                garment = garment[:height, :width].clip(0.0, 1.0)
+                h, w = garment.shape
+                r, c = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
+                shape = garment > ANCESTOR_THRESHOLD
+                x[i, 0, r : r + h, c : c + w][shape] = garment[shape]
+                y[i, 0, r : r + h, c : c + w][shape] = labels[j] + 1
+        splits[split] = SliceSet(x, y, np.arange(count, dtype=np.int64))
+    report_progress(progress, f"ancestor scenes ready ({', '.join(f'{n} {s}' for s, n in ANCESTOR_SCENES.items())})")
+    return SegmentationTask("fashion-seg/garments", ANCESTOR_CLASSES, splits["train"], splits["val"], None)
 
 
 SECTIONS = {"train": "training", "val": "validation", "test": "test"}
