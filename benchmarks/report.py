@@ -99,19 +99,29 @@ def _lineage(r: dict) -> str:
     return r.get("lineage", "independent") + PAIR_NAMES[r.get("pair", "ab")]
 
 
+def _widths(r: dict) -> list[int]:
+    """The channel widths of a result's network: ``widths`` of the classifiers, ``channels`` of the UNet."""
+    return r["recipe"].get("widths") or r["recipe"]["channels"]
+
+
+def _metric(r: dict) -> str:
+    return "mean Dice" if r.get("benchmark") == "segmentation" else "macro-F1"
+
+
 def room_section(results: list[tuple[str, dict]], picture: str | None) -> str:
     """One table over every transfer result with an ensemble row: the room and what the merges take of it."""
     lines = [
         "## Where merging can help: the room, and the share a merge takes",
         "",
         "The room of a benchmark is the ensemble of the fine-tuned sources (N networks, N times the cost) minus "
-        "the best single-source fine-tuning (chosen on mean validation macro-F1), test macro-F1 points, paired per "
-        "seed. A one-network method's share is its own paired gain over the better source divided by the room (shown "
-        "only where the room is positive). The MedMerge recipe is chosen per benchmark on mean validation macro-F1 "
-        "among the MedMerge rows that benchmark ran.",
+        "the best single-source fine-tuning (chosen on the mean validation key metric), test points of that metric "
+        "(macro-F1 for classification, mean Dice for segmentation), paired per seed. A one-network method's share is its own paired gain over the better source divided by the room (shown "
+        "only where the room is positive). The MedMerge recipe is chosen per benchmark on the mean validation key "
+        "metric among the MedMerge rows that benchmark ran.",
         "",
-        "| result | task, k | lineage | widths | seeds | room (p) | chosen MedMerge recipe | its gain (p) | share |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| result | task, k | metric | lineage | widths | seeds | room (p) | chosen MedMerge recipe | its gain (p) | "
+        "share |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def p_of(paired: dict) -> str:
@@ -129,7 +139,7 @@ def room_section(results: list[tuple[str, dict]], picture: str | None) -> str:
             gain = f"{100 * chosen['mean_difference']:+.1f}{p_of(chosen)}"
             share = "-" if chosen.get("share_of_room") is None else f"{100 * chosen['share_of_room']:.0f}%"
         lines.append(
-            f"| `{stem}` | {r['task']}, {r['k']} | {_lineage(r)} | {r['recipe']['widths']} | {len(r['seeds'])} | "
+            f"| `{stem}` | {r['task']}, {r['k']} | {_metric(r)} | {_lineage(r)} | {_widths(r)} | {len(r['seeds'])} | "
             f"{100 * rm['mean_difference']:+.1f}{p_of(rm)} | {name} | {gain} | {share} |"
         )
     if picture:
@@ -159,10 +169,10 @@ def plot_room(results: list[tuple[str, dict]], path: Path) -> Path | None:
     )
     ax.axvline(0, color="black", lw=0.8)
     labels = [
-        f"{stem} ({_lineage(r)}, widths {r['recipe']['widths'][0]}-{r['recipe']['widths'][-1]})" for stem, r, _ in rows
+        f"{stem} ({_lineage(r)}, widths {_widths(r)[0]}-{_widths(r)[-1]})" for stem, r, _ in rows
     ]
     ax.set_yticks(y, labels, fontsize=8)
-    ax.set_xlabel("test macro-F1 points over the better single source (mean over seeds, paired)")
+    ax.set_xlabel("test points over the better single source (macro-F1; mean Dice for segmentation; paired mean)")
     ax.set_title("Room for a merge, and what the chosen MedMerge recipe takes of it")
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.06), ncol=2, frameon=False)
@@ -437,6 +447,26 @@ def onepath_section(old: dict, new: dict, old_stem: str, new_stem: str, check: d
     return "\n".join(lines)
 
 
+def _seg_tag(r: dict) -> str:
+    """The key of source A's record: the ancestor itself in the paper's pair."""
+    return "ancestor" if r.get("pair", "ab") == "ancestor_b" else "a"
+
+
+def _seg_lineage(r: dict) -> str:
+    rec, sources = r["recipe"], r["sources"]["sources"]
+    if r.get("lineage", "independent") != "shared":
+        return f"each from its own random initialisation, {rec['source_epochs']} epochs each"
+    ancestor = r["data"]["ancestor"]
+    text = (
+        f"in the shared lineage: an ancestor trained {rec['ancestor_epochs']} epochs on {ancestor['name']} "
+        f"({ancestor['train']} scenes, {len(ancestor['classes']) - 1} classes; validation mean Dice "
+        f"{sources['ancestor']['val_mean_dice']:.3f}), then "
+    )
+    if r.get("pair") == "ancestor_b":
+        return text + f"B fine-tuned from it for {rec['source_epochs']} epochs and A the ancestor itself"
+    return text + f"A and B fine-tuned from it for {rec['source_epochs']} epochs each"
+
+
 def segmentation_section(results: Path) -> str:
     """The segmentation benchmark (`benchmarks/segmentation.py`): one part per `segmentation_k<k>.json`, Dice in
     points (x 100), mean +- sd over seeds, each one-network method paired per seed against the better source."""
@@ -461,15 +491,16 @@ def segmentation_section(results: Path) -> str:
 
         sources = r["sources"]["sources"]
         lines = [
-            f"## Segmentation on brain MRI, k = {r['k']} slices per structure (`{path.stem}.json`)",
+            f"## Segmentation on brain MRI, k = {r['k']} slices per structure, {_lineage(r)} lineage "
+            f"(`{path.stem}.json`)",
             "",
             f"Target: {data['target']['name']} ({', '.join(structures)}; background 0), k = {r['k']} training slices "
             f"per structure (their union per seed), {data['target']['val']} validation and {data['target']['test']} "
             f"test slices held out spatially (see docs/data.md, Segmentation tasks). Sources, each a 2-D MONAI UNet "
-            f"(channels {rec['channels']}, {rec['num_res_units']} residual units) from its own random "
-            f"initialisation: A = {data['source_a']['name']} (validation mean Dice "
-            f"{sources['a']['val_mean_dice']:.3f}), B = {data['source_b']['name']} (validation mean Dice "
-            f"{sources['b']['val_mean_dice']:.3f}), {rec['source_epochs']} epochs each. Preprocessing: "
+            f"(channels {rec['channels']}, {rec['num_res_units']} residual units), {_seg_lineage(r)}: "
+            f"A = {data['source_a']['name']} (validation mean Dice "
+            f"{sources[_seg_tag(r)]['val_mean_dice']:.3f}), B = {data['source_b']['name']} (validation mean Dice "
+            f"{sources['b']['val_mean_dice']:.3f}). Preprocessing: "
             f"{r['preprocessing']}. Metric: {r['metric']}. Test Dice x 100, mean +- sd over seeds {r['seeds']}; the "
             "last column is the mean paired per-seed difference of test mean Dice against the better single source "
             "(chosen by mean validation Dice) with the paired t-test's p.",
@@ -574,8 +605,14 @@ def main(argv: list[str] | None = None) -> None:
         data = json.loads(path.read_text())
         if data.get("benchmark") == "transfer":
             transfers.append((path.stem, data))
-    picture = plot_room(transfers, args.results / "room_and_share.png")
-    parts.append(room_section(transfers, picture.name if picture else None))
+    segmentations = []
+    for path in sorted(args.results.glob("segmentation_k*.json")):
+        data = json.loads(path.read_text())
+        if data.get("benchmark") == "segmentation":
+            segmentations.append((path.stem, data))
+    rooms = transfers + segmentations
+    picture = plot_room(rooms, args.results / "room_and_share.png")
+    parts.append(room_section(rooms, picture.name if picture else None))
     search = args.results / "room_search.json"
     if search.exists():
         import room_search  # the table the search script prints, from the same file

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from medmerge_bench.data import brain, segmentation
+from medmerge_bench.data import brain, fashion, segmentation
 
 INSTALLED = all((brain.MRICRON_DIR / name).is_file() for name in segmentation.FILES)
 HAS_NILEARN = importlib.util.find_spec("nilearn") is not None
@@ -23,7 +23,15 @@ pytestmark = pytest.mark.skipif(
 )
 pytest.importorskip("matplotlib")
 
-from medmerge_bench.segmentation import SEGMENTATION_METHODS, SegRecipe, dice_scores, run_segmentation  # noqa: E402
+from medmerge_bench.segmentation import (  # noqa: E402
+    SEGMENTATION_METHODS,
+    SegRecipe,
+    dice_scores,
+    pretrain_sources,
+    run_segmentation,
+)
+from monai_medmerge.networks import find_head  # noqa: E402
+from monai_medmerge.workflows.recipes import example_input  # noqa: E402
 
 TINY = SegRecipe(
     channels=(4, 8, 16),
@@ -107,3 +115,56 @@ def test_dice_of_the_truth_is_one_and_absent_structures_do_not_count():
     pred = torch.nn.functional.one_hot(half[:, 0], 4).permute(0, 3, 1, 2).float()
     scores = dice_scores(pred, labels, ("background", "one", "two", "three"))
     assert scores["dice"]["one"] == pytest.approx(2 / 3) and scores["mean_dice"] == pytest.approx(np.mean([2 / 3, 1]))
+
+
+FASHION_INSTALLED = (fashion.FASHION_DIR / fashion.FASHION_FILES["train_images"]).is_file()
+needs_fashion = pytest.mark.skipif(not FASHION_INSTALLED, reason=f"Fashion-MNIST is missing: {fashion.INSTALL_FASHION}")
+
+
+@needs_fashion
+def test_ancestor_scenes_are_labelled_garments_on_the_slice_grid():
+    task = segmentation.load_segmentation_ancestor_task()
+    assert task.name == "fashion-seg/garments" and task.test is None
+    assert task.class_names == ("background", *fashion.CLASS_NAMES)
+    for split, count in segmentation.ANCESTOR_SCENES.items():
+        x, y = task.splits()[split].images, task.splits()[split].labels
+        assert x.shape == y.shape == (count, 1, *segmentation.GRID_SHAPE[:2])
+        assert x.dtype == np.float32 and y.dtype == np.int64
+        # a pixel is labelled exactly where a garment is brighter than the threshold
+        assert np.array_equal(y > 0, x > segmentation.ANCESTOR_THRESHOLD)
+        assert 0 <= y.min() and y.max() <= 10 and len(np.unique(y)) == 11
+        assert ((y > 0).reshape(count, -1).any(1)).all()  # every scene shows a garment
+    again = segmentation.load_segmentation_ancestor_task()
+    assert np.array_equal(again.train.images, task.train.images) and np.array_equal(again.val.labels, task.val.labels)
+
+
+def test_recipe_refuses_an_unknown_lineage_or_an_ancestor_pair_without_one():
+    with pytest.raises(ValueError, match="lineage must be one of"):
+        SegRecipe(lineage="cousins")
+    with pytest.raises(ValueError, match="needs lineage='shared'"):
+        SegRecipe(pair="ancestor_b")
+    assert SegRecipe().source_key("v") != SegRecipe(lineage="shared").source_key("v")
+    assert SegRecipe(lineage="shared").source_key("v") != SegRecipe(lineage="shared", ancestor_epochs=2).source_key("v")
+
+
+@needs_fashion
+def test_shared_lineage_fine_tunes_both_sources_from_one_ancestor(tmp_path, monkeypatch):
+    monkeypatch.setenv("MONAI_MEDMERGE_CACHE", str(tmp_path / "cache"))
+    recipe = SegRecipe(**{**TINY.__dict__, "lineage": "shared", "ancestor_epochs": 1, "source_lr": 0.0})
+    tasks = segmentation.load_segmentation_tasks(k=2, seed=0, progress=False)
+    (a, b), info = pretrain_sources(tasks, recipe, log=lambda message: None)
+    assert info["lineage"] == "shared" and set(info["sources"]) == {"ancestor", "a", "b"}
+    assert info["sources"]["a"]["from"] == info["sources"]["b"]["from"] == "ancestor"
+    # with a zero learning rate the sources' bodies are the ancestor's: one starting point, new heads
+    head = find_head(a, example_input(tasks.target.train.images.shape[2:], 1))
+    body_a = {k: v for k, v in a.state_dict().items() if not k.startswith(head + ".")}
+    body_b = {k: v for k, v in b.state_dict().items() if not k.startswith(head + ".")}
+    assert body_a and all(torch.equal(v, body_b[k]) for k, v in body_a.items() if "running" not in k)
+    (a2, b2), again = pretrain_sources(tasks, recipe, log=lambda message: None)
+    assert all(m["cached"] for m in again["sources"].values())
+    pair = SegRecipe(**{**recipe.__dict__, "pair": "ancestor_b"})
+    (ancestor, b3), named = pretrain_sources(tasks, pair, log=lambda message: None)
+    assert named["names"][0] == "ancestor (fashion-seg/garments)"
+    example = example_input(tasks.target.train.images.shape[2:], 1)
+    with torch.no_grad():
+        assert ancestor(example).shape[1] == len(segmentation.ANCESTOR_CLASSES) and b3(example).shape[1] == 7
