@@ -109,15 +109,17 @@ def _metric(r: dict) -> str:
 
 
 def room_section(results: list[tuple[str, dict]], picture: str | None) -> str:
-    """One table over every transfer result with an ensemble row: the room and what the merges take of it."""
+    """One table over every transfer and segmentation result with an ensemble row: the room and what the merges
+    take of it."""
     lines = [
         "## Where merging can help: the room, and the share a merge takes",
         "",
         "The room of a benchmark is the ensemble of the fine-tuned sources (N networks, N times the cost) minus "
         "the best single-source fine-tuning (chosen on the mean validation key metric), test points of that metric "
-        "(macro-F1 for classification, mean Dice for segmentation), paired per seed. A one-network method's share is its own paired gain over the better source divided by the room (shown "
-        "only where the room is positive). The MedMerge recipe is chosen per benchmark on the mean validation key "
-        "metric among the MedMerge rows that benchmark ran.",
+        "(macro-F1 for classification, mean Dice for segmentation), paired per seed. A one-network method's share "
+        "is its own paired gain over the better source divided by the room (shown only where the room is positive). "
+        "The MedMerge recipe is chosen per benchmark on the mean validation key metric among the MedMerge rows "
+        "that benchmark ran.",
         "",
         "| result | task, k | metric | lineage | widths | seeds | room (p) | chosen MedMerge recipe | its gain (p) | "
         "share |",
@@ -168,9 +170,7 @@ def plot_room(results: list[tuple[str, dict]], path: Path) -> Path | None:
         [v - 0.2 for v in y], gains, 0.4, color="tab:red", label="chosen MedMerge recipe (1 network) - better source"
     )
     ax.axvline(0, color="black", lw=0.8)
-    labels = [
-        f"{stem} ({_lineage(r)}, widths {_widths(r)[0]}-{_widths(r)[-1]})" for stem, r, _ in rows
-    ]
+    labels = [f"{stem} ({_lineage(r)}, widths {_widths(r)[0]}-{_widths(r)[-1]})" for stem, r, _ in rows]
     ax.set_yticks(y, labels, fontsize=8)
     ax.set_xlabel("test points over the better single source (macro-F1; mean Dice for segmentation; paired mean)")
     ax.set_title("Room for a merge, and what the chosen MedMerge recipe takes of it")
