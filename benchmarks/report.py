@@ -185,6 +185,116 @@ def plot_room(results: list[tuple[str, dict]], path: Path) -> Path | None:
     return path
 
 
+WIDTH_METHODS = ("medmerge_ft", "paper_medmerge_ft")
+
+
+def _width_groups(results: list[tuple[str, dict]]) -> dict[tuple, list[tuple[str, dict, dict]]]:
+    """Transfer results with a room, grouped by (task, k, lineage and pair): only groups measured at two or more
+    widths, each sorted by its widest stage."""
+    groups: dict[tuple, list] = {}
+    for stem, r in results:
+        room = room_of(r)
+        if room is not None and r.get("benchmark") == "transfer":
+            groups.setdefault((r["task"], r["k"], _lineage(r)), []).append((stem, r, room))
+    return {
+        key: sorted(rows, key=lambda row: _widths(row[1])[-1])
+        for key, rows in groups.items()
+        if len({tuple(_widths(r)) for _, r, _ in rows}) > 1
+    }
+
+
+def width_section(results: list[tuple[str, dict]], pictures: list[str]) -> str:
+    """Gain over the better source against the network's width, the ensemble's (the room) beside it."""
+    groups = _width_groups(results)
+    if not groups:
+        return ""
+    lines = [
+        "## Width: the room and the merges' gain at the narrow and the standard ResNet widths",
+        "",
+        "The same task, lineage and recipe at the benchmark's narrow widths and at the standard ResNet-18 widths "
+        "(64-512; one basic block per stage in both). Test macro-F1 points over the better single source (chosen "
+        "on validation), paired per seed, with the paired t-test's p; the room is the ensemble's gain.",
+        "",
+        "| task, k | lineage | widths | result | seeds | room (p) | "
+        + " | ".join(f"{m} (p)" for m in WIDTH_METHODS)
+        + " |",
+        "|---" * (6 + len(WIDTH_METHODS)) + "|",
+    ]
+
+    def cell(paired: dict | None) -> str:
+        if paired is None:
+            return "-"
+        p = f" ({paired['t_test_p']:.2g})" if "t_test_p" in paired else ""
+        return f"{100 * paired['mean_difference']:+.1f}{p}"
+
+    for (task, k, lineage), rows in groups.items():
+        for stem, r, room in rows:
+            gains = [cell(room["vs_best_single_source"].get(m)) for m in WIDTH_METHODS]
+            lines.append(
+                f"| {task}, {k} | {lineage} | {_widths(r)[0]}-{_widths(r)[-1]} | `{stem}` | {len(r['seeds'])} | "
+                f"{cell(room['room'])} | " + " | ".join(gains) + " |"
+            )
+    lines.append("")
+    lines += [f"![{p}](../benchmarks/results/{p})" for p in pictures]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot_width(results: list[tuple[str, dict]], folder: Path) -> list[str]:
+    """One figure per task and k: the room and each merge's gain over the better source against the widest stage's
+    width, a line per lineage, a dot per seed. Returns the file names written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from monai_medmerge.io import atomic_write
+
+    by_task: dict[tuple, dict] = {}
+    for (task, k, lineage), rows in _width_groups(results).items():
+        by_task.setdefault((task, k), {})[lineage] = rows
+    written = []
+    series = (("room", "ensemble (2 networks): the room", "0.4"),) + tuple(
+        (m, m, c) for m, c in zip(WIDTH_METHODS, ("tab:blue", "tab:red"), strict=True)
+    )
+    for (task, k), lineages in by_task.items():
+        fig, ax = plt.subplots(figsize=(7.0, 4.2))
+        ticks: set[int] = set()
+        for j, (lineage, rows) in enumerate(lineages.items()):
+            style = ("-", "--", ":", "-.")[j % 4]
+            for key, label, color in series:
+                xs, ys, dots = [], [], []
+                for _, r, room in rows:
+                    paired = room["room"] if key == "room" else room["vs_best_single_source"].get(key)
+                    if paired is None:
+                        continue
+                    width = _widths(r)[-1]
+                    xs.append(width)
+                    ys.append(100 * paired["mean_difference"])
+                    dots += [(width, 100 * d) for d in paired["differences"]]
+                if not xs:
+                    continue
+                name = label if key == "room" else rows[0][1]["methods"].get(key, key)
+                ax.plot(xs, ys, style, marker="o", color=color, label=f"{name}, {lineage}")
+                ticks.update(xs)
+                ax.plot(*zip(*dots, strict=True), ".", color=color, alpha=0.35, ms=4)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)])
+        ax.set_xlabel("width of the last stage (channels; the first stage has 1/8 of it)")
+        ax.set_ylabel("test macro-F1 points over the better source")
+        ax.set_title(f"{task}, k = {k}: gain over the better single source against width (dots: seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        fig.tight_layout()
+        path = folder / f"width_{task}_k{k}.png"
+        with atomic_write(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path.name)
+    return written
+
+
 def transfer_section(r: dict, stem: str) -> str:
     s = r["summary"]
     lines = [
@@ -613,6 +723,9 @@ def main(argv: list[str] | None = None) -> None:
     rooms = transfers + segmentations
     picture = plot_room(rooms, args.results / "room_and_share.png")
     parts.append(room_section(rooms, picture.name if picture else None))
+    widths = width_section(transfers, plot_width(transfers, args.results))
+    if widths:
+        parts.append(widths)
     search = args.results / "room_search.json"
     if search.exists():
         import room_search  # the table the search script prints, from the same file

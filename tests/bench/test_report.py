@@ -1,0 +1,68 @@
+"""benchmarks/report.py: the room table takes segmentation results beside the transfer ones, and the width section
+and figure pair each task's results at different widths, with the numbers of the result files."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import report  # noqa: E402
+
+
+def _paired(differences: list[float]) -> dict:
+    return {"differences": differences, "mean_difference": sum(differences) / len(differences), "t_test_p": 0.5}
+
+
+def _result(benchmark: str, widths: list[int], lineage: str, room: list[float], gain: list[float]) -> dict:
+    recipe = {"widths": widths} if benchmark == "transfer" else {"channels": widths}
+    methods = {m: m for m in ("ft_a", "ft_b", "medmerge_ft", "paper_medmerge_ft", "ensemble")}
+    return {
+        "benchmark": benchmark,
+        "task": "fashion" if benchmark == "transfer" else "brain MRI segmentation",
+        "k": 10,
+        "lineage": lineage,
+        "pair": "ab",
+        "recipe": recipe,
+        "seeds": [0, 1],
+        "methods": methods,
+        "summary": {
+            "methods": dict.fromkeys(methods, {}),
+            "best_single_source": "ft_b",
+            "room": _paired(room),
+            "vs_best_single_source": {"medmerge_ft": _paired(gain), "paper_medmerge_ft": _paired([0.0, 0.02])},
+            "chosen_medmerge": {"method": "medmerge_ft", **_paired(gain), "share_of_room": 0.5},
+        },
+    }
+
+
+RESULTS = [
+    ("fashion_k10_narrow", _result("transfer", [16, 32, 64, 128], "independent", [0.02, 0.04], [0.01, 0.01])),
+    ("fashion_k10_wide", _result("transfer", [64, 128, 256, 512], "independent", [0.05, 0.07], [0.03, 0.05])),
+    ("fashion_k10_shared", _result("transfer", [16, 32, 64, 128], "shared", [0.03, 0.03], [0.0, 0.01])),
+]
+
+
+def test_width_section_pairs_the_widths_of_one_task_and_lineage(tmp_path):
+    pictures = report.plot_width(RESULTS, tmp_path)
+    assert pictures == ["width_fashion_k10.png"]
+    assert (tmp_path / pictures[0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = report.width_section(RESULTS, pictures)
+    rows = [line for line in text.splitlines() if line.startswith("| fashion, 10")]
+    # the shared lineage has one width only: no row; the independent rows in order of width, with their numbers
+    assert [row.split(" | ")[3] for row in rows] == ["`fashion_k10_narrow`", "`fashion_k10_wide`"]
+    assert "| 64-512 | `fashion_k10_wide` | 2 | +6.0 (0.5) | +4.0 (0.5) | +1.0 (0.5) |" in rows[1]
+    assert "width_fashion_k10.png" in text
+    assert report.width_section(RESULTS[:1], []) == ""
+
+
+def test_room_table_lists_segmentation_with_its_metric():
+    segmentation = ("segmentation_k2", _result("segmentation", [16, 32, 64, 128], "shared", [0.02, 0.0], [0.05, 0.03]))
+    text = report.room_section([RESULTS[0], segmentation], None)
+    row = next(line for line in text.splitlines() if "`segmentation_k2`" in line)
+    assert "| mean Dice | shared | [16, 32, 64, 128] | 2 | +1.0 (p 0.5) | medmerge_ft | +4.0 (p 0.5) | 50% |" in row
+    assert "| macro-F1 | independent |" in next(line for line in text.splitlines() if "fashion_k10_narrow" in line)
