@@ -48,7 +48,7 @@ from torch import nn
 
 from medmerge_bench.data.segmentation import SEGMENTATION_DATA_VERSION
 from medmerge_bench.data.tasks import cache_dir
-from medmerge_bench.transfer import METHOD_LABELS, room_summary
+from medmerge_bench.transfer import METHOD_LABELS, lineage_networks, room_summary
 from monai_medmerge.data.pipelines import instantiate_step, preprocessing_config
 from monai_medmerge.io import write_json
 from monai_medmerge.merging import get_method
@@ -306,21 +306,7 @@ def pretrain_sources(
         info["sources"][tag] = meta
         return net.eval()
 
-    ancestor = None
-    if ancestor_task is not None:
-        ancestor = trained("ancestor", ancestor_task, recipe.source_seeds[0], recipe.ancestor_epochs, None)
-    nets = [
-        trained(tag, task, seed, recipe.source_epochs, ancestor)
-        for tag, task, seed in (
-            ("a", tasks.source_a, recipe.source_seeds[0]),
-            ("b", tasks.source_b, recipe.source_seeds[1]),
-        )
-    ]
-    info["names"] = [tasks.source_a.name, tasks.source_b.name]
-    if recipe.pair == "ancestor_b":
-        nets[0] = ancestor
-        info["names"][0] = f"ancestor ({ancestor_task.name})"
-    return nets, info
+    return lineage_networks(trained, tasks, ancestor_task, recipe, info), info
 
 
 @torch.no_grad()

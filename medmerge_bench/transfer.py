@@ -66,6 +66,7 @@ from monai_medmerge.workflows import classification_metrics, fine_tune, fit, lea
 
 __all__ = [
     "Recipe",
+    "lineage_networks",
     "COMPARISON_METHODS",
     "MEDMERGE_RECIPES",
     "Distilled",
@@ -317,6 +318,17 @@ def pretrain_sources(
         info["sources"][tag] = meta
         return net.eval()
 
+    return lineage_networks(trained, tasks, ancestor_task, recipe, info), info
+
+
+def lineage_networks(trained, tasks, ancestor_task, recipe, info: dict) -> list[nn.Module]:
+    """The source networks of a run in its lineage and pair, for every benchmark.
+
+    ``trained(tag, task, seed, epochs, start)`` trains (or loads) one network on ``task`` from ``start`` (None:
+    a fresh initialisation). The ancestor, when ``ancestor_task`` is given, is trained first and A and B start
+    from it; ``recipe.pair`` then picks the sources: ``ab``, ``ancestor_b`` (the ancestor in A's place) or
+    ``ab_ancestor`` (the ancestor as a third source). Writes ``info["names"]``, what each source is.
+    """
     ancestor = None
     if ancestor_task is not None:
         ancestor = trained("ancestor", ancestor_task, recipe.source_seeds[0], recipe.ancestor_epochs, None)
@@ -334,7 +346,7 @@ def pretrain_sources(
     elif recipe.pair == "ab_ancestor":
         sources.append(ancestor)
         info["names"].append(f"ancestor ({ancestor_task.name})")
-    return sources, info
+    return sources
 
 
 def from_source(source: nn.Module, num_classes: int, recipe: Recipe) -> nn.Module:
