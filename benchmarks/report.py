@@ -119,11 +119,13 @@ def room_section(results: list[tuple[str, dict]], picture: str | None) -> str:
         "(macro-F1 for classification, mean Dice for segmentation), paired per seed. A one-network method's share "
         "is its own paired gain over the better source divided by the room (shown only where the room is positive). "
         "The MedMerge recipe is chosen per benchmark on the mean validation key metric among the MedMerge rows "
-        "that benchmark ran.",
+        "that benchmark ran. The last column, where a benchmark ran it, is the paper's recipe against a control with "
+        "the same fine-tuning budget and no merge (the better source's fine-tuned network fine-tuned again): the "
+        "paper's recipe fine-tunes twice, so its gain over a single fine-tuning can be budget alone.",
         "",
         "| result | task, k | metric | lineage | widths | seeds | room (p) | chosen MedMerge recipe | its gain (p) | "
-        "share |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "share | paper's recipe vs equal-budget control (p) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def p_of(paired: dict) -> str:
@@ -140,9 +142,11 @@ def room_section(results: list[tuple[str, dict]], picture: str | None) -> str:
             name = r["methods"][chosen["method"]]
             gain = f"{100 * chosen['mean_difference']:+.1f}{p_of(chosen)}"
             share = "-" if chosen.get("share_of_room") is None else f"{100 * chosen['share_of_room']:.0f}%"
+        control = _paper_control(r["summary"])
+        budget = "-" if control is None else f"{100 * control['mean_difference']:+.1f}{p_of(control)}"
         lines.append(
             f"| `{stem}` | {r['task']}, {r['k']} | {_metric(r)} | {_lineage(r)} | {_widths(r)} | {len(r['seeds'])} | "
-            f"{100 * rm['mean_difference']:+.1f}{p_of(rm)} | {name} | {gain} | {share} |"
+            f"{100 * rm['mean_difference']:+.1f}{p_of(rm)} | {name} | {gain} | {share} | {budget} |"
         )
     if picture:
         lines += ["", f"![{picture}](../benchmarks/results/{picture})"]
@@ -557,6 +561,21 @@ def onepath_section(old: dict, new: dict, old_stem: str, new_stem: str, check: d
     return "\n".join(lines)
 
 
+def _paper_control(s: dict) -> dict | None:
+    """The paper's recipe against its control of the same fine-tuning budget (``ft_longer``) in a segmentation
+    summary: recorded in newer files, computed from the recorded per-seed Dice (the same function) in older ones."""
+    control = s.get("paper_medmerge_ft_vs_ft_longer")
+    if control is None and {"paper_medmerge_ft", "ft_longer"} <= set(s["methods"]):
+        from medmerge_bench.transfer import room_summary
+
+        table = {
+            m: {"val_macro_f1": s["methods"][m]["val_mean_dice"], "test_macro_f1": s["methods"][m]["test_mean_dice"]}
+            for m in ("paper_medmerge_ft", "ft_longer")
+        }
+        control = room_summary(table, ["paper_medmerge_ft"], "ft_longer")["vs_best_single_source"]["paper_medmerge_ft"]
+    return control
+
+
 def _seg_tag(r: dict) -> str:
     """The key of source A's record: the ancestor itself in the paper's pair."""
     return "ancestor" if r.get("pair", "ab") == "ancestor_b" else "a"
@@ -644,19 +663,7 @@ def segmentation_section(results: Path) -> str:
                         f"(per seed {', '.join(f'{100 * d:+.1f}' for d in p['differences'])}; "
                         f"{'; '.join(tests) or 'one seed: no test'}{share}).",
                     ]
-            control = s.get("paper_medmerge_ft_vs_ft_longer")
-            if control is None and {"paper_medmerge_ft", "ft_longer"} <= set(s["methods"]):
-                from medmerge_bench.transfer import room_summary  # from the recorded per-seed Dice, as room_of does
-
-                table = {
-                    m: {
-                        "val_macro_f1": s["methods"][m]["val_mean_dice"],
-                        "test_macro_f1": s["methods"][m]["test_mean_dice"],
-                    }
-                    for m in ("paper_medmerge_ft", "ft_longer")
-                }
-                control = room_summary(table, ["paper_medmerge_ft"], "ft_longer")["vs_best_single_source"]
-                control = control["paper_medmerge_ft"]
+            control = _paper_control(s)
             if control is not None:
                 p_value = f"paired t-test p = {control['t_test_p']:.2g}" if "t_test_p" in control else "one seed"
                 lines += [

@@ -20,6 +20,9 @@ Methods (the names of :mod:`medmerge_bench.transfer`, so its paired statistics a
   fine-tuning validated better in this seed; ``medmerge`` is the collapsed network before fine-tuning.
 - ``ft_longer``: the anchor's ``ft_a``/``ft_b`` network fine-tuned once more with the same budget: the paper's
   recipe trains for phase 0 and phase 2, twice a single fine-tuning, and this is its control without a merge.
+- ``ft_head_first``: the direct recipe's control without a merge: the anchor source with a new head, the head
+  trained alone with the body frozen for phase 1's epochs and learning rate, then every parameter fine-tuned (the
+  schedule of ``medmerge_ft``, as linear probing before fine-tuning).
 - ``paper_medmerge_ft``: the paper's recipe: ``ft_a`` and ``ft_b`` merged with their heads
   (``merge_heads=True``), coefficients learned, collapsed, fine-tuned.
 - ``ensemble``: mean softmax of ``ft_a`` and ``ft_b`` (two networks at inference).
@@ -52,6 +55,7 @@ from medmerge_bench.transfer import METHOD_LABELS, lineage_networks, room_summar
 from monai_medmerge.data.pipelines import instantiate_step, preprocessing_config
 from monai_medmerge.io import write_json
 from monai_medmerge.merging import get_method
+from monai_medmerge.networks import find_head
 from monai_medmerge.sources import load_checkpoint, save_checkpoint
 from monai_medmerge.workflows import fit
 from monai_medmerge.workflows.engines import collapse_merge, merge_parameter_groups, phase1_network
@@ -78,6 +82,7 @@ SEGMENTATION_METHODS = (
     "ft_a",
     "ft_b",
     "ft_longer",
+    "ft_head_first",
     "average_ft",
     "medmerge_ft",
     "paper_medmerge_ft",
@@ -85,7 +90,10 @@ SEGMENTATION_METHODS = (
 )
 # what the benchmark runs by default: the uniform average costs one more fine-tuning per seed and is left out
 DEFAULT_METHODS = tuple(m for m in SEGMENTATION_METHODS if m != "average_ft")
-LABELS = METHOD_LABELS | {"ft_longer": "FT from the anchor source, fine-tuned again (the paper recipe's FT budget)"}
+LABELS = METHOD_LABELS | {
+    "ft_longer": "FT from the anchor source, fine-tuned again (the paper recipe's FT budget)",
+    "ft_head_first": "FT from the anchor source after training its new head alone (the direct recipe's schedule)",
+}
 MERGE_METHODS = ("medmerge_ft", "paper_medmerge_ft")
 LINEAGES = ("independent", "shared")
 PAIRS = ("ab", "ancestor_b")
@@ -442,6 +450,18 @@ def run_seed(
         torch.manual_seed(seed)
         tuned("ft_longer", copy.deepcopy(ft_nets[out.anchor]), t0)
     example = example_input(size, 1)
+    if "ft_head_first" in methods:
+        t0 = time.time()
+        torch.manual_seed(seed)
+        net = with_new_head(sources[out.anchor], HEAD, k, example)
+        head = net.get_submodule(find_head(net, example))
+        for p in net.parameters():
+            p.requires_grad_(False)
+        for p in head.parameters():
+            p.requires_grad_(True)
+        groups = [{"params": list(head.parameters()), "lr": recipe.head_lr}]
+        _train(net, loaders, groups, recipe.coef_epochs, recipe, "train the new head alone", progress)
+        tuned("ft_head_first", net, t0)
     if "average_ft" in methods:
         t0 = time.time()
         torch.manual_seed(seed)
@@ -523,6 +543,10 @@ def summarize(results: Sequence[SegSeedResult], structures: Sequence[str]) -> di
                 m for m in MERGE_METHODS if m in methods
             )
         summary |= paired
+        if {"medmerge_ft", "ft_head_first"} <= set(methods):
+            # the direct recipe against the same schedule (head first, then everything) without a merge
+            control = room_summary(dice_table, ["medmerge_ft"], "ft_head_first")["vs_best_single_source"]
+            summary["medmerge_ft_vs_ft_head_first"] = control["medmerge_ft"]
         if {"paper_medmerge_ft", "ft_longer"} <= set(methods):
             # the paper's recipe against its control of the same fine-tuning budget without a merge
             control = room_summary(dice_table, ["paper_medmerge_ft"], "ft_longer")["vs_best_single_source"]

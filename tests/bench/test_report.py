@@ -62,7 +62,9 @@ def test_width_section_pairs_the_widths_of_one_task_and_lineage(tmp_path):
 
 def test_room_table_lists_segmentation_with_its_metric():
     segmentation = ("segmentation_k2", _result("segmentation", [16, 32, 64, 128], "shared", [0.02, 0.0], [0.05, 0.03]))
+    segmentation[1]["summary"]["paper_medmerge_ft_vs_ft_longer"] = _paired([0.01, -0.03])
     text = report.room_section([RESULTS[0], segmentation], None)
     row = next(line for line in text.splitlines() if "`segmentation_k2`" in line)
     assert "| mean Dice | shared | [16, 32, 64, 128] | 2 | +1.0 (p 0.5) | medmerge_ft | +4.0 (p 0.5) | 50% |" in row
+    assert row.endswith("| 50% | -1.0 (p 0.5) |")  # the paper's recipe against its equal-budget control
     assert "| macro-F1 | independent |" in next(line for line in text.splitlines() if "fashion_k10_narrow" in line)

@@ -75,7 +75,13 @@ def test_result_file_holds_what_the_report_reads(run):
     summary = written["summary"]
     assert set(SEGMENTATION_METHODS) <= set(summary["methods"])
     assert summary["best_single_source"] in ("ft_a", "ft_b")
-    assert {"room", "vs_best_single_source", "chosen_medmerge", "paper_medmerge_ft_vs_ft_longer"} <= set(summary)
+    assert {
+        "room",
+        "vs_best_single_source",
+        "chosen_medmerge",
+        "paper_medmerge_ft_vs_ft_longer",
+        "medmerge_ft_vs_ft_head_first",
+    } <= set(summary)
 
 
 def test_every_method_and_the_ensemble_scores_dice_in_unit_range_per_structure(run):
@@ -100,6 +106,8 @@ def test_paired_numbers_are_the_recorded_differences(run):
     assert summary["room"]["differences"] == pytest.approx([room])
     gain = records["medmerge_ft"]["test"]["mean_dice"] - records[best]["test"]["mean_dice"]
     assert summary["vs_best_single_source"]["medmerge_ft"]["mean_difference"] == pytest.approx(gain)
+    schedule = records["medmerge_ft"]["test"]["mean_dice"] - records["ft_head_first"]["test"]["mean_dice"]
+    assert summary["medmerge_ft_vs_ft_head_first"]["differences"] == pytest.approx([schedule])
 
 
 def test_dice_of_the_truth_is_one_and_absent_structures_do_not_count():
