@@ -246,7 +246,8 @@ def width_section(results: list[tuple[str, dict]], pictures: list[str]) -> str:
 
 def plot_width(results: list[tuple[str, dict]], folder: Path) -> list[str]:
     """One figure per task and k: the room and each merge's gain over the better source against the widest stage's
-    width, a line per lineage, a dot per seed. Returns the file names written."""
+    width, a line per lineage, a dot per seed; at a width measured more than once, the most recently written result
+    that has the row. Returns the file names written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -267,18 +268,20 @@ def plot_width(results: list[tuple[str, dict]], folder: Path) -> list[str]:
         for j, (lineage, rows) in enumerate(lineages.items()):
             style = ("-", "--", ":", "-.")[j % 4]
             for key, label, color in series:
-                xs, ys, dots = [], [], []
+                # per width the most recently written result that has this series (reruns repeat older rows)
+                latest: dict[int, tuple[str, dict]] = {}
                 for _, r, room in rows:
                     paired = room["room"] if key == "room" else room["vs_best_single_source"].get(key)
-                    if paired is None:
-                        continue
                     width = _widths(r)[-1]
-                    xs.append(width)
-                    ys.append(100 * paired["mean_difference"])
-                    dots += [(width, 100 * d) for d in paired["differences"]]
-                if not xs:
+                    if paired is not None and r.get("written", "") >= latest.get(width, ("", None))[0]:
+                        latest[width] = (r.get("written", ""), paired)
+                if not latest:
                     continue
-                name = label if key == "room" else rows[0][1]["methods"].get(key, key)
+                xs = sorted(latest)
+                ys = [100 * latest[w][1]["mean_difference"] for w in xs]
+                dots = [(w, 100 * d) for w in xs for d in latest[w][1]["differences"]]
+                names = [r["methods"][key] for _, r, _ in rows if key in r["methods"]]
+                name = label if key == "room" or not names else names[0]
                 ax.plot(xs, ys, style, marker="o", color=color, label=f"{name}, {lineage}")
                 ticks.update(xs)
                 ax.plot(*zip(*dots, strict=True), ".", color=color, alpha=0.35, ms=4)
