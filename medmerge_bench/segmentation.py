@@ -267,6 +267,8 @@ def pretrain_sources(
     key = recipe.source_key(digest.hexdigest()[:16])
     folder = cache_dir() / "sources" / key
     info: dict = {"key": key, "lineage": recipe.lineage, "pair": recipe.pair, "sources": {}}
+    if ancestor_task is not None:
+        info["ancestor_task"] = _describe(ancestor_task)
 
     def trained(tag: str, task, seed: int, epochs: int, start: nn.Module | None) -> nn.Module:
         path, meta_path = folder / f"source_{tag}.safetensors", folder / f"source_{tag}.json"
@@ -652,7 +654,7 @@ def run_segmentation(
         the report written to ``<name>.json``.
     """
     from medmerge_bench.comparison import machine_description
-    from medmerge_bench.data.segmentation import load_segmentation_ancestor_task, load_segmentation_tasks
+    from medmerge_bench.data.segmentation import load_segmentation_tasks
 
     recipe = recipe or SegRecipe()
     name = name or f"segmentation_k{k}"
@@ -698,7 +700,7 @@ def run_segmentation(
         "metric": "MONAI DiceMetric of the argmax label map, background excluded, slices without a structure not "
         "counted for it; mean Dice = mean over counted (slice, structure) pairs (the validation key metric)",
         "data": {
-            "source_a": _describe(load_segmentation_ancestor_task() if recipe.pair == "ancestor_b" else tasks.source_a),
+            "source_a": source_info["ancestor_task"] if recipe.pair == "ancestor_b" else _describe(tasks.source_a),
             "source_b": _describe(tasks.source_b),
             "target": {
                 "name": target.name,
@@ -706,7 +708,7 @@ def run_segmentation(
                 "val": len(target.val),
                 "test": len(target.test),
             },
-            **({"ancestor": _describe(load_segmentation_ancestor_task())} if recipe.lineage == "shared" else {}),
+            **({"ancestor": source_info["ancestor_task"]} if "ancestor_task" in source_info else {}),
             "split_rule": tasks.split_rule,
             "notes": tasks.notes,
         },
