@@ -156,10 +156,9 @@ def room_section(results: list[tuple[str, dict]], picture: str | None) -> str:
 
 def plot_room(results: list[tuple[str, dict]], path: Path) -> Path | None:
     """Bars per benchmark: the room and the chosen MedMerge recipe's gain over the better source (test points)."""
-    import matplotlib
+    from medmerge_bench.plots import _backend, _save, plt
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    _backend()
 
     rows = [(stem, r, room_of(r)) for stem, r in results]
     rows = [(stem, r, room) for stem, r, room in rows if room is not None and room.get("chosen_medmerge")]
@@ -181,12 +180,7 @@ def plot_room(results: list[tuple[str, dict]], path: Path) -> Path | None:
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.06), ncol=2, frameon=False)
     fig.tight_layout()
-    from monai_medmerge.io import atomic_write
-
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 WIDTH_METHODS = ("medmerge_ft", "paper_medmerge_ft")
@@ -248,13 +242,9 @@ def plot_width(results: list[tuple[str, dict]], folder: Path) -> list[str]:
     """One figure per task and k: the room and each merge's gain over the better source against the widest stage's
     width, a line per lineage, a dot per seed; at a width measured more than once, the most recently written result
     that has the row. Returns the file names written."""
-    import matplotlib
+    from medmerge_bench.plots import _backend, _save, plt
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from monai_medmerge.io import atomic_write
-
+    _backend()
     by_task: dict[tuple, dict] = {}
     for (task, k, lineage), rows in _width_groups(results).items():
         by_task.setdefault((task, k), {})[lineage] = rows
@@ -294,11 +284,7 @@ def plot_width(results: list[tuple[str, dict]], folder: Path) -> list[str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         fig.tight_layout()
-        path = folder / f"width_{task}_k{k}.png"
-        with atomic_write(path, "wb") as f:
-            fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        written.append(path.name)
+        written.append(_save(fig, folder / f"width_{task}_k{k}.png").name)
     return written
 
 

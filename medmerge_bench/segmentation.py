@@ -51,7 +51,7 @@ from torch import nn
 
 from medmerge_bench.data.segmentation import SEGMENTATION_DATA_VERSION
 from medmerge_bench.data.tasks import cache_dir
-from medmerge_bench.transfer import METHOD_LABELS, lineage_networks, room_summary
+from medmerge_bench.transfer import METHOD_LABELS, head_only, lineage_networks, room_summary
 from monai_medmerge.data.pipelines import instantiate_step, preprocessing_config
 from monai_medmerge.io import write_json
 from monai_medmerge.merging import get_method
@@ -456,11 +456,7 @@ def run_seed(
         t0 = time.time()
         torch.manual_seed(seed)
         net = with_new_head(sources[out.anchor], HEAD, k, example)
-        head = net.get_submodule(find_head(net, example))
-        for p in net.parameters():
-            p.requires_grad_(False)
-        for p in head.parameters():
-            p.requires_grad_(True)
+        head = head_only(net, find_head(net, example))
         groups = [{"params": list(head.parameters()), "lr": recipe.head_lr}]
         _train(net, loaders, groups, recipe.coef_epochs, recipe, "train the new head alone", progress)
         tuned("ft_head_first", net, t0)

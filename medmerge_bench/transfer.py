@@ -66,6 +66,7 @@ from monai_medmerge.workflows import classification_metrics, fine_tune, fit, lea
 
 __all__ = [
     "Recipe",
+    "head_only",
     "lineage_networks",
     "COMPARISON_METHODS",
     "MEDMERGE_RECIPES",
@@ -445,11 +446,7 @@ def run_seed(
         if f"lpft_{tag}" in methods:
             torch.manual_seed(seed)
             net = from_source(sources[i], k, recipe)
-            head = net.get_submodule(HEAD)
-            for p in net.parameters():
-                p.requires_grad_(False)
-            for p in head.parameters():
-                p.requires_grad_(True)
+            head = head_only(net, HEAD)
             # the probe trains on frozen features: the body stays in eval mode so its norm statistics do not move
             fit(
                 _Probe(net, head),
@@ -680,6 +677,16 @@ def coefficient_penalty(merge: KernelMerge, weight: float):
         return cross_entropy(pred, label) + weight * (merge.merge_logits - start.to(pred.device)).pow(2).mean()
 
     return loss
+
+
+def head_only(net: nn.Module, head: str) -> nn.Module:
+    """Freeze every parameter of ``net`` except those of its module ``head``, which is returned (linear probing)."""
+    module = net.get_submodule(head)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    for p in module.parameters():
+        p.requires_grad_(True)
+    return module
 
 
 class _Probe(nn.Module):
