@@ -26,8 +26,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -104,6 +106,23 @@ TARGETS = {
 }
 
 
+ALLOCATORS = ("default", "no-mmap")
+
+
+def use_allocator(name: str) -> None:
+    """Set glibc malloc's policy for this process: ``default``, or ``no-mmap`` (large blocks from the heap, never
+    returned), which removes the page faults of freshly mapped activation memory that otherwise cost a fifth of a 3-D
+    CPU step and vary with the allocator's state; the same as running under ``MALLOC_MMAP_MAX_=0
+    MALLOC_TRIM_THRESHOLD_=<large>``. Both modes of a comparison run under the same policy."""
+    if name == "default":
+        return
+    # mallopt parameters from glibc's malloc.h; there is no Python binding for them
+    m_trim_threshold, m_mmap_max = -1, -4
+    libc = ctypes.CDLL("libc.so.6")
+    if not (libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1)):
+        raise RuntimeError(f"glibc mallopt refused the {name!r} allocator policy")
+
+
 def case(arch: str, quick: bool = False) -> dict:
     """The configuration of ``arch``, with the quick profile's smaller input when ``quick``."""
     cfg = dict(CONFIGS[arch])
@@ -149,14 +168,20 @@ def step(net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.T
     opt.step()
 
 
-def timed(fn, device: torch.device) -> float:
+def timed(fn, device: torch.device, usage: list | None = None) -> float:
+    """Wall time of ``fn()``; with ``usage``, also append its (minor page faults, system CPU seconds) to it."""
     if device.type == "cuda":
         torch.cuda.synchronize()
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0
+    if usage is not None:
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        usage.append((r1.ru_minflt - r0.ru_minflt, r1.ru_stime - r0.ru_stime))
+    return elapsed
 
 
 def quartiles(values: list[float]) -> list[float]:
@@ -174,14 +199,17 @@ def step_times(cfg: dict, n: int, reps: int, warmup: int, device: torch.device, 
         step(plain, plain_opt, x, y, loss_fn)
         step(merge, merge_opt, x, y, loss_fn)
     times = {"plain": [], "merge": []}
+    usage = {"plain": [], "merge": []}
     for r in range(reps):
         order = ("plain", "merge") if r % 2 == 0 else ("merge", "plain")
         for mode in order:
             net, opt = (plain, plain_opt) if mode == "plain" else (merge, merge_opt)
-            times[mode].append(timed(lambda net=net, opt=opt: step(net, opt, x, y, loss_fn), device))
+            times[mode].append(timed(lambda net=net, opt=opt: step(net, opt, x, y, loss_fn), device, usage[mode]))
     med = {k: statistics.median(v) for k, v in times.items()}
     # each rep's ratio of neighbouring steps cancels slow drifts of the machine; report its median too
     ratios = [m / p for m, p in zip(times["merge"], times["plain"], strict=True)]
+    ops = merge_op_times(merge, reps, device)
+    ops["share_of_plain_step"] = ops["median_s"] / med["plain"]
     return {
         "median_s": med,
         "ratio_of_medians": med["merge"] / med["plain"],
@@ -189,6 +217,11 @@ def step_times(cfg: dict, n: int, reps: int, warmup: int, device: torch.device, 
         "quartiles_s": {k: quartiles(v) for k, v in times.items()},
         "paired_ratio_quartiles": quartiles(ratios),
         "times_s": times,
+        # page faults and kernel time per step: on CPU, first touches of freshly mapped memory for the activations
+        # cost a fifth of a 3-D step and differ between runs with the allocator's state; they explain most spread
+        "minor_faults_median": {k: statistics.median(f for f, _ in v) for k, v in usage.items()},
+        "system_s_median": {k: statistics.median(s for _, s in v) for k, v in usage.items()},
+        "merge_ops": ops,
         "reps": reps,
         "warmup": warmup,
         "head": merge.head,
@@ -198,6 +231,25 @@ def step_times(cfg: dict, n: int, reps: int, warmup: int, device: torch.device, 
             "merge": sum(p.numel() for p in merge.parameters() if p.requires_grad),
         },
     }
+
+
+def merge_op_times(merge: KernelMerge, reps: int, device: torch.device) -> dict:
+    """Median time of the merge's own work in a step, alone: the weighted sums forward and their backward.
+
+    Everything else in a coefficient-learning step is the forward and backward of one network of the sources'
+    architecture, which a fine-tuning step runs too (it adds the optimizer's update of every weight instead).
+    """
+    grads = {k: torch.ones_like(v) for k, v in merge.merged_parameters().items()}
+    times = []
+    for _ in range(reps):
+
+        def run():
+            merged = merge.merged_parameters()
+            torch.autograd.backward(list(merged.values()), [grads[k] for k in merged])
+            merge.merge_logits.grad = None
+
+        times.append(timed(run, device))
+    return {"median_s": statistics.median(times), "quartiles_s": quartiles(times)}
 
 
 def inference_times(cfg: dict, n: int, reps: int, warmup: int, device: torch.device, seed: int) -> dict:
@@ -233,12 +285,15 @@ def _rss_mib(field: str) -> float:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_memory_child(arch: str, quick: bool, mode: str, n: int, steps: int, device: str, seed: int) -> None:
+def peak_memory_child(
+    arch: str, quick: bool, mode: str, n: int, steps: int, device: str, seed: int, allocator: str
+) -> None:
     """Run in a fresh process: print the peak memory (MiB) that building and training ``steps`` steps add.
 
     On CPU: the peak resident set size (VmHWM) above the resident size after imports, with the peak reset first
     (``/proc/self/clear_refs``) so that import-time peaks do not count. On CUDA: max allocated device memory.
     """
+    use_allocator(allocator)
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -255,11 +310,29 @@ def peak_memory_child(arch: str, quick: bool, mode: str, n: int, steps: int, dev
     print(json.dumps({"peak_mib": peak}))
 
 
-def peak_memory(arch: str, quick: bool, mode: str, n: int, steps: int, device: torch.device, seed: int) -> float:
-    child = [arch, str(int(quick)), mode, str(n), str(steps), str(device), str(seed)]
+def peak_memory(
+    arch: str, quick: bool, mode: str, n: int, steps: int, device: torch.device, seed: int, allocator: str
+) -> float:
+    child = [arch, str(int(quick)), mode, str(n), str(steps), str(device), str(seed), allocator]
     cmd = [sys.executable, __file__, "--_memory-child", *child]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+
+
+def _row_key(row: dict) -> tuple:
+    return row["arch"], row["n_sources"], row.get("allocator", "default")
+
+
+def updated_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` rows in their order with those measured again replaced by ``new``; new cases appended after the rows of
+    their network (each row keeps its own machine state, allocator and time)."""
+    fresh = {_row_key(r): r for r in new}
+    rows = [fresh.pop(_row_key(r), r) for r in old]
+    for row in new:
+        if _row_key(row) in fresh:
+            last = max((i for i, r in enumerate(rows) if r["arch"] == row["arch"]), default=len(rows) - 1)
+            rows.insert(last + 1, fresh.pop(_row_key(row)))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -277,12 +350,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "merge_overhead.json")
-    parser.add_argument("--_memory-child", nargs=7, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--allocator",
+        choices=ALLOCATORS,
+        default="default",
+        help="glibc malloc policy for both modes (see use_allocator); recorded in each row",
+    )
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="replace only the measured rows (same network, N and allocator) in an existing --out file",
+    )
+    parser.add_argument("--_memory-child", nargs=8, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._memory_child:
-        arch, quick, mode, n, steps, device, seed = args._memory_child
-        peak_memory_child(arch, bool(int(quick)), mode, int(n), int(steps), device, int(seed))
+        arch, quick, mode, n, steps, device, seed, allocator = args._memory_child
+        peak_memory_child(arch, bool(int(quick)), mode, int(n), int(steps), device, int(seed), allocator)
         return {}
+    use_allocator(args.allocator)
 
     device = torch.device(args.device)
     archs = args.arch or (list(QUICK_ARCHS) if args.quick else list(CONFIGS))
@@ -305,15 +390,19 @@ def main(argv: list[str] | None = None) -> dict:
                 "batch": cfg["batch"],
                 "input": cfg["shape"],
                 "classes": cfg["classes"],
+                "allocator": args.allocator,
+                "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                "code": machine_description().get("code"),
             }
             row["train_step"] = step_times(cfg, n, reps, warmup, device, args.seed)
             print(f"[merge_overhead] {arch} N={n}: peak memory", flush=True)
             row["peak_memory_mib"] = {
-                m: peak_memory(arch, args.quick, m, n, 2, device, args.seed) for m in ("plain", "merge")
+                m: peak_memory(arch, args.quick, m, n, 2, device, args.seed, args.allocator) for m in ("plain", "merge")
             }
             print(f"[merge_overhead] {arch} N={n}: inference", flush=True)
             row["inference"] = inference_times(cfg, n, reps, warmup, device, args.seed)
             row["load_average"] = {"before": load_before, "after": os.getloadavg()}
+            row["written"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             ratio = row["train_step"]["ratio_of_medians"]
             target = TARGETS["step_ratio"][cfg["task"]][n]
             lo, hi = TARGETS["inference_ratio"]
@@ -325,7 +414,9 @@ def main(argv: list[str] | None = None) -> dict:
             paired, (q1, q3) = row["train_step"]["median_paired_ratio"], row["train_step"]["paired_ratio_quartiles"]
             print(
                 f"  step merge/plain {ratio:.3f} (target <= {target}; paired {paired:.3f}, "
-                f"quartiles {q1:.3f}-{q3:.3f}), inference collapsed/plain {row['inference']['ratio_of_medians']:.3f}, "
+                f"quartiles {q1:.3f}-{q3:.3f}; the merge's own ops "
+                f"{row['train_step']['merge_ops']['share_of_plain_step']:.3f} of a plain step), "
+                f"inference collapsed/plain {row['inference']['ratio_of_medians']:.3f}, "
                 f"peak MiB plain {row['peak_memory_mib']['plain']:.0f} merge {row['peak_memory_mib']['merge']:.0f}, "
                 f"load {load_before[0]:.1f} -> {row['load_average']['after'][0]:.1f}",
                 flush=True,
@@ -345,6 +436,8 @@ def main(argv: list[str] | None = None) -> dict:
         "results": results,
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if args.update and args.out.exists():
+        report["results"] = updated_rows(json.loads(args.out.read_text())["results"], results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, report)
     print(f"[merge_overhead] wrote {args.out}")
