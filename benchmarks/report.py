@@ -41,9 +41,10 @@ def merge_overhead_section(r: dict) -> str:
         "",
         f"Machine: {_machine(r['machine'])}. Device `{r['device']}`, seed {r['seed']}, written {r['written']}.",
         "",
-        "| network | input, batch | N | reps | plain step (ms) | merge step (ms) | ratio | paired ratio (quartiles) | "
-        "target | peak MiB plain / merge | inference collapsed / plain | load before / after |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| network | input, batch | N | allocator | reps | plain step (ms) | merge step (ms) | ratio | "
+        "paired ratio (quartiles) | target | the merge's own ops | page faults plain / merge | "
+        "peak MiB plain / merge | inference collapsed / plain | load before / after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in r["results"]:
         st, inf, mem = row["train_step"], row["inference"], row["peak_memory_mib"]
@@ -56,10 +57,14 @@ def merge_overhead_section(r: dict) -> str:
             paired += f" ({q1:.3f}-{q3:.3f})"
         load = row.get("load_average")
         load = f"{load['before'][0]:.1f} / {load['after'][0]:.1f}" if load else "-"
+        # rows written before these were recorded show a dash
+        ops = f"{st['merge_ops']['share_of_plain_step']:.3f}" if "merge_ops" in st else "-"
+        faults = st.get("minor_faults_median")
+        faults = f"{faults['plain']:.0f} / {faults['merge']:.0f}" if faults else "-"
         lines.append(
-            f"| {row['arch']} | {shape}, {row['batch']} | {row['n_sources']} | {st['reps']} | "
-            f"{1000 * st['median_s']['plain']:.0f} | {1000 * st['median_s']['merge']:.0f} | "
-            f"{st['ratio_of_medians']:.3f} | {paired} | <= {_step_target(r, row)} ({ok}) | "
+            f"| {row['arch']} | {shape}, {row['batch']} | {row['n_sources']} | {row.get('allocator', 'default')} | "
+            f"{st['reps']} | {1000 * st['median_s']['plain']:.0f} | {1000 * st['median_s']['merge']:.0f} | "
+            f"{st['ratio_of_medians']:.3f} | {paired} | <= {_step_target(r, row)} ({ok}) | {ops} | {faults} | "
             f"{mem['plain']:.0f} / {mem['merge']:.0f} | {inf['ratio_of_medians']:.3f}{iok} | {load} |"
         )
     lines += [
@@ -67,7 +72,14 @@ def merge_overhead_section(r: dict) -> str:
         "Medians over the given number of alternating repetitions per mode, after warm-up steps; the ratio is that of "
         "the medians (the target is checked on it), the paired ratio the median of each repetition's merge/plain "
         "ratio, with its first and third quartiles as the spread. The load is the machine's one-minute load average "
-        "before and after the case. Peak memory on CPU is "
+        "before and after the case. The merge's own ops are the median time of the merged weights' forward and "
+        "backward alone (the only work a coefficient-learning step adds to one network's forward and backward; it "
+        "saves the optimizer's update of every weight), as a share of a plain step. Page faults are the median minor "
+        "faults per step: on CPU with glibc's default allocator, activations larger than its mapping threshold are "
+        "mapped fresh and first touched every step, which costs kernel time that varies with the allocator's state; "
+        "the `no-mmap` rows run both modes with large blocks kept on the heap (`--allocator no-mmap`, the same as "
+        "`MALLOC_MMAP_MAX_=0`) to measure without it. Rows carry their own code revision and time (`--update` "
+        "replaces only the measured rows). Peak memory on CPU is "
         "the peak resident set size that building the model and two training steps add above the resident size "
         "after imports (the merge holds the N frozen sources; fine-tuning holds gradients and Adam state for every "
         "parameter).",

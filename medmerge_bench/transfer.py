@@ -169,6 +169,10 @@ class Recipe:
         pair: ``"ab"`` (the two source networks), ``"ancestor_b"`` (the ancestor itself as source A; shared only) or
             ``"ab_ancestor"`` (three sources: A, B and their ancestor as C; shared only).
         distill_weight: weight of the distillation term of the ``*_distill`` methods.
+        distill_unlabeled: what the ``*_distill`` methods distil on: 0, mixup blends of each labelled batch; n > 0,
+            a batch (as large as the labelled one) drawn each step from the first n unlabelled images of the target's
+            domain (``TaskData.unlabeled``: its training pool less the labelled subset), which few-shot medical
+            tasks usually have in plenty.
         zip_width: width of the ``paper_zip_ft`` network, as a multiple of the sources' ``widths`` (each rounded to
             an integer), between 1 (one source's width and cost) and 2 (both sources side by side: the ensemble);
             the cost grows about as its square, so it is below the two-network ensemble's under about 1.41.
@@ -194,9 +198,14 @@ class Recipe:
     ancestor_epochs: int = 4
     pair: str = "ab"
     distill_weight: float = 1.0
+    distill_unlabeled: int = 0
     zip_width: float = 1.25
 
     def __post_init__(self) -> None:
+        if self.distill_unlabeled < 0:
+            raise ValueError(
+                f"distill_unlabeled must be >= 0 (0: mixup of the labelled batch), got {self.distill_unlabeled}."
+            )
         if not 1.0 <= self.zip_width <= 2.0:
             raise ValueError(
                 f"zip_width must lie in [1, 2] (one source's width to both side by side), got {self.zip_width}."
@@ -513,7 +522,7 @@ def run_seed(
         recs[name] = record(net, val, test, hist2)
         recs[name]["curve_phase1"] = [v["macro_f1"] for v in hist1.val]
     _run_paper_recipe(
-        out, ft_nets, sources, aligned_onto_anchor, finetuned, train, val, test, recipe, seed, methods, progress
+        out, ft_nets, sources, aligned_onto_anchor, finetuned, target, train, val, test, recipe, seed, methods, progress
     )
     if "ensemble" in methods:
         val_probs = np.mean([recs[f"ft_{t}"]["_probs"][0] for t in tags], axis=0)
@@ -533,7 +542,19 @@ def run_seed(
 
 
 def _run_paper_recipe(
-    out: SeedResult, ft_nets, sources, aligned_onto_anchor, finetuned, train, val, test, recipe, seed, methods, progress
+    out: SeedResult,
+    ft_nets,
+    sources,
+    aligned_onto_anchor,
+    finetuned,
+    target,
+    train,
+    val,
+    test,
+    recipe,
+    seed,
+    methods,
+    progress,
 ) -> None:
     """The methods on the fine-tuned pair (phase 0 = ``ft_a``/``ft_b``): the paper's recipe and its baselines, and
     the distillation rows. Their heads are already target heads, so they are merged like every other layer."""
@@ -548,7 +569,7 @@ def _run_paper_recipe(
             merge = get_method("average").build(list(pool))
             recalibrate_norm(merge, train())
             finetuned(merge.collapse(), name)
-    teacher = (pair, recipe.distill_weight)
+    teacher = (pair, recipe.distill_weight, distill_images(target, recipe))
     for name in ("paper_medmerge_ft", "paper_medmerge_distill"):
         if name not in methods:
             continue
@@ -601,11 +622,27 @@ def _run_zip(out: SeedResult, pair, train, val, test, recipe: Recipe, seed: int,
         out.models[name] = net
 
 
+def distill_images(target, recipe: Recipe) -> torch.Tensor | None:
+    """The unlabelled images the ``*_distill`` rows distil on (None: mixup of the labelled batch)."""
+    n = recipe.distill_unlabeled
+    if not n:
+        return None
+    pool = getattr(target, "unlabeled", None)
+    if pool is None or len(pool) < n:
+        have = "none" if pool is None else len(pool)
+        raise ValueError(
+            f"distill_unlabeled={n} needs that many unlabelled images of task {getattr(target, 'name', 'target')!r}; "
+            f"it has {have}."
+        )
+    return pool[:n]
+
+
 def _phase2(net, train, val, recipe: Recipe, teacher, seed: int, desc: str, progress: bool):
-    """Fine-tuning with the recipe's budget; with ``teacher = (networks, weight)`` distilled from their ensemble."""
+    """Fine-tuning with the recipe's budget; with ``teacher = (networks, weight, unlabelled images or None)``
+    distilled from their ensemble."""
     if teacher is None:
         return fine_tune(net, train, val, **recipe.phase2(), progress=progress, desc=desc)
-    student = Distilled(net, teacher[0], teacher[1], torch.Generator().manual_seed(seed))
+    student = Distilled(net, teacher[0], teacher[1], torch.Generator().manual_seed(seed), unlabeled=teacher[2])
     _, history = fine_tune(
         student, train, val, **recipe.phase2(), progress=progress, desc=desc, loss_function=student.loss
     )
@@ -614,15 +651,24 @@ def _phase2(net, train, val, recipe: Recipe, teacher, seed: int, desc: str, prog
 
 class Distilled(nn.Module):
     """A student trained with cross-entropy on the batch plus ``weight`` x KL(teachers' mean probabilities ||
-    student) on mixup blends of the batch (a uniform blend weight per image, partners drawn by ``generator``).
+    student) on mixup blends of the batch (a uniform blend weight per image, partners drawn by ``generator``), or,
+    given ``unlabeled`` images, on as many of them as the batch holds, drawn at random by ``generator`` each step.
 
     In training mode the forward pass returns the logits of the batch and of its blends in one pass (the norm layers
     see both halves together) and keeps the teachers' probabilities on the blends for :meth:`loss`, the engine's
     loss function; in eval mode it is the student. The teachers are not submodules: they stay frozen.
     """
 
-    def __init__(self, student: nn.Module, teachers, weight: float, generator: torch.Generator) -> None:
+    def __init__(
+        self,
+        student: nn.Module,
+        teachers,
+        weight: float,
+        generator: torch.Generator,
+        unlabeled: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
+        self.unlabeled = unlabeled
         self.student = student
         self.teachers = tuple(t.eval() for t in teachers)
         self.weight = weight
@@ -633,8 +679,11 @@ class Distilled(nn.Module):
         if not self.training:
             return self.student(x)
         n = x.shape[0]
-        lam = torch.rand(n, *([1] * (x.dim() - 1)), generator=self.generator).to(x)
-        blends = lam * x + (1 - lam) * x[torch.randperm(n, generator=self.generator).to(x.device)]
+        if self.unlabeled is not None:
+            blends = self.unlabeled[torch.randint(len(self.unlabeled), (n,), generator=self.generator)].to(x)
+        else:
+            lam = torch.rand(n, *([1] * (x.dim() - 1)), generator=self.generator).to(x)
+            blends = lam * x + (1 - lam) * x[torch.randperm(n, generator=self.generator).to(x.device)]
         with torch.no_grad():
             self.target = torch.stack([t(blends).softmax(1) for t in self.teachers]).mean(0)
         return self.student(torch.cat([x, blends]))

@@ -35,10 +35,12 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 import numpy as np
+import torch
 from torch.utils.data import TensorDataset
 
 from medmerge_bench.data.tasks import (
     PATCH_SIZE,
+    UNLABELED_MAX,
     BenchmarkTasks,
     TaskData,
     cache_dir,
@@ -75,6 +77,7 @@ __all__ = [
     "require_module",
     "resample_to_grid",
     "target_train_patches",
+    "target_unlabeled_patches",
 ]
 
 MRICRON_DIR = Path("/usr/share/mricron/templates")
@@ -1056,11 +1059,26 @@ def target_train_patches(layout: BrainLayout, k: int, seed: int) -> PatchSet:
     Raises:
         ValueError: when ``k`` < 1 or exceeds a class's pool.
     """
+    return _target_pool_split(layout, k, seed)[0]
+
+
+def target_unlabeled_patches(layout: BrainLayout, k: int, seed: int, limit: int = UNLABELED_MAX) -> PatchSet:
+    """Up to ``limit`` patches of the target's training pool that the ``k``-shot subset of ``seed`` did not label,
+    in an order that does not depend on the seed (each centre on the plane the seed's draw gives it)."""
+    return _target_pool_split(layout, k, seed, limit)[1]
+
+
+def _target_pool_split(layout: BrainLayout, k: int, seed: int, limit: int = 0) -> tuple[PatchSet, PatchSet]:
     pool = layout.target_pool
     idx = k_shot_indices(pool.labels, k, seed, len(layout.benchmark.target.classes))
     # one plane per pool centre, drawn from the seed alone, keeps the subsets nested in k
     planes = np.random.default_rng([seed, 1]).integers(0, len(PLANES), len(pool.labels))
-    return PatchSet(pool.centres[idx], planes[idx], pool.labels[idx])
+    order = np.random.default_rng([SPLIT_SEED, 11]).permutation(len(pool.labels))
+    rest = order[~np.isin(order, idx)][:limit]
+    return (
+        PatchSet(pool.centres[idx], planes[idx], pool.labels[idx]),
+        PatchSet(pool.centres[rest], planes[rest], pool.labels[rest]),
+    )
 
 
 def extract_patches(volume: np.ndarray, patches: PatchSet, size: int = PATCH_SIZE) -> np.ndarray:
@@ -1131,7 +1149,9 @@ def load_brain_tasks(k: int, seed: int, progress: bool = True, variant: str | No
     arrays = _memo(what, partial(_fixed_arrays, variant), progress, atlases=bench.atlases)
     layout = brain_layout(progress, variant)
     train = target_train_patches(layout, k, seed)
-    x_train = extract_patches(getattr(layout.volumes, bench.target.image), train)
+    target_volume = getattr(layout.volumes, bench.target.image)
+    x_train = extract_patches(target_volume, train)
+    unlabeled = extract_patches(target_volume, target_unlabeled_patches(layout, k, seed))
 
     def data(spec: TaskSpec, prefix: str, **given: TensorDataset) -> TaskData:
         sets = {
@@ -1152,5 +1172,6 @@ def load_brain_tasks(k: int, seed: int, progress: bool = True, variant: str | No
         target=data(bench.target, "t", train=make_tensor_dataset(x_train, train.labels)),
         notes=f"{bench.notes} Target test patches per class: {counts}.",
     )
+    tasks.target.unlabeled = torch.from_numpy(unlabeled[:, None])
     report_progress(progress, f"{bench.name} tasks ready in {time.perf_counter() - start:.1f} s (k={k}, seed={seed})")
     return tasks

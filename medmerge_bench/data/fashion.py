@@ -15,8 +15,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from medmerge_bench.data.tasks import (
+    UNLABELED_MAX,
     BenchmarkTasks,
     TaskData,
     k_shot_indices,
@@ -216,11 +218,18 @@ def load_fashion_tasks(k: int, seed: int, progress: bool = True) -> BenchmarkTas
             classes,
         )
 
+    target = data("fashion/all", list(CLASS_NAMES), "t", test=True)
+    # the pool in a seed-independent order, less this seed's labelled images: the first n unlabelled images are the
+    # same for every seed that did not label them
+    pool = split["pool"][np.random.default_rng([SPLIT_SEED, 3]).permutation(len(split["pool"]))]
+    rest = pool[~np.isin(pool, split["t_train"])][:UNLABELED_MAX]
+    unlabeled = np.asarray(_standardise(images[rest], mean, std), dtype=np.float32)
+    target.unlabeled = torch.from_numpy(unlabeled.reshape(len(rest), 1, *unlabeled.shape[-2:]))
     tasks = BenchmarkTasks(
         name="fashion",
         source_a=data("fashion/classes0-4", [CLASS_NAMES[c] for c in SOURCE_A_CLASSES], "a"),
         source_b=data("fashion/classes5-9", [CLASS_NAMES[c] for c in SOURCE_B_CLASSES], "b", SOURCE_B_CLASSES[0]),
-        target=data("fashion/all", list(CLASS_NAMES), "t", test=True),
+        target=target,
         notes=NOTES,
     )
     report_progress(progress, f"fashion tasks ready in {time.perf_counter() - start:.1f} s (k={k}, seed={seed})")

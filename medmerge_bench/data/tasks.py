@@ -27,6 +27,7 @@ __all__ = [
     "BRAIN_VARIANT_PREFIX",
     "BenchmarkTasks",
     "TaskData",
+    "UNLABELED_MAX",
     "ancestor_of",
     "benchmark_names",
     "cache_dir",
@@ -41,6 +42,9 @@ BENCHMARKS = ("brain", "fashion")
 BRAIN_VARIANT_PREFIX = "brain_"
 PATCH_SIZE = 32
 CACHE_ENV = "MONAI_MEDMERGE_CACHE"
+# the most unlabelled target images a task hands out (``TaskData.unlabeled``): enough for distillation, and the brain
+# pool (over 200 000 patch centres) would take about a gigabyte as patches
+UNLABELED_MAX = 20000
 
 
 @dataclass
@@ -53,6 +57,10 @@ class TaskData:
         val: the validation split (early stopping, model selection).
         test: the test split, or None for source tasks (they are only pretrained on).
         class_names: one name per class; label ``i`` is ``class_names[i]``.
+        unlabeled: images of the task's domain without their labels, ``(n, 1, H, W)`` float32, disjoint from every
+            split: up to ``UNLABELED_MAX`` of the training pool the labelled subset was drawn from, less that subset,
+            in an order that does not depend on the seed; None where the task has none. Few-shot medical tasks
+            usually have many such images; the distillation rows may use them.
     """
 
     name: str
@@ -60,6 +68,7 @@ class TaskData:
     val: TensorDataset
     test: TensorDataset | None
     class_names: list[str]
+    unlabeled: torch.Tensor | None = None
 
     @property
     def num_classes(self) -> int:

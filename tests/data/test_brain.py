@@ -407,3 +407,28 @@ def test_brodmann_variants_share_the_brain_tasks_target_splits(variant, layout):
     for split in ("target_val", "target_test"):
         for a, b in zip(getattr(own, split), getattr(layout, split), strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+def test_unlabelled_patches_are_the_pool_less_the_labelled_subset(tasks, layout):
+    """``target.unlabeled``: pool centres the seed did not label, in one order for every seed, cut at the cap."""
+    from medmerge_bench.data.tasks import UNLABELED_MAX
+
+    def voxels(patches):
+        return list(map(tuple, patches.centres.tolist()))
+
+    pool = set(voxels(layout.target_pool))
+    labelled = {s: set(voxels(brain.target_train_patches(layout, k=10, seed=s))) for s in (0, 1)}
+    rest = {s: voxels(brain.target_unlabeled_patches(layout, k=10, seed=s)) for s in (0, 1)}
+    for s in (0, 1):
+        assert len(rest[s]) == UNLABELED_MAX == len(set(rest[s])) and set(rest[s]) <= pool
+        assert not set(rest[s]) & labelled[s]
+    # dropping what the other seed labelled leaves the same sequence: the order does not depend on the seed
+    # (each seed cut the sequence after UNLABELED_MAX of its own: they agree up to the shorter one)
+    mine, theirs = [v for v in rest[0] if v not in labelled[1]], [v for v in rest[1] if v not in labelled[0]]
+    n = min(len(mine), len(theirs))
+    assert n > UNLABELED_MAX - 200 and mine[:n] == theirs[:n]
+    x = tasks.target.unlabeled
+    assert x.dtype == torch.float32 and x.shape == (UNLABELED_MAX, 1, 32, 32)
+    volume = getattr(layout.volumes, layout.benchmark.target.image)
+    expected = brain.extract_patches(volume, brain.target_unlabeled_patches(layout, k=10, seed=0))
+    np.testing.assert_array_equal(x[:, 0].numpy(), expected)

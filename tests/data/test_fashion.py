@@ -106,3 +106,25 @@ def test_read_idx_rejects_other_files(tmp_path):
         f.write(b"\x01\x02\x03\x04" + bytes(8))
     with pytest.raises(ValueError, match="is not an IDX file of unsigned bytes"):
         fashion.read_idx(path)
+
+
+def test_unlabelled_pool_is_the_training_pool_less_the_labelled_images(tasks):
+    """``target.unlabeled``: pool images not labelled for this seed, in one order for every seed, cut at the cap."""
+    from medmerge_bench.data.tasks import UNLABELED_MAX
+
+    unlabeled, train = tasks.target.unlabeled, tasks.target.train.tensors[0]
+    split = fashion.fashion_split_indices(k=10, seed=0)
+    assert unlabeled.dtype == torch.float32 and unlabeled.shape == (UNLABELED_MAX, 1, 32, 32)
+    assert UNLABELED_MAX < len(split["pool"]) - 100  # the cap cut it
+    flat = {bytes(x.numpy()) for x in unlabeled}
+    assert not {bytes(x.numpy()) for x in train} & flat
+    assert not {bytes(x.numpy()) for x in tasks.target.val.tensors[0]} & flat
+    other = fashion.load_fashion_tasks(k=10, seed=1, progress=False).target
+    # the two seeds' unlabelled sets differ only by the images each one labelled; their shared images keep one order
+    labelled_by_other = {bytes(x.numpy()) for x in other.train.tensors[0]}
+    mine = [bytes(x.numpy()) for x in unlabeled if bytes(x.numpy()) not in labelled_by_other]
+    labelled_by_me = {bytes(x.numpy()) for x in train}
+    theirs = [bytes(x.numpy()) for x in other.unlabeled if bytes(x.numpy()) not in labelled_by_me]
+    # each seed cut the same sequence after UNLABELED_MAX of its own images: they agree up to the shorter one
+    n = min(len(mine), len(theirs))
+    assert n > UNLABELED_MAX - 200 and mine[:n] == theirs[:n]

@@ -163,3 +163,52 @@ def test_three_sources_are_fine_tuned_ensembled_and_merged_together(monkeypatch)
     assert set(summary["vs_best_single_source"]) == {"paper_medmerge_ft"}
     with pytest.raises(ValueError, match="ft_c needs a third source"):
         run_seed(tasks, sources[:2], recipe, 0, ["ft_c"], progress=False)
+
+
+def test_distillation_on_unlabelled_images_draws_from_the_pool_not_the_batch():
+    """``distill_unlabeled=n``: the KL term's inputs are drawn from the first n unlabelled images of the target, the
+    teachers see exactly those, and a task without enough of them is an error naming the setting."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import TensorDataset
+
+    from medmerge_bench.transfer import Distilled, build_network, distill_images, run_seed
+
+    g = torch.Generator().manual_seed(0)
+    pool = torch.randn(20, 1, 32, 32, generator=g)
+    seen = []
+
+    class Teacher(torch.nn.Module):
+        def forward(self, x):
+            seen.append(x.clone())
+            return torch.zeros(len(x), 3)
+
+    student = Distilled(
+        torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(1024, 3)), [Teacher()], 1.0, g, pool[:8]
+    )
+    batch = torch.randn(4, 1, 32, 32, generator=g)
+    logits = student.train()(batch)
+    assert logits.shape == (8, 3) and seen[0].shape == (4, 1, 32, 32)
+    # every distilled input is one of the first 8 pool images, none is a batch image or a blend of them
+    assert all(any(torch.equal(x, p) for p in pool[:8]) for x in seen[0])
+    loss = student.loss(logits, torch.tensor([0, 1, 2, 0]))
+    assert torch.isfinite(loss) and loss > 0
+
+    def split(n):
+        return TensorDataset(torch.randn(n, 1, 32, 32, generator=g), torch.arange(n) % 3)
+
+    target = SimpleNamespace(name="tiny", num_classes=3, train=split(12), val=split(9), test=split(9), unlabeled=pool)
+    recipe = Recipe(widths=(4, 8, 8, 16), ft_epochs=1, coef_epochs=1, patience=1, distill_unlabeled=16)
+    assert torch.equal(distill_images(target, recipe), pool[:16])
+    with pytest.raises(ValueError, match="distill_unlabeled must be >= 0"):
+        Recipe(distill_unlabeled=-1)
+    with pytest.raises(ValueError, match=r"distill_unlabeled=32 needs that many unlabelled images of task 'tiny'"):
+        distill_images(target, Recipe(distill_unlabeled=32))
+    sources = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        sources.append(build_network(5, recipe).eval())
+    result = run_seed(
+        SimpleNamespace(target=target), sources, recipe, 0, ["ft_a", "ft_b", "paper_medmerge_distill"], progress=False
+    )
+    assert 0.0 <= result.records["paper_medmerge_distill"]["test"]["macro_f1"] <= 1.0
