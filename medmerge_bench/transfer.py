@@ -21,7 +21,9 @@ Methods (the names used in results):
   target) and ``paper_aligned_average_ft`` (the same after permutation alignment onto the anchor).
 - ``paper_medmerge_distill``: the paper's recipe with phase 2 distilled from the ensemble of the fine-tuned pair
   (:class:`Distilled`); ``ft_distill``: the same distillation into fine-tuning from the anchor source, the control
-  that shows what the merge adds to distillation alone.
+  that shows what the merge adds to distillation alone. With ``Recipe.distill_steps`` they train that many steps per
+  epoch (the labelled set reshuffled as often as it takes); ``ft_steps`` is fine-tuning from the anchor source for
+  the same steps without a teacher, the control that shows what the longer training alone gives.
 - ``paper_zip_ft``: the fine-tuned pair zipped (:func:`~monai_medmerge.merging.zip_networks`, ZipIt!-style feature
   merging) into one plain network ``Recipe.zip_width`` times as wide as a source (norm statistics recomputed on the
   target), then fine-tuned: one network that may keep more of the ensemble than a same-width merge, at a cost (MACs,
@@ -55,7 +57,7 @@ import numpy as np
 import torch
 from monai.networks.nets import ResNet
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from medmerge_bench.data.tasks import cache_dir, load_ancestor_task
 from monai_medmerge.io import write_json
@@ -105,6 +107,7 @@ COMPARISON_METHODS = (
     "paper_medmerge_ft",
     "paper_medmerge_distill",
     "ft_distill",
+    "ft_steps",
     "paper_zip",
     "paper_zip_ft",
     "ensemble",
@@ -136,6 +139,7 @@ METHOD_LABELS = {
     "paper_medmerge_ft": "paper's recipe: MedMerge of FT A and B + FT",
     "paper_medmerge_distill": "paper's recipe, FT distilled from the ensemble",
     "ft_distill": "fine-tune from the anchor, distilled from the ensemble",
+    "ft_steps": "fine-tune from the anchor for the distillation's steps",
     "paper_zip": "zip of FT A and B into a wider network (no FT)",
     "paper_zip_ft": "zip of FT A and B into a wider network + FT",
     "ensemble": "ensemble of FT A and B (2x cost)",
@@ -173,6 +177,9 @@ class Recipe:
             a batch (as large as the labelled one) drawn each step from the first n unlabelled images of the target's
             domain (``TaskData.unlabeled``: its training pool less the labelled subset), which few-shot medical
             tasks usually have in plenty.
+        distill_steps: training steps per epoch of the ``*_distill`` rows and of ``ft_steps`` (0: one pass over the
+            labelled set, as every fine-tuning); more steps let the teacher's knowledge of many unlabelled images
+            through where a few labels make short epochs.
         zip_width: width of the ``paper_zip_ft`` network, as a multiple of the sources' ``widths`` (each rounded to
             an integer), between 1 (one source's width and cost) and 2 (both sources side by side: the ensemble);
             the cost grows about as its square, so it is below the two-network ensemble's under about 1.41.
@@ -199,9 +206,14 @@ class Recipe:
     pair: str = "ab"
     distill_weight: float = 1.0
     distill_unlabeled: int = 0
+    distill_steps: int = 0
     zip_width: float = 1.25
 
     def __post_init__(self) -> None:
+        if self.distill_steps < 0:
+            raise ValueError(
+                f"distill_steps must be >= 0 (0: one pass over the labelled set), got {self.distill_steps}."
+            )
         if self.distill_unlabeled < 0:
             raise ValueError(
                 f"distill_unlabeled must be >= 0 (0: mixup of the labelled batch), got {self.distill_unlabeled}."
@@ -444,6 +456,7 @@ def run_seed(
         "paper_medmerge_ft",
         "paper_medmerge_distill",
         "ft_distill",
+        "ft_steps",
         "paper_zip",
         "paper_zip_ft",
     } & set(methods)
@@ -591,6 +604,18 @@ def _run_paper_recipe(
         start = from_source(sources[out.anchor], pair[out.anchor].get_submodule(HEAD).out_features, recipe)
         net, hist = _phase2(start, train(), val, recipe, teacher, seed, METHOD_LABELS["ft_distill"], progress)
         recs["ft_distill"] = record(net, val, test, hist)
+    if "ft_steps" in methods:
+        torch.manual_seed(seed)
+        start = from_source(sources[out.anchor], pair[out.anchor].get_submodule(HEAD).out_features, recipe)
+        net, hist = fine_tune(
+            start,
+            with_steps(train(), recipe.distill_steps, seed),
+            val,
+            **recipe.phase2(),
+            progress=progress,
+            desc=METHOD_LABELS["ft_steps"],
+        )
+        recs["ft_steps"] = record(net, val, test, hist)
 
 
 def _run_zip(out: SeedResult, pair, train, val, test, recipe: Recipe, seed: int, methods, progress: bool) -> None:
@@ -637,11 +662,22 @@ def distill_images(target, recipe: Recipe) -> torch.Tensor | None:
     return pool[:n]
 
 
+def with_steps(train: DataLoader, steps: int, seed: int) -> DataLoader:
+    """``train`` as ``steps`` batches per epoch, its dataset reshuffled as often as that takes (``steps`` 0:
+    ``train`` itself)."""
+    if not steps:
+        return train
+    g = torch.Generator().manual_seed(seed)
+    sampler = RandomSampler(train.dataset, num_samples=steps * train.batch_size, generator=g)
+    return DataLoader(train.dataset, batch_size=train.batch_size, sampler=sampler)
+
+
 def _phase2(net, train, val, recipe: Recipe, teacher, seed: int, desc: str, progress: bool):
     """Fine-tuning with the recipe's budget; with ``teacher = (networks, weight, unlabelled images or None)``
     distilled from their ensemble."""
     if teacher is None:
         return fine_tune(net, train, val, **recipe.phase2(), progress=progress, desc=desc)
+    train = with_steps(train, recipe.distill_steps, seed)
     student = Distilled(net, teacher[0], teacher[1], torch.Generator().manual_seed(seed), unlabeled=teacher[2])
     _, history = fine_tune(
         student, train, val, **recipe.phase2(), progress=progress, desc=desc, loss_function=student.loss

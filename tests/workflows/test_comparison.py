@@ -208,7 +208,58 @@ def test_distillation_on_unlabelled_images_draws_from_the_pool_not_the_batch():
     for seed in (1, 2):
         torch.manual_seed(seed)
         sources.append(build_network(5, recipe).eval())
-    result = run_seed(
-        SimpleNamespace(target=target), sources, recipe, 0, ["ft_a", "ft_b", "paper_medmerge_distill"], progress=False
-    )
+    methods = ["ft_a", "ft_b", "paper_medmerge_distill", "ft_steps"]
+    result = run_seed(SimpleNamespace(target=target), sources, recipe, 0, methods, progress=False)
     assert 0.0 <= result.records["paper_medmerge_distill"]["test"]["macro_f1"] <= 1.0
+
+
+def test_distill_steps_lengthen_the_epochs_of_the_distillation_rows_and_their_control(monkeypatch):
+    """``distill_steps``: the distillation rows and ``ft_steps`` train that many batches per epoch, every labelled
+    image once per pass; the other fine-tunings keep one pass."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import medmerge_bench.transfer as transfer
+    from medmerge_bench.transfer import build_network, run_seed, with_steps
+
+    data = TensorDataset(torch.arange(10.0), torch.zeros(10))
+    plain = DataLoader(data, batch_size=4)
+    assert with_steps(plain, 0, 0) is plain
+    longer = with_steps(plain, 5, 0)
+    batches = [x for x, _ in longer]
+    assert len(longer) == len(batches) == 5 and all(len(b) == 4 for b in batches)
+    first_pass = torch.cat(batches)[:10]
+    assert sorted(first_pass.tolist()) == list(range(10))  # a reshuffled pass, then the next
+    with pytest.raises(ValueError, match="distill_steps must be >= 0"):
+        Recipe(distill_steps=-1)
+
+    g = torch.Generator().manual_seed(0)
+
+    def split(n):
+        return TensorDataset(torch.randn(n, 1, 32, 32, generator=g), torch.arange(n) % 3)
+
+    target = SimpleNamespace(name="tiny", num_classes=3, train=split(12), val=split(9), test=split(9))
+    recipe = Recipe(widths=(4, 8, 8, 16), batch_size=4, ft_epochs=1, coef_epochs=1, patience=1, distill_steps=7)
+    steps = {}
+    real = transfer.fine_tune
+
+    def spy(net, train, *args, desc="", **kwargs):
+        steps[desc] = len(train)
+        return real(net, train, *args, desc=desc, **kwargs)
+
+    monkeypatch.setattr(transfer, "fine_tune", spy)
+    sources = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        sources.append(build_network(5, recipe).eval())
+    methods = ["ft_a", "ft_b", "paper_medmerge_ft", "paper_medmerge_distill", "ft_distill", "ft_steps"]
+    run_seed(SimpleNamespace(target=target), sources, recipe, 0, methods, progress=False)
+    labels = transfer.METHOD_LABELS
+    assert steps[labels["ft_a"]] == steps[labels["ft_b"]] == 3  # 12 images, batches of 4
+    assert steps[labels["ft_steps"]] == steps[labels["ft_distill"]] == 7
+    phase2 = {d: n for d, n in steps.items() if d.startswith("phase 2")}
+    assert phase2 == {
+        f"phase 2: fine-tune ({labels['paper_medmerge_ft']})": 3,
+        f"phase 2: fine-tune ({labels['paper_medmerge_distill']})": 7,
+    }
