@@ -323,9 +323,11 @@ def _row_key(row: dict) -> tuple:
     return row["arch"], row["n_sources"], row.get("allocator", "default")
 
 
-def updated_rows(old: list[dict], new: list[dict]) -> list[dict]:
+def updated_rows(old: list[dict], new: list[dict], old_machine: dict | None = None) -> list[dict]:
     """``old`` rows in their order with those measured again replaced by ``new``; new cases appended after the rows of
-    their network (each row keeps its own machine state, allocator and time)."""
+    their network (each row keeps its own machine, allocator and time; an old row without a machine gets
+    ``old_machine``, that of the file it came from)."""
+    old = [dict(r, machine=r.get("machine", old_machine)) for r in old]
     fresh = {_row_key(r): r for r in new}
     rows = [fresh.pop(_row_key(r), r) for r in old]
     for row in new:
@@ -392,7 +394,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "classes": cfg["classes"],
                 "allocator": args.allocator,
                 "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-                "code": machine_description().get("code"),
+                "machine": machine_description(),
             }
             row["train_step"] = step_times(cfg, n, reps, warmup, device, args.seed)
             print(f"[merge_overhead] {arch} N={n}: peak memory", flush=True)
@@ -437,7 +439,8 @@ def main(argv: list[str] | None = None) -> dict:
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if args.update and args.out.exists():
-        report["results"] = updated_rows(json.loads(args.out.read_text())["results"], results)
+        old = json.loads(args.out.read_text())
+        report["results"] = updated_rows(old["results"], results, old["machine"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, report)
     print(f"[merge_overhead] wrote {args.out}")

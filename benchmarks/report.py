@@ -28,6 +28,18 @@ def _step_target(r: dict, row: dict) -> float:
     return r["targets"]["step_ratio"][str(row["n_sources"])]
 
 
+def _row_machines(r: dict) -> str:
+    """Where the rows were measured: one machine, or (rows replaced with ``--update``) each machine with its rows."""
+    groups: dict[str, list[str]] = {}
+    for row in r["results"]:
+        m = row.get("machine", r["machine"])
+        name = f"{row['arch']} N={row['n_sources']} ({row.get('allocator', 'default')})"
+        groups.setdefault(f"{_machine(m)}, code {m.get('code')}", []).append(name)
+    if len(groups) == 1:
+        return f"Machine: {next(iter(groups))}."
+    return " ".join(f"Rows {', '.join(rows)} measured on: {where}." for where, rows in groups.items())
+
+
 def merge_overhead_section(r: dict) -> str:
     lines = [
         "## Cost of coefficient learning (`benchmarks/merge_overhead.py`)",
@@ -39,7 +51,7 @@ def merge_overhead_section(r: dict) -> str:
         "process; peak memory of each in a fresh process; inference of the collapsed network against a plain network "
         "of the same class.",
         "",
-        f"Machine: {_machine(r['machine'])}. Device `{r['device']}`, seed {r['seed']}, written {r['written']}.",
+        f"{_row_machines(r)} Device `{r['device']}`, seed {r['seed']}, file written {r['written']}.",
         "",
         "| network | input, batch | N | allocator | reps | plain step (ms) | merge step (ms) | ratio | "
         "paired ratio (quartiles) | target | the merge's own ops | page faults plain / merge | "

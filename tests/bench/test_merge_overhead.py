@@ -25,7 +25,7 @@ def _row(arch: str, n: int, allocator: str | None, value: float) -> dict:
 def test_update_replaces_measured_rows_and_keeps_the_rest_in_order():
     old = [_row("resnet18", 2, None, 1), _row("segresnet", 2, None, 2), _row("unet2d", 2, None, 3)]
     new = [_row("segresnet", 2, "no-mmap", 4), _row("unet2d", 2, "default", 5)]
-    rows = merge_overhead.updated_rows(old, new)
+    rows = merge_overhead.updated_rows(old, new, {"cpu": "old machine"})
     # a row without an allocator is a default-allocator row: unet2d's is replaced, segresnet's kept beside the new one
     assert [(r["arch"], r.get("allocator"), r["value"]) for r in rows] == [
         ("resnet18", None, 1),
@@ -33,6 +33,8 @@ def test_update_replaces_measured_rows_and_keeps_the_rest_in_order():
         ("segresnet", "no-mmap", 4),
         ("unet2d", "default", 5),
     ]
+    # the kept rows name the machine of the file they came from, the new rows their own (here none)
+    assert [r.get("machine") for r in rows] == [{"cpu": "old machine"}, {"cpu": "old machine"}, None, None]
     assert merge_overhead.updated_rows([], new) == new
 
 
