@@ -66,5 +66,29 @@ def test_room_table_lists_segmentation_with_its_metric():
     text = report.room_section([RESULTS[0], segmentation], None)
     row = next(line for line in text.splitlines() if "`segmentation_k2`" in line)
     assert "| mean Dice | shared | [16, 32, 64, 128] | 2 | +1.0 (p 0.5) | medmerge_ft | +4.0 (p 0.5) | 50% |" in row
-    assert row.endswith("| 50% | -1.0 (p 0.5) |")  # the paper's recipe against its equal-budget control
+    assert row.endswith("| 50% | -1.0 (p 0.5) vs `ft_longer` |")  # the paper's recipe against its equal-budget control
     assert "| macro-F1 | independent |" in next(line for line in text.splitlines() if "fashion_k10_narrow" in line)
+
+
+def test_room_table_sets_a_distilled_recipe_against_fine_tuning_for_the_same_steps():
+    """A recipe trained with ``distill_steps`` is shown against ``ft_steps`` (computed from the per-seed values), so
+    that its gain over the default-budget best source is not read as the merge's."""
+    stem, r = "fashion_k10_steps", _result("transfer", [16, 32, 64, 128], "independent", [0.02, 0.04], [0.03, 0.01])
+
+    def scores(val: list[float], test: list[float]) -> dict:
+        return {"val_macro_f1": {"mean": sum(val) / 2, "values": val}, "test_macro_f1": {"values": test}}
+
+    r["recipe"]["distill_steps"] = 20
+    r["methods"].update(paper_medmerge_distill="distilled", ft_steps="same steps")
+    r["summary"]["methods"].update(
+        paper_medmerge_distill=scores([0.8, 0.8], [0.75, 0.71]), ft_steps=scores([0.7, 0.7], [0.74, 0.68])
+    )
+    r["summary"]["chosen_medmerge"] = {"method": "paper_medmerge_distill", **_paired([0.03, 0.01])}
+    row = next(line for line in report.room_section([(stem, r)], None).splitlines() if stem in line)
+    assert "| distilled | +2.0 (p 0.5) |" in row
+    last = row.rsplit("|", 2)[1].strip()
+    # (0.75 - 0.74 + 0.71 - 0.68) / 2 = 2 points over the same steps without a merge, with its paired p
+    assert last.startswith("+2.0 (p ") and last.endswith(") vs `ft_steps`"), last
+    r["recipe"]["distill_steps"] = 0
+    row = next(line for line in report.room_section([(stem, r)], None).splitlines() if stem in line)
+    assert row.endswith("| - |")
