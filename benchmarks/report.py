@@ -215,13 +215,25 @@ def plot_room(results: list[tuple[str, dict]], path: Path) -> Path | None:
 WIDTH_METHODS = ("medmerge_ft", "paper_medmerge_ft")
 
 
+# training-budget settings that must be the recipe's defaults for a result to stand in the width comparison: a run
+# with longer fine-tuning changes the room as much as width does (fashion_k10_ft150)
+BUDGET_FIELDS = ("source_epochs", "coef_epochs", "ft_epochs", "patience", "distill_steps")
+
+
+def _default_budget(r: dict) -> bool:
+    from medmerge_bench.transfer import Recipe
+
+    default = Recipe()
+    return all(r["recipe"].get(f, getattr(default, f)) == getattr(default, f) for f in BUDGET_FIELDS)
+
+
 def _width_groups(results: list[tuple[str, dict]]) -> dict[tuple, list[tuple[str, dict, dict]]]:
-    """Transfer results with a room, grouped by (task, k, lineage and pair): only groups measured at two or more
-    widths, each sorted by its widest stage."""
+    """Transfer results with a room and the default training budget, grouped by (task, k, lineage and pair): only
+    groups measured at two or more widths, each sorted by its widest stage."""
     groups: dict[tuple, list] = {}
     for stem, r in results:
         room = room_of(r)
-        if room is not None and r.get("benchmark") == "transfer":
+        if room is not None and r.get("benchmark") == "transfer" and _default_budget(r):
             groups.setdefault((r["task"], r["k"], _lineage(r)), []).append((stem, r, room))
     return {
         key: sorted(rows, key=lambda row: _widths(row[1])[-1])

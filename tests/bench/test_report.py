@@ -92,3 +92,12 @@ def test_room_table_sets_a_distilled_recipe_against_fine_tuning_for_the_same_ste
     r["recipe"]["distill_steps"] = 0
     row = next(line for line in report.room_section([(stem, r)], None).splitlines() if stem in line)
     assert row.endswith("| - |")
+
+
+def test_width_comparison_leaves_out_results_with_another_training_budget(tmp_path):
+    """A run with longer fine-tuning at one width would stand in for that width's default-budget run otherwise."""
+    longer = _result("transfer", [16, 32, 64, 128], "independent", [0.5, 0.5], [0.5, 0.5])
+    longer["recipe"]["ft_epochs"] = 150
+    longer["written"] = "9999"  # the most recent: it would win the figure's "latest result" choice
+    text = report.width_section([*RESULTS, ("fashion_k10_longer", longer)], [])
+    assert "fashion_k10_longer" not in text and "`fashion_k10_narrow`" in text
