@@ -599,22 +599,19 @@ def _run_paper_recipe(
         out.models[name] = net
     if {"paper_zip", "paper_zip_ft"} & set(methods):
         _run_zip(out, pair, train, val, test, recipe, seed, methods, progress)
+    # the controls start from the anchor source with a fresh target head, as fine-tuning from it does
+    num_classes = pair[out.anchor].get_submodule(HEAD).out_features
     if "ft_distill" in methods:
         torch.manual_seed(seed)
-        start = from_source(sources[out.anchor], pair[out.anchor].get_submodule(HEAD).out_features, recipe)
+        start = from_source(sources[out.anchor], num_classes, recipe)
         net, hist = _phase2(start, train(), val, recipe, teacher, seed, METHOD_LABELS["ft_distill"], progress)
         recs["ft_distill"] = record(net, val, test, hist)
     if "ft_steps" in methods:
         torch.manual_seed(seed)
-        start = from_source(sources[out.anchor], pair[out.anchor].get_submodule(HEAD).out_features, recipe)
-        net, hist = fine_tune(
-            start,
-            with_steps(train(), recipe.distill_steps, seed),
-            val,
-            **recipe.phase2(),
-            progress=progress,
-            desc=METHOD_LABELS["ft_steps"],
-        )
+        start = from_source(sources[out.anchor], num_classes, recipe)
+        train_steps = with_steps(train(), recipe.distill_steps, seed)
+        desc = METHOD_LABELS["ft_steps"]
+        net, hist = fine_tune(start, train_steps, val, **recipe.phase2(), progress=progress, desc=desc)
         recs["ft_steps"] = record(net, val, test, hist)
 
 

@@ -1148,10 +1148,11 @@ def load_brain_tasks(k: int, seed: int, progress: bool = True, variant: str | No
     what = "arrays" if variant is None else f"arrays {variant}"
     arrays = _memo(what, partial(_fixed_arrays, variant), progress, atlases=bench.atlases)
     layout = brain_layout(progress, variant)
-    train = target_train_patches(layout, k, seed)
+    # one draw gives both the labelled subset and the unlabelled rest
+    train, rest = _target_pool_split(layout, k, seed, UNLABELED_MAX)
     target_volume = getattr(layout.volumes, bench.target.image)
     x_train = extract_patches(target_volume, train)
-    unlabeled = extract_patches(target_volume, target_unlabeled_patches(layout, k, seed))
+    unlabeled = extract_patches(target_volume, rest)
 
     def data(spec: TaskSpec, prefix: str, **given: TensorDataset) -> TaskData:
         sets = {
