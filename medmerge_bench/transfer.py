@@ -59,7 +59,7 @@ from monai.networks.nets import ResNet
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
-from medmerge_bench.data.tasks import cache_dir, load_ancestor_task
+from medmerge_bench.data.tasks import ANCESTOR_KINDS, cache_dir, load_ancestor_task
 from monai_medmerge.io import write_json
 from monai_medmerge.merging import align_sources, get_method, inference_macs, recalibrate_norm, zip_networks
 from monai_medmerge.networks import KernelMerge
@@ -170,6 +170,9 @@ class Recipe:
         lineage: ``"independent"`` (each source from its own random initialisation) or ``"shared"`` (both sources
             fine-tuned for ``source_epochs`` from one ancestor trained ``ancestor_epochs`` on a broad task).
         ancestor_epochs: training of the shared ancestor.
+        ancestor: what the shared ancestor is trained on (:func:`~medmerge_bench.data.tasks.load_ancestor_task`):
+            ``"other_domain"`` (the other benchmark's pooled source tasks) or ``"rotation"`` (self-supervised, quarter
+            turns of the target domain's unlabelled images).
         pair: ``"ab"`` (the two source networks), ``"ancestor_b"`` (the ancestor itself as source A; shared only) or
             ``"ab_ancestor"`` (three sources: A, B and their ancestor as C; shared only).
         distill_weight: weight of the distillation term of the ``*_distill`` methods.
@@ -203,6 +206,7 @@ class Recipe:
     alignment: str = "activations"
     lineage: str = "independent"
     ancestor_epochs: int = 4
+    ancestor: str = "other_domain"
     pair: str = "ab"
     distill_weight: float = 1.0
     distill_unlabeled: int = 0
@@ -224,8 +228,12 @@ class Recipe:
             )
         if self.lineage not in ("independent", "shared"):
             raise ValueError(f"lineage must be 'independent' or 'shared', got {self.lineage!r}.")
+        if self.ancestor not in ANCESTOR_KINDS:
+            raise ValueError(f"ancestor must be one of {', '.join(ANCESTOR_KINDS)}, got {self.ancestor!r}.")
         if self.pair not in PAIRS:
             raise ValueError(f"pair must be one of {', '.join(PAIRS)}, got {self.pair!r}.")
+        if self.ancestor != "other_domain" and self.lineage != "shared":
+            raise ValueError(f"ancestor={self.ancestor!r} needs lineage='shared': only the shared lineage has one.")
         if self.pair != "ab" and self.lineage != "shared":
             raise ValueError(f"pair={self.pair!r} needs lineage='shared': only the shared lineage has an ancestor.")
 
@@ -252,6 +260,8 @@ class Recipe:
         if self.lineage == "shared":
             # only in the shared lineage, so that the keys of sources cached before lineages existed still hold
             fields |= {"lineage": self.lineage, "ancestor_epochs": self.ancestor_epochs}
+            if self.ancestor != "other_domain":
+                fields["ancestor"] = self.ancestor
         blob = json.dumps({"task": task, "data": data_version, **fields}, sort_keys=True)
         return f"{task}-{hashlib.sha1(blob.encode()).hexdigest()[:12]}"
 
@@ -298,7 +308,9 @@ def pretrain_sources(
         ``([source_a, source_b], info)``: each network's best validation metrics, whether it was cached, and
         ``names`` (what sources A and B are).
     """
-    ancestor_task = load_ancestor_task(tasks.name, progress=progress) if recipe.lineage == "shared" else None
+    ancestor_task = (
+        load_ancestor_task(tasks.name, progress=progress, kind=recipe.ancestor) if recipe.lineage == "shared" else None
+    )
     if data_version is None:
         # the sources depend on their training data: a change of the data builder must not reuse stale sources
         digest = hashlib.sha1()

@@ -27,6 +27,7 @@ __all__ = [
     "BRAIN_VARIANT_PREFIX",
     "BenchmarkTasks",
     "TaskData",
+    "ANCESTOR_KINDS",
     "UNLABELED_MAX",
     "ancestor_of",
     "benchmark_names",
@@ -45,6 +46,12 @@ CACHE_ENV = "MONAI_MEDMERGE_CACHE"
 # the most unlabelled target images a task hands out (``TaskData.unlabeled``): enough for distillation, and the brain
 # pool (over 200 000 patch centres) would take about a gigabyte as patches
 UNLABELED_MAX = 20000
+# what a shared ancestor is trained on (load_ancestor_task): the other domain's pooled sources, or quarter turns of
+# the target domain's unlabelled images
+ANCESTOR_KINDS = ("other_domain", "rotation")
+# unlabelled images held out to validate the rotation ancestor
+ROTATION_VAL = 2000
+TURN_NAMES = ["0 degrees", "90 degrees", "180 degrees", "270 degrees"]
 
 
 @dataclass
@@ -222,17 +229,23 @@ def ancestor_of(task: str) -> str:
     return ANCESTOR_OF[family]
 
 
-def load_ancestor_task(task: str, progress: bool = True) -> TaskData:
+def load_ancestor_task(task: str, progress: bool = True, kind: str = "other_domain") -> TaskData:
     """The broad task a shared ancestor of ``task``'s sources is trained on, the stand-in for ImageNet.
 
-    It is the other benchmark's two source tasks pooled into one classification over all their classes (brain:
-    Fashion-MNIST's ten classes; fashion: three tissue and seven anatomy classes of brain MRI patches), so the
-    ancestor never sees the target's images or domain, as ImageNet never saw the paper's medical targets. The brain
-    variants (``"brain_<variant>"``) have the brain task's ancestor.
+    - ``kind="other_domain"``: the other benchmark's two source tasks pooled into one classification over all their
+      classes (brain: Fashion-MNIST's ten classes; fashion: three tissue and seven anatomy classes of brain MRI
+      patches), so the ancestor never sees the target's images or domain, as ImageNet never saw the paper's medical
+      targets. The brain variants (``"brain_<variant>"``) have the brain task's ancestor.
+    - ``kind="rotation"``: self-supervised, :func:`rotation_task` on the target domain's unlabelled images: no label
+      of any task, but many more images than the labelled tasks have, as ImageNet has for the paper's networks.
 
     Raises:
-        ValueError: for an unknown task.
+        ValueError: for an unknown task or kind.
     """
+    if kind not in ANCESTOR_KINDS:
+        raise ValueError(f"unknown ancestor kind {kind!r}; choose one of {', '.join(ANCESTOR_KINDS)}.")
+    if kind == "rotation":
+        return rotation_task(task, progress=progress)
     other = load_benchmark_tasks(ancestor_of(task), k=1, seed=0, progress=progress)
     a, b = other.source_a, other.source_b
 
@@ -244,3 +257,38 @@ def load_ancestor_task(task: str, progress: bool = True) -> TaskData:
 
     names = [f"{a.name}:{c}" for c in a.class_names] + [f"{b.name}:{c}" for c in b.class_names]
     return TaskData(f"{other.name}/pooled-sources", pooled("train"), pooled("val"), None, names)
+
+
+def rotation_task(task: str, progress: bool = True) -> TaskData:
+    """A self-supervised task on ``task``'s unlabelled target images: which quarter turn (0, 90, 180, 270 degrees)
+    was applied to each image (a pretext task of Gidaris et al., 2018, that learns shapes and orientation).
+
+    The images are the target's ``unlabeled`` images of seed 0 at ``k = 1`` (the training pool, never its
+    validation or test images), so the task is the same for every seed; each image gets one turn drawn with a fixed
+    seed, and the first ``ROTATION_VAL`` images validate. A seed's few labelled images may be among them, without
+    their labels, as in any self-supervised pretraining on a domain's images.
+
+    Raises:
+        ValueError: when the task has too few unlabelled square images.
+    """
+    target = load_benchmark_tasks(task, k=1, seed=0, progress=progress).target
+    images = target.unlabeled
+    if images is None or len(images) < 2 * ROTATION_VAL or images.shape[-1] != images.shape[-2]:
+        shape = None if images is None else tuple(images.shape)
+        raise ValueError(
+            f"the rotation ancestor of {task!r} needs at least {2 * ROTATION_VAL} unlabelled square target images; "
+            f"its target has {shape}."
+        )
+    turns = torch.from_numpy(np.random.default_rng([0, 4]).integers(0, len(TURN_NAMES), len(images)))
+    rotated = images.clone()
+    for t in range(1, len(TURN_NAMES)):
+        chosen = turns == t
+        rotated[chosen] = torch.rot90(images[chosen], t, dims=(-2, -1))
+    val, train = slice(0, ROTATION_VAL), slice(ROTATION_VAL, None)
+    return TaskData(
+        f"{target.name}/rotation",
+        TensorDataset(rotated[train], turns[train]),
+        TensorDataset(rotated[val], turns[val]),
+        None,
+        list(TURN_NAMES),
+    )
