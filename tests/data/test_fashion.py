@@ -128,3 +128,24 @@ def test_unlabelled_pool_is_the_training_pool_less_the_labelled_images(tasks):
     # each seed cut the same sequence after UNLABELED_MAX of its own images: they agree up to the shorter one
     n = min(len(mine), len(theirs))
     assert n > UNLABELED_MAX - 200 and mine[:n] == theirs[:n]
+
+
+def test_rotation_ancestor_turns_unlabelled_pool_images_only(tasks):
+    """The self-supervised ancestor task: each image is a target pool image turned by its label's quarter turns, the
+    held-out part validates, and no target validation or test image is among them."""
+    from medmerge_bench.data.tasks import ROTATION_VAL, load_ancestor_task
+
+    task = load_ancestor_task("fashion", progress=False, kind="rotation")
+    pool = fashion.load_fashion_tasks(k=1, seed=0, progress=False).target.unlabeled
+    x = torch.cat([task.val.tensors[0], task.train.tensors[0]])
+    turns = torch.cat([task.val.tensors[1], task.train.tensors[1]])
+    assert len(task.val.tensors[0]) == ROTATION_VAL and len(x) == len(pool) and task.num_classes == 4
+    assert sorted(torch.bincount(turns).tolist())[0] > len(pool) // 5  # every turn is common
+    for i in (0, 1, 2, 3, ROTATION_VAL, len(pool) - 1, *torch.nonzero(turns == 3)[:2, 0].tolist()):
+        torch.testing.assert_close(torch.rot90(x[i], -int(turns[i]), dims=(-2, -1)), pool[i], rtol=0, atol=0)
+    upright = {bytes(torch.rot90(img, -int(t), dims=(-2, -1)).numpy()) for img, t in zip(x, turns, strict=True)}
+    for held_out in (tasks.target.val, tasks.target.test):
+        assert not {bytes(img.numpy()) for img in held_out.tensors[0]} & upright
+    # the same task in every call: the ancestor is cached once for every seed
+    again = load_ancestor_task("fashion", progress=False, kind="rotation")
+    assert torch.equal(again.train.tensors[1], task.train.tensors[1])

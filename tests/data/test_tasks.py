@@ -66,3 +66,26 @@ def test_dispatch_to_fashion():
     tasks = load_benchmark_tasks("fashion", k=10, seed=0, progress=False)
     assert isinstance(tasks, BenchmarkTasks) and tasks.name == "fashion"
     assert tasks.notes
+
+
+def test_ancestor_kinds_are_checked_where_they_are_chosen(monkeypatch):
+    from medmerge_bench.data import tasks as tasks_module
+    from medmerge_bench.data.tasks import TaskData, load_ancestor_task
+    from medmerge_bench.transfer import Recipe
+
+    with pytest.raises(ValueError, match="unknown ancestor kind 'imagenet'; choose one of other_domain, rotation"):
+        load_ancestor_task("fashion", kind="imagenet")
+    with pytest.raises(ValueError, match="ancestor must be one of other_domain, rotation, got 'imagenet'"):
+        Recipe(lineage="shared", ancestor="imagenet")
+    with pytest.raises(ValueError, match="ancestor='rotation' needs lineage='shared'"):
+        Recipe(ancestor="rotation")
+    # the ancestor's training data is part of the sources' cache key
+    other, rotation = Recipe(lineage="shared"), Recipe(lineage="shared", ancestor="rotation")
+    assert other.source_key("fashion") != rotation.source_key("fashion")
+    # too few unlabelled images: the error names the task and what it has
+    few = TaskData(
+        "toy", make_tensor_dataset(np.zeros((2, 8, 8)), np.zeros(2)), None, None, ["x"], torch.zeros(5, 1, 8, 8)
+    )
+    monkeypatch.setattr(tasks_module, "load_benchmark_tasks", lambda *a, **k: BenchmarkTasks("toy", few, few, few, ""))
+    with pytest.raises(ValueError, match=r"rotation ancestor of 'toy' needs at least 4000 .* has \(5, 1, 8, 8\)"):
+        load_ancestor_task("toy", kind="rotation")
