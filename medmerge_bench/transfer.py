@@ -24,6 +24,8 @@ Methods (the names used in results):
   that shows what the merge adds to distillation alone. With ``Recipe.distill_steps`` they train that many steps per
   epoch (the labelled set reshuffled as often as it takes); ``ft_steps`` is fine-tuning from the anchor source for
   the same steps without a teacher, the control that shows what the longer training alone gives.
+- ``ft_longer``: the anchor's ``ft_a``/``ft_b`` network fine-tuned once more with the same budget: the paper's recipe
+  fine-tunes twice (phase 0, then phase 2), and this is its control without a merge.
 - ``paper_zip_ft``: the fine-tuned pair zipped (:func:`~monai_medmerge.merging.zip_networks`, ZipIt!-style feature
   merging) into one plain network ``Recipe.zip_width`` times as wide as a source (norm statistics recomputed on the
   target), then fine-tuned: one network that may keep more of the ensemble than a same-width merge, at a cost (MACs,
@@ -47,6 +49,7 @@ test split is only evaluated.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -108,6 +111,7 @@ COMPARISON_METHODS = (
     "paper_medmerge_distill",
     "ft_distill",
     "ft_steps",
+    "ft_longer",
     "paper_zip",
     "paper_zip_ft",
     "ensemble",
@@ -140,6 +144,7 @@ METHOD_LABELS = {
     "paper_medmerge_distill": "paper's recipe, FT distilled from the ensemble",
     "ft_distill": "fine-tune from the anchor, distilled from the ensemble",
     "ft_steps": "fine-tune from the anchor for the distillation's steps",
+    "ft_longer": "FT from the anchor source, fine-tuned again (the paper recipe's FT budget)",
     "paper_zip": "zip of FT A and B into a wider network (no FT)",
     "paper_zip_ft": "zip of FT A and B into a wider network + FT",
     "ensemble": "ensemble of FT A and B (2x cost)",
@@ -469,6 +474,7 @@ def run_seed(
         "paper_medmerge_distill",
         "ft_distill",
         "ft_steps",
+        "ft_longer",
         "paper_zip",
         "paper_zip_ft",
     } & set(methods)
@@ -609,6 +615,9 @@ def _run_paper_recipe(
         recs[name] = record(net, val, test, hist2)
         recs[name]["curve_phase1"] = [v["macro_f1"] for v in hist1.val]
         out.models[name] = net
+    if "ft_longer" in methods:
+        torch.manual_seed(seed)
+        finetuned(copy.deepcopy(pair[out.anchor]), "ft_longer")
     if {"paper_zip", "paper_zip_ft"} & set(methods):
         _run_zip(out, pair, train, val, test, recipe, seed, methods, progress)
     # the controls start from the anchor source with a fresh target head, as fine-tuning from it does
@@ -828,6 +837,9 @@ def summarize(
                 key = f"{name}_vs_best_single_source"
                 summary[key] = _paired(table, name, best) | {"chosen_on": "mean validation macro-F1"}
         summary.update(room_summary(table, methods, best))
+    if {"paper_medmerge_ft", "ft_longer"} <= set(methods):
+        # the paper's recipe against the same two fine-tunings without a merge
+        summary["paper_medmerge_ft_vs_ft_longer"] = _paired(table, "paper_medmerge_ft", "ft_longer")
     for name, baseline in (("aligned_medmerge_ft", "medmerge_ft"), ("aligned_average_ft", "average_ft")):
         if {name, baseline} <= set(methods):
             summary[f"{name}_vs_{baseline}"] = _paired(table, name, baseline)

@@ -263,3 +263,50 @@ def test_distill_steps_lengthen_the_epochs_of_the_distillation_rows_and_their_co
         f"phase 2: fine-tune ({labels['paper_medmerge_ft']})": 3,
         f"phase 2: fine-tune ({labels['paper_medmerge_distill']})": 7,
     }
+
+
+def test_ft_longer_fine_tunes_the_anchors_fine_tuned_network_again(monkeypatch):
+    """The paper recipe's equal-budget control starts where the anchor's fine-tuning ended (not from the source),
+    leaves that network as it was, and the summary pairs the paper's recipe against it seed by seed."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import TensorDataset
+
+    import medmerge_bench.transfer as transfer
+    from medmerge_bench.transfer import build_network, run_seed, summarize
+
+    g = torch.Generator().manual_seed(0)
+
+    def split(n):
+        return TensorDataset(torch.randn(n, 1, 32, 32, generator=g), torch.arange(n) % 3)
+
+    target = SimpleNamespace(name="tiny", num_classes=3, train=split(12), val=split(9), test=split(9))
+    recipe = Recipe(widths=(4, 8, 8, 16), batch_size=4, ft_epochs=2, coef_epochs=1, patience=2)
+    starts, ends = {}, {}
+    real = transfer.fine_tune
+
+    def spy(net, train, *args, desc="", **kwargs):
+        starts[desc] = {k: v.clone() for k, v in net.state_dict().items()}
+        tuned, hist = real(net, train, *args, desc=desc, **kwargs)
+        ends[desc] = {k: v.clone() for k, v in tuned.state_dict().items()}
+        return tuned, hist
+
+    monkeypatch.setattr(transfer, "fine_tune", spy)
+    sources = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        sources.append(build_network(5, recipe).eval())
+    methods = ["ft_a", "ft_b", "paper_medmerge_ft", "ft_longer", "ensemble"]
+    results = [run_seed(SimpleNamespace(target=target), sources, recipe, s, methods, progress=False) for s in (0, 1)]
+    labels = transfer.METHOD_LABELS
+    anchor = labels[f"ft_{'ab'[results[-1].anchor]}"]
+    assert starts[labels["ft_longer"]].keys() == ends[anchor].keys()
+    for key, value in ends[anchor].items():
+        torch.testing.assert_close(starts[labels["ft_longer"]][key], value, rtol=0, atol=0)
+    assert any(not torch.equal(ends[labels["ft_longer"]][k], v) for k, v in ends[anchor].items())  # it trained
+    summary = summarize(results)
+    control = summary["paper_medmerge_ft_vs_ft_longer"]
+    expected = [
+        r.records["paper_medmerge_ft"]["test"]["macro_f1"] - r.records["ft_longer"]["test"]["macro_f1"] for r in results
+    ]
+    assert control["baseline"] == "ft_longer" and control["differences"] == pytest.approx(expected)
