@@ -120,7 +120,10 @@ PAIR_NAMES = {"ab": "", "ancestor_b": " (ancestor, B)", "ab_ancestor": " (A, B, 
 
 
 def _lineage(r: dict) -> str:
-    return r.get("lineage", "independent") + PAIR_NAMES[r.get("pair", "ab")]
+    """The lineage and pair of a result; a shared ancestor other than the default one is named."""
+    ancestor = r.get("recipe", {}).get("ancestor", "other_domain")
+    kind = "" if ancestor == "other_domain" else f" ({ancestor} ancestor)"
+    return r.get("lineage", "independent") + kind + PAIR_NAMES[r.get("pair", "ab")]
 
 
 def _widths(r: dict) -> list[int]:

@@ -101,3 +101,16 @@ def test_width_comparison_leaves_out_results_with_another_training_budget(tmp_pa
     longer["written"] = "9999"  # the most recent: it would win the figure's "latest result" choice
     text = report.width_section([*RESULTS, ("fashion_k10_longer", longer)], [])
     assert "fashion_k10_longer" not in text and "`fashion_k10_narrow`" in text
+
+
+def test_room_table_names_the_ancestor_and_the_paper_recipes_control():
+    """A shared lineage with the self-supervised ancestor is told apart from the default one, and a classification
+    result's paper-recipe control (``ft_longer``) fills the control column."""
+    default = _result("transfer", [16, 32, 64, 128], "shared", [0.03, 0.03], [0.0, 0.01])
+    rotation = _result("transfer", [16, 32, 64, 128], "shared", [0.03, 0.03], [0.0, 0.01])
+    rotation["recipe"]["ancestor"] = "rotation"
+    rotation["summary"]["paper_medmerge_ft_vs_ft_longer"] = _paired([-0.01, 0.03])
+    table = report.room_section([("default", default), ("rotation", rotation)], None)
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| `")}
+    assert "| shared |" in rows["`default`"] and "| shared (rotation ancestor) |" in rows["`rotation`"]
+    assert rows["`rotation`"].endswith("| +1.0 (p 0.5) vs `ft_longer` |") and rows["`default`"].endswith("| - |")
