@@ -18,7 +18,9 @@ Methods (the names used in results):
 - The paper's recipe (phase 0 fine-tunes each source on the target, as ``ft_a``/``ft_b``; phase 1 merges the two
   fine-tuned networks, their target heads included; phase 2 fine-tunes): ``paper_medmerge_ft``, and the paper's
   baselines on the same fine-tuned pair, ``paper_average_ft`` (uniform average, norm statistics recomputed on the
-  target) and ``paper_aligned_average_ft`` (the same after permutation alignment onto the anchor).
+  target) and ``paper_aligned_average_ft`` (the same after permutation alignment onto the anchor). Without the
+  last fine-tuning: ``paper_medmerge`` (the collapsed merge after phase 1) and ``paper_average`` (the uniform average
+  with norm statistics recomputed: a "model soup" of the fine-tuned pair).
 - ``paper_medmerge_distill``: the paper's recipe with phase 2 distilled from the ensemble of the fine-tuned pair
   (:class:`Distilled`); ``ft_distill``: the same distillation into fine-tuning from the anchor source, the control
   that shows what the merge adds to distillation alone. With ``Recipe.distill_steps`` they train that many steps per
@@ -105,8 +107,10 @@ COMPARISON_METHODS = (
     "aligned_average_ft",
     "aligned_medmerge_ft",
     "aligned_ftmerge_ft",
+    "paper_average",
     "paper_average_ft",
     "paper_aligned_average_ft",
+    "paper_medmerge",
     "paper_medmerge_ft",
     "paper_medmerge_distill",
     "ft_distill",
@@ -121,6 +125,7 @@ MEDMERGE_RECIPES = (
     "medmerge_ft",
     "aligned_medmerge_ft",
     "aligned_ftmerge_ft",
+    "paper_medmerge",
     "paper_medmerge_ft",
     "paper_medmerge_distill",
 )
@@ -140,6 +145,8 @@ METHOD_LABELS = {
     "aligned_ftmerge_ft": "aligned MedMerge of FT A and B + FT",
     "paper_average_ft": "paper's baseline: average of FT A and B + FT",
     "paper_aligned_average_ft": "paper's baseline: aligned average of FT A and B + FT",
+    "paper_average": "average of FT A and B, no further FT (a model soup)",
+    "paper_medmerge": "paper's recipe without phase 2: MedMerge of FT A and B, collapsed",
     "paper_medmerge_ft": "paper's recipe: MedMerge of FT A and B + FT",
     "paper_medmerge_distill": "paper's recipe, FT distilled from the ensemble",
     "ft_distill": "fine-tune from the anchor, distilled from the ensemble",
@@ -468,8 +475,10 @@ def run_seed(
         "medmerge_ft",
         "aligned_medmerge_ft",
         "aligned_ftmerge_ft",
+        "paper_average",
         "paper_average_ft",
         "paper_aligned_average_ft",
+        "paper_medmerge",
         "paper_medmerge_ft",
         "paper_medmerge_distill",
         "ft_distill",
@@ -594,20 +603,30 @@ def _run_paper_recipe(
     if "paper_aligned_average_ft" in methods:
         aligned_pair = aligned_onto_anchor(pair)
     for name in ("paper_average_ft", "paper_aligned_average_ft"):
-        if name in methods:
+        soup = name == "paper_average_ft" and "paper_average" in methods
+        if name in methods or soup:
             torch.manual_seed(seed)
             pool = aligned_pair if name == "paper_aligned_average_ft" else pair
             merge = get_method("average").build(list(pool))
             recalibrate_norm(merge, train())
-            finetuned(merge.collapse(), name)
+            plain = merge.collapse()
+            if soup:
+                recs["paper_average"] = record(plain, val, test)
+            if name in methods:
+                finetuned(plain, name)
     teacher = (pair, recipe.distill_weight, distill_images(target, recipe))
     for name in ("paper_medmerge_ft", "paper_medmerge_distill"):
-        if name not in methods:
+        collapsed = name == "paper_medmerge_ft" and "paper_medmerge" in methods
+        if name not in methods and not collapsed:
             continue
         torch.manual_seed(seed)
         merge = KernelMerge(pair, anchor=out.anchor, anchor_weight=recipe.anchor_weight)
         desc = f"phase 1: coefficients ({METHOD_LABELS[name]})"
         plain, hist1 = learn_coefficients(merge, train(), val, **recipe.phase1(merge), progress=progress, desc=desc)
+        if collapsed:
+            recs["paper_medmerge"] = record(plain, val, test, hist1)
+            if name not in methods:
+                continue
         desc = f"phase 2: fine-tune ({METHOD_LABELS[name]})"
         net, hist2 = _phase2(
             plain, train(), val, recipe, teacher if name.endswith("distill") else None, seed, desc, progress

@@ -310,3 +310,56 @@ def test_ft_longer_fine_tunes_the_anchors_fine_tuned_network_again(monkeypatch):
         r.records["paper_medmerge_ft"]["test"]["macro_f1"] - r.records["ft_longer"]["test"]["macro_f1"] for r in results
     ]
     assert control["baseline"] == "ft_longer" and control["differences"] == pytest.approx(expected)
+
+
+def test_the_paper_pairs_merges_are_also_recorded_before_their_last_fine_tuning(monkeypatch):
+    """``paper_average`` (a soup: the fine-tuned pair's mean weights, norm statistics recomputed) and
+    ``paper_medmerge`` (phase 1 collapsed) are the networks their ``*_ft`` rows then fine-tune; asked alone, they are
+    not fine-tuned at all."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import TensorDataset
+
+    import medmerge_bench.transfer as transfer
+    from medmerge_bench.transfer import build_network, record, run_seed
+
+    g = torch.Generator().manual_seed(0)
+
+    def split(n):
+        return TensorDataset(torch.randn(n, 1, 32, 32, generator=g), torch.arange(n) % 3)
+
+    target = SimpleNamespace(name="tiny", num_classes=3, train=split(12), val=split(9), test=split(9))
+    recipe = Recipe(widths=(4, 8, 8, 16), batch_size=4, ft_epochs=2, coef_epochs=1, patience=2)
+    starts, ends = {}, {}
+    real = transfer.fine_tune
+
+    def spy(net, train, *args, desc="", **kwargs):
+        starts[desc] = {k: v.clone() for k, v in net.state_dict().items()}
+        tuned, hist = real(net, train, *args, desc=desc, **kwargs)
+        ends[desc] = {k: v.clone() for k, v in tuned.state_dict().items()}
+        return tuned, hist
+
+    monkeypatch.setattr(transfer, "fine_tune", spy)
+    sources = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        sources.append(build_network(5, recipe).eval())
+    labels = transfer.METHOD_LABELS
+    methods = ["ft_a", "ft_b", "paper_average", "paper_average_ft", "paper_medmerge", "paper_medmerge_ft"]
+    recs = run_seed(SimpleNamespace(target=target), sources, recipe, 0, methods, progress=False).records
+    val, test = (transfer.loader(d, False, 0, 256) for d in (target.val, target.test))
+    for name, desc in (
+        ("paper_average", labels["paper_average_ft"]),
+        ("paper_medmerge", f"phase 2: fine-tune ({labels['paper_medmerge_ft']})"),
+    ):
+        net = build_network(3, recipe)
+        net.load_state_dict(starts[desc])
+        assert record(net.eval(), val, test)["test"] == recs[name]["test"]
+    soup, ft_a, ft_b = starts[labels["paper_average_ft"]], ends[labels["ft_a"]], ends[labels["ft_b"]]
+    torch.testing.assert_close(soup["conv1.weight"], (ft_a["conv1.weight"] + ft_b["conv1.weight"]) / 2)
+    # asked alone, neither is fine-tuned
+    starts.clear()
+    recs = run_seed(
+        SimpleNamespace(target=target), sources, recipe, 0, ["ft_a", "ft_b", "paper_average", "paper_medmerge"], False
+    ).records
+    assert {"paper_average", "paper_medmerge"} <= set(recs) and set(starts) == {labels["ft_a"], labels["ft_b"]}
