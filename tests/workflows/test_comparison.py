@@ -265,15 +265,15 @@ def test_distill_steps_lengthen_the_epochs_of_the_distillation_rows_and_their_co
     }
 
 
-def test_ft_longer_fine_tunes_the_anchors_fine_tuned_network_again(monkeypatch):
-    """The paper recipe's equal-budget control starts where the anchor's fine-tuning ended (not from the source),
-    leaves that network as it was, and the summary pairs the paper's recipe against it seed by seed."""
+def _spied_tiny_run(monkeypatch):
+    """A three-class toy target, a small recipe and two random sources; ``fine_tune`` records, per description,
+    the state each fine-tuning started from (``starts``) and ended with (``ends``)."""
     from types import SimpleNamespace
 
     from torch.utils.data import TensorDataset
 
     import medmerge_bench.transfer as transfer
-    from medmerge_bench.transfer import build_network, run_seed, summarize
+    from medmerge_bench.transfer import build_network
 
     g = torch.Generator().manual_seed(0)
 
@@ -296,6 +296,18 @@ def test_ft_longer_fine_tunes_the_anchors_fine_tuned_network_again(monkeypatch):
     for seed in (1, 2):
         torch.manual_seed(seed)
         sources.append(build_network(5, recipe).eval())
+    return target, recipe, sources, starts, ends
+
+
+def test_ft_longer_fine_tunes_the_anchors_fine_tuned_network_again(monkeypatch):
+    """The paper recipe's equal-budget control starts where the anchor's fine-tuning ended (not from the source),
+    leaves that network as it was, and the summary pairs the paper's recipe against it seed by seed."""
+    from types import SimpleNamespace
+
+    import medmerge_bench.transfer as transfer
+    from medmerge_bench.transfer import run_seed, summarize
+
+    target, recipe, sources, starts, ends = _spied_tiny_run(monkeypatch)
     methods = ["ft_a", "ft_b", "paper_medmerge_ft", "ft_longer", "ensemble"]
     results = [run_seed(SimpleNamespace(target=target), sources, recipe, s, methods, progress=False) for s in (0, 1)]
     labels = transfer.METHOD_LABELS
@@ -318,32 +330,10 @@ def test_the_paper_pairs_merges_are_also_recorded_before_their_last_fine_tuning(
     not fine-tuned at all."""
     from types import SimpleNamespace
 
-    from torch.utils.data import TensorDataset
-
     import medmerge_bench.transfer as transfer
     from medmerge_bench.transfer import build_network, record, run_seed
 
-    g = torch.Generator().manual_seed(0)
-
-    def split(n):
-        return TensorDataset(torch.randn(n, 1, 32, 32, generator=g), torch.arange(n) % 3)
-
-    target = SimpleNamespace(name="tiny", num_classes=3, train=split(12), val=split(9), test=split(9))
-    recipe = Recipe(widths=(4, 8, 8, 16), batch_size=4, ft_epochs=2, coef_epochs=1, patience=2)
-    starts, ends = {}, {}
-    real = transfer.fine_tune
-
-    def spy(net, train, *args, desc="", **kwargs):
-        starts[desc] = {k: v.clone() for k, v in net.state_dict().items()}
-        tuned, hist = real(net, train, *args, desc=desc, **kwargs)
-        ends[desc] = {k: v.clone() for k, v in tuned.state_dict().items()}
-        return tuned, hist
-
-    monkeypatch.setattr(transfer, "fine_tune", spy)
-    sources = []
-    for seed in (1, 2):
-        torch.manual_seed(seed)
-        sources.append(build_network(5, recipe).eval())
+    target, recipe, sources, starts, ends = _spied_tiny_run(monkeypatch)
     labels = transfer.METHOD_LABELS
     methods = ["ft_a", "ft_b", "paper_average", "paper_average_ft", "paper_medmerge", "paper_medmerge_ft"]
     recs = run_seed(SimpleNamespace(target=target), sources, recipe, 0, methods, progress=False).records
