@@ -856,6 +856,9 @@ def summarize(
                 key = f"{name}_vs_best_single_source"
                 summary[key] = _paired(table, name, best) | {"chosen_on": "mean validation macro-F1"}
         summary.update(room_summary(table, methods, best))
+        lpft = "lp" + best  # LP-FT of the better source: the direct recipe's head-first schedule without a merge
+        if {"medmerge_ft", lpft} <= set(methods):
+            summary["medmerge_ft_vs_lpft"] = _paired(table, "medmerge_ft", lpft)
     if {"paper_medmerge_ft", "ft_longer"} <= set(methods):
         # the paper's recipe against the same two fine-tunings without a merge
         summary["paper_medmerge_ft_vs_ft_longer"] = _paired(table, "paper_medmerge_ft", "ft_longer")

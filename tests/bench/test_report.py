@@ -66,7 +66,9 @@ def test_room_table_lists_segmentation_with_its_metric():
     text = report.room_section([RESULTS[0], segmentation], None)
     row = next(line for line in text.splitlines() if "`segmentation_k2`" in line)
     assert "| mean Dice | shared | [16, 32, 64, 128] | 2 | +1.0 (p 0.5) | medmerge_ft | +4.0 (p 0.5) | 50% |" in row
-    assert row.endswith("| 50% | -1.0 (p 0.5) vs `ft_longer` |")  # the paper's recipe against its equal-budget control
+    assert row.endswith(
+        "| 50% | paper's recipe -1.0 (p 0.5) vs `ft_longer` |"
+    )  # the paper's recipe against its equal-budget control
     assert "| macro-F1 | independent |" in next(line for line in text.splitlines() if "fashion_k10_narrow" in line)
 
 
@@ -88,7 +90,7 @@ def test_room_table_sets_a_distilled_recipe_against_fine_tuning_for_the_same_ste
     assert "| distilled | +2.0 (p 0.5) |" in row
     last = row.rsplit("|", 2)[1].strip()
     # (0.75 - 0.74 + 0.71 - 0.68) / 2 = 2 points over the same steps without a merge, with its paired p
-    assert last.startswith("+2.0 (p ") and last.endswith(") vs `ft_steps`"), last
+    assert last.startswith("distilled +2.0 (p ") and last.endswith(") vs `ft_steps`"), last
     r["recipe"]["distill_steps"] = 0
     row = next(line for line in report.room_section([(stem, r)], None).splitlines() if stem in line)
     assert row.endswith("| - |")
@@ -109,8 +111,12 @@ def test_room_table_names_the_ancestor_and_the_paper_recipes_control():
     default = _result("transfer", [16, 32, 64, 128], "shared", [0.03, 0.03], [0.0, 0.01])
     rotation = _result("transfer", [16, 32, 64, 128], "shared", [0.03, 0.03], [0.0, 0.01])
     rotation["recipe"]["ancestor"] = "rotation"
-    rotation["summary"]["paper_medmerge_ft_vs_ft_longer"] = _paired([-0.01, 0.03])
+    rotation["summary"]["paper_medmerge_ft_vs_ft_longer"] = _paired([-0.01, 0.03]) | {"baseline": "ft_longer"}
+    rotation["summary"]["medmerge_ft_vs_lpft"] = _paired([0.02, 0.04]) | {"baseline": "lpft_b"}
     table = report.room_section([("default", default), ("rotation", rotation)], None)
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| `")}
-    assert "| shared |" in rows["`default`"] and "| shared (rotation ancestor) |" in rows["`rotation`"]
-    assert rows["`rotation`"].endswith("| +1.0 (p 0.5) vs `ft_longer` |") and rows["`default`"].endswith("| - |")
+    assert "| shared |" in rows["`default`"] and "| shared, rotation ancestor |" in rows["`rotation`"]
+    assert rows["`default`"].endswith("| - |")
+    assert rows["`rotation`"].endswith(
+        "| paper's recipe +1.0 (p 0.5) vs `ft_longer`; MedMerge + FT +3.0 (p 0.5) vs `lpft_b` |"
+    )

@@ -308,7 +308,7 @@ def test_ft_longer_fine_tunes_the_anchors_fine_tuned_network_again(monkeypatch):
     from medmerge_bench.transfer import run_seed, summarize
 
     target, recipe, sources, starts, ends = _spied_tiny_run(monkeypatch)
-    methods = ["ft_a", "ft_b", "paper_medmerge_ft", "ft_longer", "ensemble"]
+    methods = ["ft_a", "ft_b", "lpft_a", "lpft_b", "medmerge_ft", "paper_medmerge_ft", "ft_longer", "ensemble"]
     results = [run_seed(SimpleNamespace(target=target), sources, recipe, s, methods, progress=False) for s in (0, 1)]
     labels = transfer.METHOD_LABELS
     anchor = labels[f"ft_{'ab'[results[-1].anchor]}"]
@@ -322,6 +322,11 @@ def test_ft_longer_fine_tunes_the_anchors_fine_tuned_network_again(monkeypatch):
         r.records["paper_medmerge_ft"]["test"]["macro_f1"] - r.records["ft_longer"]["test"]["macro_f1"] for r in results
     ]
     assert control["baseline"] == "ft_longer" and control["differences"] == pytest.approx(expected)
+    # the direct recipe against LP-FT of the better source, its head-first schedule without a merge
+    lpft = "lp" + summary["best_single_source"]
+    direct = summary["medmerge_ft_vs_lpft"]
+    expected = [r.records["medmerge_ft"]["test"]["macro_f1"] - r.records[lpft]["test"]["macro_f1"] for r in results]
+    assert direct["baseline"] == lpft and direct["differences"] == pytest.approx(expected)
 
 
 def test_the_paper_pairs_merges_are_also_recorded_before_their_last_fine_tuning(monkeypatch):
