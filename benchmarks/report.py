@@ -621,8 +621,16 @@ def _steps_control(r: dict, chosen: dict | None) -> dict | None:
 
 def _direct_control(s: dict) -> dict | None:
     """MedMerge + FT (direct recipe) against the head-first schedule without a merge: ``ft_head_first`` in a
-    segmentation summary, LP-FT of the better source in a transfer one; None where the run has no such row."""
-    return s.get("medmerge_ft_vs_ft_head_first") or s.get("medmerge_ft_vs_lpft")
+    segmentation summary, LP-FT of the better source in a transfer one (computed from the recorded per-seed scores,
+    with the same function, in files written before the summary held it); None where the run has no such row."""
+    control = s.get("medmerge_ft_vs_ft_head_first") or s.get("medmerge_ft_vs_lpft")
+    lpft = "lp" + s.get("best_single_source", "")
+    if control is None and {"medmerge_ft", lpft} <= set(s["methods"]):
+        from medmerge_bench.transfer import room_summary
+
+        table = {m: s["methods"][m] for m in ("medmerge_ft", lpft)}
+        control = room_summary(table, ["medmerge_ft"], lpft)["vs_best_single_source"]["medmerge_ft"]
+    return control
 
 
 def _paper_control(s: dict) -> dict | None:

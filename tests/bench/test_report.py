@@ -120,3 +120,13 @@ def test_room_table_names_the_ancestor_and_the_paper_recipes_control():
     assert rows["`rotation`"].endswith(
         "| paper's recipe +1.0 (p 0.5) vs `ft_longer`; MedMerge + FT +3.0 (p 0.5) vs `lpft_b` |"
     )
+    # a file written before summaries held the direct recipe's control: computed from its per-seed scores
+    del rotation["summary"]["medmerge_ft_vs_lpft"]
+    rotation["summary"]["methods"] |= {
+        "medmerge_ft": {"val_macro_f1": {"mean": 0.8}, "test_macro_f1": {"values": [0.80, 0.76]}},
+        "lpft_b": {"val_macro_f1": {"mean": 0.7}, "test_macro_f1": {"values": [0.77, 0.75]}},
+    }
+    row = next(
+        line for line in report.room_section([("rotation", rotation)], None).splitlines() if "`rotation`" in line
+    )
+    assert row.endswith("; MedMerge + FT +2.0 (p 0.3) vs `lpft_b` |"), row  # differences 0.03, 0.01
