@@ -613,10 +613,22 @@ def _steps_control(r: dict, chosen: dict | None) -> dict | None:
         return None
     if not chosen["method"].endswith("_distill"):
         return None
+    return _paired_scores(s["methods"], chosen["method"], "ft_steps")
+
+
+def _paired_scores(methods: dict, name: str, baseline: str) -> dict:
+    """``name`` against ``baseline`` from a summary's recorded per-seed test scores (macro-F1, or mean Dice in a
+    segmentation summary), paired with the function the summaries use; for controls older files did not record."""
     from medmerge_bench.transfer import room_summary
 
-    table = {m: s["methods"][m] for m in (chosen["method"], "ft_steps")}
-    return room_summary(table, [chosen["method"]], "ft_steps")["vs_best_single_source"][chosen["method"]]
+    def scores(method: str) -> dict:
+        rec = methods[method]
+        if "test_macro_f1" in rec:
+            return rec
+        return {"val_macro_f1": rec["val_mean_dice"], "test_macro_f1": rec["test_mean_dice"]}
+
+    table = {m: scores(m) for m in (name, baseline)}
+    return room_summary(table, [name], baseline)["vs_best_single_source"][name]
 
 
 def _direct_control(s: dict) -> dict | None:
@@ -626,25 +638,16 @@ def _direct_control(s: dict) -> dict | None:
     control = s.get("medmerge_ft_vs_ft_head_first") or s.get("medmerge_ft_vs_lpft")
     lpft = "lp" + s.get("best_single_source", "")
     if control is None and {"medmerge_ft", lpft} <= set(s["methods"]):
-        from medmerge_bench.transfer import room_summary
-
-        table = {m: s["methods"][m] for m in ("medmerge_ft", lpft)}
-        control = room_summary(table, ["medmerge_ft"], lpft)["vs_best_single_source"]["medmerge_ft"]
+        control = _paired_scores(s["methods"], "medmerge_ft", lpft)
     return control
 
 
 def _paper_control(s: dict) -> dict | None:
-    """The paper's recipe against its control of the same fine-tuning budget (``ft_longer``) in a segmentation
-    summary: recorded in newer files, computed from the recorded per-seed Dice (the same function) in older ones."""
+    """The paper's recipe against its control of the same fine-tuning budget (``ft_longer``): recorded in newer
+    summaries, computed from the recorded per-seed scores in older ones."""
     control = s.get("paper_medmerge_ft_vs_ft_longer")
     if control is None and {"paper_medmerge_ft", "ft_longer"} <= set(s["methods"]):
-        from medmerge_bench.transfer import room_summary
-
-        table = {
-            m: {"val_macro_f1": s["methods"][m]["val_mean_dice"], "test_macro_f1": s["methods"][m]["test_mean_dice"]}
-            for m in ("paper_medmerge_ft", "ft_longer")
-        }
-        control = room_summary(table, ["paper_medmerge_ft"], "ft_longer")["vs_best_single_source"]["paper_medmerge_ft"]
+        control = _paired_scores(s["methods"], "paper_medmerge_ft", "ft_longer")
     return control
 
 

@@ -70,6 +70,14 @@ def test_room_table_lists_segmentation_with_its_metric():
         "| 50% | paper's recipe -1.0 (p 0.5) vs `ft_longer` |"
     )  # the paper's recipe against its equal-budget control
     assert "| macro-F1 | independent |" in next(line for line in text.splitlines() if "fashion_k10_narrow" in line)
+    # an older segmentation file without the recorded control: computed from its per-seed Dice
+    del segmentation[1]["summary"]["paper_medmerge_ft_vs_ft_longer"]
+    segmentation[1]["summary"]["methods"] |= {
+        "paper_medmerge_ft": {"val_mean_dice": {"mean": 0.5}, "test_mean_dice": {"values": [0.60, 0.50]}},
+        "ft_longer": {"val_mean_dice": {"mean": 0.4}, "test_mean_dice": {"values": [0.55, 0.49]}},
+    }
+    row = next(line for line in report.room_section([segmentation], None).splitlines() if "`segmentation_k2`" in line)
+    assert row.endswith("| 50% | paper's recipe +3.0 (p 0.37) vs `ft_longer` |"), row  # differences 0.05, 0.01
 
 
 def test_room_table_sets_a_distilled_recipe_against_fine_tuning_for_the_same_steps():
