@@ -152,7 +152,9 @@ def room_section(results: list[tuple[str, dict]], picture: str | None) -> str:
         "can be budget alone); MedMerge + FT (direct recipe: a new head trained first, with the coefficients) "
         "against the same head-first schedule on the better source (`ft_head_first` in segmentation, LP-FT "
         "`lpft_*` in classification); a recipe whose phase 2 trains more steps per epoch (`distill_steps`) against "
-        "fine-tuning from the anchor for the same steps (`ft_steps`).",
+        "fine-tuning from the anchor for the same steps (`ft_steps`). Where a benchmark ran the ensemble of the LP-FT "
+        "rows, the room column adds the room left when every network is fine-tuned head first (`ensemble_lpft` "
+        "minus the better LP-FT row on validation).",
         "",
         "| result | task, k | metric | lineage | widths | seeds | room (p) | chosen MedMerge recipe | its gain (p) | "
         "share | merge vs equal-budget control (p) |",
@@ -187,9 +189,13 @@ def room_section(results: list[tuple[str, dict]], picture: str | None) -> str:
                 baseline = control.get("baseline", "ft_longer")  # files before the key was recorded: the paper's
                 controls.append(f"{recipe} {100 * control['mean_difference']:+.1f}{p_of(control)} vs `{baseline}`")
         budget = "; ".join(controls) or "-"
+        room_text = f"{100 * rm['mean_difference']:+.1f}{p_of(rm)}"
+        head_first = r["summary"].get("room_head_first")
+        if head_first is not None:
+            room_text += f"; head first {100 * head_first['mean_difference']:+.1f}{p_of(head_first)}"
         lines.append(
             f"| `{stem}` | {r['task']}, {r['k']} | {_metric(r)} | {_lineage(r)} | {_widths(r)} | {len(r['seeds'])} | "
-            f"{100 * rm['mean_difference']:+.1f}{p_of(rm)} | {name} | {gain} | {share} | {budget} |"
+            f"{room_text} | {name} | {gain} | {share} | {budget} |"
         )
     if picture:
         lines += ["", f"![{picture}](../benchmarks/results/{picture})"]

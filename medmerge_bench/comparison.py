@@ -122,6 +122,13 @@ def run_comparison(
         if chosen:
             line += f"; {chosen['method']} (chosen on validation) {100 * chosen['mean_difference']:+.1f}"
         print(line, flush=True)
+    if "room_head_first" in summary:
+        room = summary["room_head_first"]
+        print(
+            f"[medmerge] room with every network fine-tuned head first (ensemble_lpft - "
+            f"{summary['best_single_source_head_first']}): {100 * room['mean_difference']:+.1f} points",
+            flush=True,
+        )
     report = {
         "benchmark": "transfer",
         "task": task,

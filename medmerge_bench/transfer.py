@@ -34,10 +34,13 @@ Methods (the names used in results):
   recorded beside the single network's and the ensemble's) of about ``zip_width`` squared times one network.
   ``paper_zip``: the same zipped network without the fine-tuning.
 - ``ensemble``: mean probabilities of ``ft_a`` and ``ft_b`` (and ``ft_c``), an upper bound that costs N networks at
-  inference.
+  inference. ``ensemble_lpft``: the same over ``lpft_a`` and ``lpft_b`` (and ``lpft_c``), the sources fine-tuned with
+  their heads trained first.
 
 The room of a benchmark is the ensemble's lead over the best single source (paired per seed); each one-network
-method's gain over the best single source is also reported as its share of that room (:func:`summarize`).
+method's gain over the best single source is also reported as its share of that room (:func:`summarize`). With the
+LP-FT rows, ``room_head_first`` is the same lead when every network is fine-tuned head first (``ensemble_lpft`` over
+the better LP-FT row): what is left for a merge once one source is trained with the stronger schedule.
 
 Lineage (``Recipe.lineage``): ``independent`` sources start from their own random initialisations; ``shared``
 sources are fine-tuned from one ancestor trained first on a broad task of another domain
@@ -119,6 +122,7 @@ COMPARISON_METHODS = (
     "paper_zip",
     "paper_zip_ft",
     "ensemble",
+    "ensemble_lpft",
 )
 # the MedMerge recipes among the methods: the one reported as "the merge" is chosen among them on validation
 MEDMERGE_RECIPES = (
@@ -155,6 +159,7 @@ METHOD_LABELS = {
     "paper_zip": "zip of FT A and B into a wider network (no FT)",
     "paper_zip_ft": "zip of FT A and B into a wider network + FT",
     "ensemble": "ensemble of FT A and B (2x cost)",
+    "ensemble_lpft": "ensemble of LP-FT A and B (2x cost)",
 }
 
 
@@ -162,6 +167,9 @@ METHOD_LABELS = {
 PAIRS = ("ab", "ancestor_b", "ab_ancestor")
 SOURCE_TAGS = ("a", "b", "c")
 SINGLE_SOURCE = tuple(f"ft_{t}" for t in SOURCE_TAGS)
+SINGLE_SOURCE_LPFT = tuple(f"lpft_{t}" for t in SOURCE_TAGS)
+# the rows that run several networks at inference: never a one-network method paired against the best single source
+ENSEMBLES = ("ensemble", "ensemble_lpft")
 
 
 @dataclass(frozen=True)
@@ -488,11 +496,12 @@ def run_seed(
         "paper_zip_ft",
     } & set(methods)
     ft_nets: dict[str, nn.Module] = {}
+    lpft_nets: dict[str, nn.Module] = {}
     for i, tag in enumerate(tags):
         if need_ft:
             torch.manual_seed(seed)
             ft_nets[tag] = finetuned(from_source(sources[i], k, recipe), f"ft_{tag}")
-        if f"lpft_{tag}" in methods:
+        if f"lpft_{tag}" in methods or "ensemble_lpft" in methods:
             torch.manual_seed(seed)
             net = from_source(sources[i], k, recipe)
             head = head_only(net, HEAD)
@@ -507,7 +516,7 @@ def run_seed(
                 desc=f"linear probe (from {tag.upper()})",
                 progress=progress,
             )
-            finetuned(net, f"lpft_{tag}")
+            lpft_nets[tag] = finetuned(net, f"lpft_{tag}")
     if need_ft:
         # the first of the best on ties (A before B before C)
         out.anchor = int(np.argmax([recs[f"ft_{t}"]["val"]["macro_f1"] for t in tags]))
@@ -561,18 +570,33 @@ def run_seed(
         net, hist2 = fine_tune(plain, train(), val, **recipe.phase2(), progress=progress, desc=desc)
         recs[name] = record(net, val, test, hist2)
         recs[name]["curve_phase1"] = [v["macro_f1"] for v in hist1.val]
-    _run_paper_recipe(
-        out, ft_nets, sources, aligned_onto_anchor, finetuned, target, train, val, test, recipe, seed, methods, progress
-    )
-    if "ensemble" in methods:
-        val_probs = np.mean([recs[f"ft_{t}"]["_probs"][0] for t in tags], axis=0)
-        test_probs = np.mean([recs[f"ft_{t}"]["_probs"][1] for t in tags], axis=0)
+    if ft_nets:  # none of the methods asked for needs the fine-tuned pair (e.g. ``scratch`` or LP-FT rows alone)
+        _run_paper_recipe(
+            out,
+            ft_nets,
+            sources,
+            aligned_onto_anchor,
+            finetuned,
+            target,
+            train,
+            val,
+            test,
+            recipe,
+            seed,
+            methods,
+            progress,
+        )
+    for name, prefix, members in (("ensemble", "ft", ft_nets), ("ensemble_lpft", "lpft", lpft_nets)):
+        if name not in methods:
+            continue
+        val_probs = np.mean([recs[f"{prefix}_{t}"]["_probs"][0] for t in tags], axis=0)
+        test_probs = np.mean([recs[f"{prefix}_{t}"]["_probs"][1] for t in tags], axis=0)
         n = len(tags)
-        recs["ensemble"] = {
+        recs[name] = {
             "val": classification_metrics(target.val.tensors[1].numpy(), val_probs),
             "test": classification_metrics(target.test.tensors[1].numpy(), test_probs),
             "inference_cost": f"{n} networks ({n}x parameters and compute of one)",
-            "inference_macs": sum(inference_macs(n, target.val.tensors[0][:1]) for n in ft_nets.values()),
+            "inference_macs": sum(inference_macs(m, target.val.tensors[0][:1]) for m in members.values()),
         }
     for name in [m for m in recs if m not in methods]:
         del recs[name]
@@ -859,6 +883,14 @@ def summarize(
         lpft = "lp" + best  # LP-FT of the better source: the direct recipe's head-first schedule without a merge
         if {"medmerge_ft", lpft} <= set(methods):
             summary["medmerge_ft_vs_lpft"] = _paired(table, "medmerge_ft", lpft)
+    if "ensemble_lpft" in methods:
+        # the room left once every network is fine-tuned head first: against the better LP-FT row on validation
+        best_lpft = max((m for m in SINGLE_SOURCE_LPFT if m in methods), key=lambda m: table[m]["val_macro_f1"]["mean"])
+        summary["best_single_source_head_first"] = best_lpft
+        summary["room_head_first"] = _paired(table, "ensemble_lpft", best_lpft)
+        for name in MEDMERGE_RECIPES:
+            if name in methods:
+                summary.setdefault("vs_best_head_first", {})[name] = _paired(table, name, best_lpft)
     if {"paper_medmerge_ft", "ft_longer"} <= set(methods):
         # the paper's recipe against the same two fine-tunings without a merge
         summary["paper_medmerge_ft_vs_ft_longer"] = _paired(table, "paper_medmerge_ft", "ft_longer")
@@ -877,7 +909,7 @@ def room_summary(table: dict, methods: Sequence[str], best: str) -> dict:
     """
     out: dict = {"vs_best_single_source": {}}
     for name in methods:
-        if name not in (*SINGLE_SOURCE, "ensemble"):
+        if name not in (*SINGLE_SOURCE, *ENSEMBLES):
             out["vs_best_single_source"][name] = _paired(table, name, best)
     room = None
     if "ensemble" in methods:

@@ -138,3 +138,13 @@ def test_room_table_names_the_ancestor_and_the_paper_recipes_control():
         line for line in report.room_section([("rotation", rotation)], None).splitlines() if "`rotation`" in line
     )
     assert row.endswith("; MedMerge + FT +2.0 (p 0.3) vs `lpft_b` |"), row  # differences 0.03, 0.01
+
+
+def test_room_table_adds_the_room_left_after_head_first_fine_tuning():
+    """A result with the ensemble of the LP-FT rows shows that room beside the plain one; others show only theirs."""
+    plain = _result("transfer", [16, 32, 64, 128], "shared", [0.03, 0.03], [0.0, 0.01])
+    head_first = _result("transfer", [16, 32, 64, 128], "shared", [0.03, 0.03], [0.0, 0.01])
+    head_first["summary"]["room_head_first"] = _paired([0.01, -0.03]) | {"baseline": "lpft_b"}
+    table = report.room_section([("plain", plain), ("head_first", head_first)], None)
+    rows = {line.split("|")[1].strip(): line.split("|")[7].strip() for line in table.splitlines() if "| `" in line}
+    assert rows == {"`plain`": "+3.0 (p 0.5)", "`head_first`": "+3.0 (p 0.5); head first -1.0 (p 0.5)"}

@@ -358,3 +358,53 @@ def test_the_paper_pairs_merges_are_also_recorded_before_their_last_fine_tuning(
         SimpleNamespace(target=target), sources, recipe, 0, ["ft_a", "ft_b", "paper_average", "paper_medmerge"], False
     ).records
     assert {"paper_average", "paper_medmerge"} <= set(recs) and set(starts) == {labels["ft_a"], labels["ft_b"]}
+
+
+def test_ensemble_lpft_averages_the_head_first_fine_tunings_and_records_their_room(monkeypatch):
+    """``ensemble_lpft`` is the mean probability of the LP-FT networks of every source (run for it even when their
+    rows are not asked for, and then not reported), and ``room_head_first`` pairs it against the LP-FT row that
+    validates best, seed by seed."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    import medmerge_bench.transfer as transfer
+    from medmerge_bench.transfer import run_seed, summarize
+    from monai_medmerge.workflows.metrics import classification_metrics
+
+    target, recipe, sources, _, _ = _spied_tiny_run(monkeypatch)
+    spied_fine_tune, real_record = transfer.fine_tune, transfer.record
+    nets, probs = {}, {}
+
+    def fine_tune(net, train, *args, desc="", **kwargs):
+        tuned, hist = spied_fine_tune(net, train, *args, desc=desc, **kwargs)
+        nets[desc] = tuned
+        return tuned, hist
+
+    def record(model, *args, **kwargs):
+        rec = real_record(model, *args, **kwargs)
+        probs[id(model)] = rec["_probs"]
+        return rec
+
+    monkeypatch.setattr(transfer, "fine_tune", fine_tune)
+    monkeypatch.setattr(transfer, "record", record)
+    labels = transfer.METHOD_LABELS
+    methods = ["ft_a", "ft_b", "lpft_a", "lpft_b", "ensemble", "ensemble_lpft"]
+    results = []
+    for seed in (0, 1):
+        res = run_seed(SimpleNamespace(target=target), sources, recipe, seed, methods, progress=False)
+        members = [probs[id(nets[labels[f"lpft_{t}"]])][1] for t in "ab"]
+        expected = classification_metrics(target.test.tensors[1].numpy(), np.mean(members, axis=0))
+        assert res.records["ensemble_lpft"]["test"] == pytest.approx(expected)
+        results.append(res)
+    summary = summarize(results)
+    best = summary["best_single_source_head_first"]
+    val = {m: np.mean([r.records[m]["val"]["macro_f1"] for r in results]) for m in ("lpft_a", "lpft_b")}
+    assert best == max(val, key=val.get)
+    expected = [r.records["ensemble_lpft"]["test"]["macro_f1"] - r.records[best]["test"]["macro_f1"] for r in results]
+    assert summary["room_head_first"]["differences"] == pytest.approx(expected)
+    assert "ensemble_lpft" not in summary["vs_best_single_source"]  # two networks: not a one-network method
+    # asked alone, the LP-FT networks are still trained, and the same (identically seeded), but not reported
+    alone = run_seed(SimpleNamespace(target=target), sources, recipe, 1, ["ensemble_lpft"], progress=False)
+    assert set(alone.records) == {"ensemble_lpft"}
+    assert alone.records["ensemble_lpft"]["test"] == pytest.approx(results[1].records["ensemble_lpft"]["test"])
