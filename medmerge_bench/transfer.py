@@ -21,6 +21,9 @@ Methods (the names used in results):
   target) and ``paper_aligned_average_ft`` (the same after permutation alignment onto the anchor). Without the
   last fine-tuning: ``paper_medmerge`` (the collapsed merge after phase 1) and ``paper_average`` (the uniform average
   with norm statistics recomputed: a "model soup" of the fine-tuned pair).
+- ``paper_lpft_medmerge_ft``: the paper's recipe with phase 0 head first: the merge of the LP-FT networks
+  (``lpft_a``, ``lpft_b``), anchored on the one that validates best, then fine-tuned; compared with the better LP-FT
+  row in ``vs_best_head_first``.
 - ``paper_medmerge_distill``: the paper's recipe with phase 2 distilled from the ensemble of the fine-tuned pair
   (:class:`Distilled`); ``ft_distill``: the same distillation into fine-tuning from the anchor source, the control
   that shows what the merge adds to distillation alone. With ``Recipe.distill_steps`` they train that many steps per
@@ -116,6 +119,7 @@ COMPARISON_METHODS = (
     "paper_medmerge",
     "paper_medmerge_ft",
     "paper_medmerge_distill",
+    "paper_lpft_medmerge_ft",
     "ft_distill",
     "ft_steps",
     "ft_longer",
@@ -132,6 +136,7 @@ MEDMERGE_RECIPES = (
     "paper_medmerge",
     "paper_medmerge_ft",
     "paper_medmerge_distill",
+    "paper_lpft_medmerge_ft",
 )
 METHOD_LABELS = {
     "scratch": "scratch",
@@ -153,6 +158,7 @@ METHOD_LABELS = {
     "paper_medmerge": "paper's recipe without phase 2: MedMerge of FT A and B, collapsed",
     "paper_medmerge_ft": "paper's recipe: MedMerge of FT A and B + FT",
     "paper_medmerge_distill": "paper's recipe, FT distilled from the ensemble",
+    "paper_lpft_medmerge_ft": "paper's recipe over LP-FT A and B (phase 0 head first) + FT",
     "ft_distill": "fine-tune from the anchor, distilled from the ensemble",
     "ft_steps": "fine-tune from the anchor for the distillation's steps",
     "ft_longer": "FT from the anchor source, fine-tuned again (the paper recipe's FT budget)",
@@ -501,7 +507,7 @@ def run_seed(
         if need_ft:
             torch.manual_seed(seed)
             ft_nets[tag] = finetuned(from_source(sources[i], k, recipe), f"ft_{tag}")
-        if f"lpft_{tag}" in methods or "ensemble_lpft" in methods:
+        if f"lpft_{tag}" in methods or {"ensemble_lpft", "paper_lpft_medmerge_ft"} & set(methods):
             torch.manual_seed(seed)
             net = from_source(sources[i], k, recipe)
             head = head_only(net, HEAD)
@@ -586,6 +592,8 @@ def run_seed(
             methods,
             progress,
         )
+    if "paper_lpft_medmerge_ft" in methods:
+        _run_paper_recipe_head_first(out, [lpft_nets[t] for t in tags], train, val, test, recipe, seed, progress)
     for name, prefix, members in (("ensemble", "ft", ft_nets), ("ensemble_lpft", "lpft", lpft_nets)):
         if name not in methods:
             continue
@@ -603,6 +611,23 @@ def run_seed(
     for rec in recs.values():
         rec.pop("_probs", None)
     return out
+
+
+def _run_paper_recipe_head_first(out: SeedResult, pair, train, val, test, recipe, seed: int, progress: bool) -> None:
+    """``paper_lpft_medmerge_ft``: the paper's recipe with a head-first phase 0 (the LP-FT networks of the sources,
+    ``pair``), anchored on the one that validates best; phases 1 and 2 as in ``paper_medmerge_ft``."""
+    recs = out.records
+    name = "paper_lpft_medmerge_ft"
+    anchor = int(np.argmax([recs[f"lpft_{t}"]["val"]["macro_f1"] for t in SOURCE_TAGS[: len(pair)]]))
+    torch.manual_seed(seed)
+    merge = KernelMerge(pair, anchor=anchor, anchor_weight=recipe.anchor_weight)
+    desc = f"phase 1: coefficients ({METHOD_LABELS[name]})"
+    plain, hist1 = learn_coefficients(merge, train(), val, **recipe.phase1(merge), progress=progress, desc=desc)
+    desc = f"phase 2: fine-tune ({METHOD_LABELS[name]})"
+    net, hist2 = fine_tune(plain, train(), val, **recipe.phase2(), progress=progress, desc=desc)
+    recs[name] = record(net, val, test, hist2)
+    recs[name]["curve_phase1"] = [v["macro_f1"] for v in hist1.val]
+    out.models[name] = net
 
 
 def _run_paper_recipe(

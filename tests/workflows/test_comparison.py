@@ -408,3 +408,53 @@ def test_ensemble_lpft_averages_the_head_first_fine_tunings_and_records_their_ro
     alone = run_seed(SimpleNamespace(target=target), sources, recipe, 1, ["ensemble_lpft"], progress=False)
     assert set(alone.records) == {"ensemble_lpft"}
     assert alone.records["ensemble_lpft"]["test"] == pytest.approx(results[1].records["ensemble_lpft"]["test"])
+
+
+def test_paper_recipe_head_first_merges_the_lpft_networks_anchored_on_the_best_validated(monkeypatch):
+    """``paper_lpft_medmerge_ft`` merges exactly the LP-FT networks (their target heads included), anchored on the
+    one with the higher validation macro-F1, and is paired against the better LP-FT row in the summary."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    import medmerge_bench.transfer as transfer
+    from medmerge_bench.transfer import run_seed, summarize
+
+    target, recipe, sources, _, _ = _spied_tiny_run(monkeypatch)
+    spied_fine_tune, real_merge = transfer.fine_tune, transfer.KernelMerge
+    nets, merges = {}, []
+
+    def fine_tune(net, train, *args, desc="", **kwargs):
+        tuned, hist = spied_fine_tune(net, train, *args, desc=desc, **kwargs)
+        nets[desc] = tuned
+        return tuned, hist
+
+    def kernel_merge(pool, **kwargs):
+        merges.append((list(pool), kwargs["anchor"]))
+        return real_merge(pool, **kwargs)
+
+    monkeypatch.setattr(transfer, "fine_tune", fine_tune)
+    monkeypatch.setattr(transfer, "KernelMerge", kernel_merge)
+    labels = transfer.METHOD_LABELS
+    results = []
+    for seed in (0, 1):
+        merges.clear()
+        res = run_seed(SimpleNamespace(target=target), sources, recipe, seed, ["paper_lpft_medmerge_ft"], False)
+        (pool, _), *others = merges
+        assert not others and set(res.records) == {"paper_lpft_medmerge_ft"}
+        assert [id(n) for n in pool] == [id(nets[labels[f"lpft_{t}"]]) for t in "ab"]
+        results.append(res)
+    # the anchor is the LP-FT network that validates best: with both rows recorded, it is checkable
+    merges.clear()
+    res = run_seed(
+        SimpleNamespace(target=target),
+        sources,
+        recipe,
+        0,
+        ["ft_a", "ft_b", "lpft_a", "lpft_b", "paper_lpft_medmerge_ft"],
+        False,
+    )
+    val = [res.records[f"lpft_{t}"]["val"]["macro_f1"] for t in "ab"]
+    assert val[0] != val[1] and merges[-1][1] == int(np.argmax(val))
+    summary = summarize([res, res])
+    assert "paper_lpft_medmerge_ft" in summary["vs_best_single_source"]
