@@ -75,7 +75,14 @@ from monai_medmerge.io import write_json
 from monai_medmerge.merging import align_sources, get_method, inference_macs, recalibrate_norm, zip_networks
 from monai_medmerge.networks import KernelMerge
 from monai_medmerge.sources import load_checkpoint, save_checkpoint
-from monai_medmerge.workflows import classification_metrics, fine_tune, fit, learn_coefficients, predict
+from monai_medmerge.workflows import (
+    classification_metrics,
+    fine_tune,
+    fit,
+    learn_coefficients,
+    linear_probe,
+    predict,
+)
 
 __all__ = [
     "Recipe",
@@ -510,14 +517,14 @@ def run_seed(
         if f"lpft_{tag}" in methods or {"ensemble_lpft", "paper_lpft_medmerge_ft"} & set(methods):
             torch.manual_seed(seed)
             net = from_source(sources[i], k, recipe)
-            head = head_only(net, HEAD)
             # the probe trains on frozen features: the body stays in eval mode so its norm statistics do not move
-            fit(
-                _Probe(net, head),
+            linear_probe(
+                net,
+                HEAD,
                 train(),
                 val,
-                [{"params": head.parameters(), "lr": recipe.lp_lr}],
-                recipe.lp_epochs,
+                epochs=recipe.lp_epochs,
+                lr=recipe.lp_lr,
                 patience=recipe.patience,
                 desc=f"linear probe (from {tag.upper()})",
                 progress=progress,
@@ -851,26 +858,14 @@ def coefficient_penalty(merge: KernelMerge, weight: float):
 
 
 def head_only(net: nn.Module, head: str) -> nn.Module:
-    """Freeze every parameter of ``net`` except those of its module ``head``, which is returned (linear probing)."""
+    """Freeze every parameter of ``net`` except those of its module ``head``, which is returned (the segmentation
+    benchmark's ``ft_head_first``, which trains the head with the body in training mode, as phase 1 does)."""
     module = net.get_submodule(head)
     for p in net.parameters():
         p.requires_grad_(False)
     for p in module.parameters():
         p.requires_grad_(True)
     return module
-
-
-class _Probe(nn.Module):
-    """Runs the network with its body in eval mode and only the head trainable, for linear probing."""
-
-    def __init__(self, net: nn.Module, head: nn.Module) -> None:
-        super().__init__()
-        self.net, self.head = net, head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.net.eval()
-        self.head.train(self.training)
-        return self.net(x)
 
 
 def summarize(

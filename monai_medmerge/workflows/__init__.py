@@ -9,7 +9,15 @@ from __future__ import annotations
 from monai_medmerge.workflows.engines import phase1_network, phase_evaluator, phase_trainer
 from monai_medmerge.workflows.metrics import classification_metrics, confusion_matrix
 from monai_medmerge.workflows.recipes import RECIPES, fine_tune_sources, phase1_sources
-from monai_medmerge.workflows.training import History, evaluate, fine_tune, fit, learn_coefficients, predict
+from monai_medmerge.workflows.training import (
+    History,
+    evaluate,
+    fine_tune,
+    fit,
+    learn_coefficients,
+    linear_probe,
+    predict,
+)
 
 __all__ = [
     "RECIPES",
@@ -21,6 +29,7 @@ __all__ = [
     "fine_tune_sources",
     "fit",
     "learn_coefficients",
+    "linear_probe",
     "phase1_network",
     "phase1_sources",
     "phase_evaluator",

@@ -22,9 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from monai_medmerge.networks import replace_head
+from monai_medmerge.networks import head_names, replace_head
 from monai_medmerge.sources import load_checkpoint
 from monai_medmerge.workflows import engines
+from monai_medmerge.workflows.training import linear_probe
 
 __all__ = [
     "RECIPES",
@@ -92,8 +93,12 @@ def fine_tune_sources(
     task: str = "classification",
     spatial_size: Sequence[int] | None = None,
     in_channels: int = 1,
+    head_epochs: int = 0,
+    head_lr: float = 1e-2,
 ) -> list[nn.Module]:
-    """Phase 0 of the ``paper`` recipe: each source with a new ``num_classes`` head, fine-tuned fully on the target.
+    """Phase 0 of the ``paper`` recipe: each source with a new ``num_classes`` head, fine-tuned fully on the target;
+    with ``head_epochs`` > 0 the new head is first trained alone on the frozen source (LP-FT,
+    :func:`~monai_medmerge.workflows.training.linear_probe`).
 
     Args:
         sources: the source networks (left unchanged: each is copied first).
@@ -114,6 +119,10 @@ def fine_tune_sources(
         recipe: ``"direct"`` returns ``sources`` as they are (so a bundle can run this step for either recipe).
         task: ``"classification"`` or ``"segmentation"`` (the validation metric and the default loss).
         spatial_size, in_channels: the size of an example input, to find ``head="auto"``.
+        head_epochs: epochs of training the new head alone before the fine-tuning (0: none; patience as above).
+            It is not checkpointed: an interrupted run repeats it, unless the source's fine-tuning has a checkpoint
+            to resume from, which holds the trained head already.
+        head_lr: learning rate of that head-only training.
 
     Returns:
         the fine-tuned networks in eval mode, in the order of ``sources``.
@@ -121,6 +130,8 @@ def fine_tune_sources(
     if check_recipe(recipe) == "direct":
         return list(sources)
     engines.check_task(task)
+    if head_epochs < 0:
+        raise ValueError(f"head_epochs must be >= 0 (0: no head-only training first), got {head_epochs}.")
     if loss_function is None:
         loss_function = engines.default_loss(task)
     example = example_input(spatial_size, in_channels)
@@ -134,6 +145,30 @@ def fine_tune_sources(
                 net.load_state_dict(load_checkpoint(best))
                 tuned.append(net.eval())
                 continue
+        resuming = resume and ckpt_dir is not None and any(Path(ckpt_dir).glob(f"phase0_source{i}_checkpoint_*.pt"))
+        if head_epochs and not resuming:
+            heads = head_names(net, head, example)
+            linear_probe(
+                net,
+                heads,
+                train_loader,
+                val_loader,
+                epochs=head_epochs,
+                lr=head_lr,
+                patience=patience,
+                device=device,
+                progress=progress,
+                desc=f"phase 0: the new head of source {i}, its body frozen",
+                loss_function=loss_function,
+                task=task,
+                num_classes=num_classes,
+                inferer=inferer,
+            )
+            if _distributed():
+                # each process probed on its own shard of the data: all continue from process 0's head
+                for name in heads:
+                    for tensor in net.get_submodule(name).state_dict().values():
+                        torch.distributed.broadcast(tensor, src=0)
         for p in net.parameters():
             p.requires_grad_(True)
         optimizer = torch.optim.Adam(net.parameters(), lr=lr)

@@ -124,6 +124,7 @@ def test_bundle_paper_recipe_runs_phase0_then_the_merge(example_workspace, tmp_p
     proc = run_bundle(root, ["train.yaml"], args, run_id="paper")  # a fresh whole run: phase 0 again, then 1 and 2
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert all((models / f"phase0_source{i}.done").stat().st_mtime_ns > stamps[i] for i in range(2))
+    assert _same(load_checkpoint(models / "phase0_source1.pt"), state)  # phase 0 is the same at the same seed
     assert (models / "model.pt").is_file() and (models / "phase1_best.pt").is_file()
     # the heads were merged: a new head would be a trainable `network.fc.*` of the merge; merged, the head is one
     # more merge unit (3 more coefficients per source, one per class)
@@ -136,3 +137,67 @@ def test_bundle_paper_recipe_runs_phase0_then_the_merge(example_workspace, tmp_p
     proc = run_bundle(root, ["train.yaml"], direct)
     assert proc.returncode != 0 and "resume continues only that run" in proc.stdout
     assert engines.RUN_FILE == "run.json"
+    # phase0_head_epochs reaches phase 0: the same seed with each new head trained first ends elsewhere
+    head_first = overrides(example, root, recipe="paper", phase0_epochs="2", phase0_head_epochs="1")
+    proc = run_bundle(root, ["train.yaml"], head_first, run_id="phase0")
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert not _same(load_checkpoint(models / "phase0_source1.pt"), state)
+
+
+def test_phase0_head_first_trains_each_new_head_before_the_fine_tuning(tmp_path, monkeypatch):
+    """With ``head_epochs`` each source's new head is probed on the frozen source, and the fine-tuning starts from
+    exactly that head; resuming a fine-tuning that has a checkpoint does not probe again; bad values are refused."""
+    import monai_medmerge.workflows.recipes as recipes
+
+    probed, started = [], []
+    real_probe, real_trainer = recipes.linear_probe, recipes.engines.phase_trainer
+
+    def probe(net, heads, *args, **kwargs):
+        history = real_probe(net, heads, *args, **kwargs)
+        probed.append((heads, kwargs["epochs"], net.fc.weight.detach().clone()))
+        return history
+
+    def trainer(network, *args, **kwargs):
+        if isinstance(network, type(sources[0])):  # the fine-tunings, not the probes (which wrap the network)
+            started.append(network.fc.weight.detach().clone())
+        return real_trainer(network, *args, **kwargs)
+
+    monkeypatch.setattr(recipes, "linear_probe", probe)
+    monkeypatch.setattr(recipes.engines, "phase_trainer", trainer)
+    sources = _sources()
+    torch.manual_seed(0)
+    fine_tune_sources(
+        sources,
+        "fc",
+        3,
+        _loader(),
+        _loader(1),
+        epochs=1,
+        patience=None,
+        ckpt_dir=tmp_path,
+        progress=False,
+        head_epochs=2,
+    )
+    assert [(heads, epochs) for heads, epochs, _ in probed] == [(["fc"], 2), (["fc"], 2)]
+    for (_, _, head), start in zip(probed, started, strict=True):
+        torch.testing.assert_close(start, head, rtol=0, atol=0)
+    # a resumed fine-tuning (a periodic checkpoint of each source, no completion marker) is not probed again
+    for i in range(2):
+        (tmp_path / f"phase0_source{i}.done").unlink()
+    probed.clear()
+    fine_tune_sources(
+        sources,
+        "fc",
+        3,
+        _loader(),
+        _loader(1),
+        epochs=2,
+        patience=None,
+        ckpt_dir=tmp_path,
+        resume=True,
+        progress=False,
+        head_epochs=2,
+    )
+    assert probed == []
+    with pytest.raises(ValueError, match="head_epochs must be >= 0"):
+        fine_tune_sources(sources, "fc", 3, _loader(), _loader(1), head_epochs=-1, progress=False)

@@ -297,3 +297,27 @@ def test_a_resumed_phase_keeps_its_best_score_and_state(tmp_path):
     assert evaluator.state.epoch == 5 and evaluator.state.best_metric_epoch == 1
     assert resumed.s.item() == pytest.approx(0.15, abs=1e-4)
     assert torch.load(tmp_path / "best.pt", weights_only=True)["s"].item() == pytest.approx(0.15, abs=1e-4)
+
+
+def test_linear_probe_trains_only_the_head_and_leaves_the_body_and_its_statistics():
+    """The probe moves the head's weights and nothing else: not the body's weights, not its norm layers' running
+    statistics (the body runs in eval mode); ``requires_grad`` is restored; bad head names are refused."""
+    from monai_medmerge.workflows import linear_probe
+
+    torch.manual_seed(0)
+    net = build_network(3, RECIPE)
+    net.layer1[0].conv1.weight.requires_grad_(False)  # a flag of the caller's, kept as it was
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in net.named_parameters()}
+    history = linear_probe(
+        net, HEAD, _loader(shuffle=True), _loader(1), epochs=3, lr=0.05, patience=None, progress=False
+    )
+    after = net.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and changed <= {"fc.weight", "fc.bias"}, changed
+    assert len(history.val) == 3 and history.best_score > 0
+    assert {n: p.requires_grad for n, p in net.named_parameters()} == flags
+    with pytest.raises(ValueError, match="no module 'classifier' to train as its head"):
+        linear_probe(net, "classifier", _loader(), _loader(1), epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"head module\(s\) \['act'\] have no parameter"):
+        linear_probe(net, ["act"], _loader(), _loader(1), epochs=1, progress=False)
