@@ -164,11 +164,8 @@ def fine_tune_sources(
                 num_classes=num_classes,
                 inferer=inferer,
             )
-            if _distributed():
-                # each process probed on its own shard of the data: all continue from process 0's head
-                for name in heads:
-                    for tensor in net.get_submodule(name).state_dict().values():
-                        torch.distributed.broadcast(tensor, src=0)
+            # under torchrun each process probes on its own shard; wrapping the network in DistributedDataParallel
+            # below broadcasts process 0's states, its probed head included, so all fine-tune from one network
         for p in net.parameters():
             p.requires_grad_(True)
         optimizer = torch.optim.Adam(net.parameters(), lr=lr)

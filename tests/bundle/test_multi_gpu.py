@@ -34,7 +34,7 @@ def test_torchrun_two_processes_agree(example_workspace, tmp_path, recipe):
         repr(files),
         "--logging_file",
         str(root / "configs" / "logging.conf"),
-        *overrides(example_workspace, root, recipe=recipe, phase0_epochs=2),
+        *overrides(example_workspace, root, recipe=recipe, phase0_epochs=2, phase0_head_epochs=1),
     ]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr

@@ -154,7 +154,12 @@ def test_train_evaluate_export_and_plain_inference(example, tmp_path):
 
 def test_paper_recipe_fine_tunes_the_sources_first(example, tmp_path):
     root = _bundle(tmp_path)
-    run = run_bundle(root, ["train.yaml"], _overrides(example, root, recipe="paper", phase0_epochs=1), run_id="paper")
+    run = run_bundle(
+        root,
+        ["train.yaml"],
+        _overrides(example, root, recipe="paper", phase0_epochs=1, phase0_head_epochs=1),
+        run_id="paper",
+    )
     assert run.returncode == 0, run.stdout[-4000:]
     for i in range(2):
         assert (root / "models" / f"phase0_source{i}.done").is_file()
