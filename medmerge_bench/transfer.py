@@ -600,7 +600,12 @@ def run_seed(
             progress,
         )
     if "paper_lpft_medmerge_ft" in methods:
-        _run_paper_recipe_head_first(out, [lpft_nets[t] for t in tags], train, val, test, recipe, seed, progress)
+        # the paper's recipe with a head-first phase 0: the LP-FT networks, anchored on the one validating best
+        anchor = int(np.argmax([recs[f"lpft_{t}"]["val"]["macro_f1"] for t in tags]))
+        pair = [lpft_nets[t] for t in tags]
+        _merge_pair_then_fine_tune(
+            out, "paper_lpft_medmerge_ft", pair, anchor, (train, val, test), recipe, seed, progress
+        )
     for name, prefix, members in (("ensemble", "ft", ft_nets), ("ensemble_lpft", "lpft", lpft_nets)):
         if name not in methods:
             continue
@@ -620,18 +625,34 @@ def run_seed(
     return out
 
 
-def _run_paper_recipe_head_first(out: SeedResult, pair, train, val, test, recipe, seed: int, progress: bool) -> None:
-    """``paper_lpft_medmerge_ft``: the paper's recipe with a head-first phase 0 (the LP-FT networks of the sources,
-    ``pair``), anchored on the one that validates best; phases 1 and 2 as in ``paper_medmerge_ft``."""
+def _merge_pair_then_fine_tune(
+    out: SeedResult,
+    name: str | None,
+    pair,
+    anchor: int,
+    data,
+    recipe: Recipe,
+    seed: int,
+    progress: bool,
+    teacher=None,
+    collapsed: str | None = None,
+) -> None:
+    """Phases 1 and 2 of the paper's recipe on networks that already have target heads (``pair``, merged heads
+    included), anchored on ``anchor``: the record of method ``name`` (None: phase 1 only), and with ``collapsed`` the
+    collapsed network after phase 1 recorded under that name. ``data`` is ``(train loader factory, val, test)``;
+    ``teacher`` as in :func:`_phase2`."""
+    train, val, test = data
     recs = out.records
-    name = "paper_lpft_medmerge_ft"
-    anchor = int(np.argmax([recs[f"lpft_{t}"]["val"]["macro_f1"] for t in SOURCE_TAGS[: len(pair)]]))
+    label = METHOD_LABELS[name or "paper_medmerge_ft"]
     torch.manual_seed(seed)
     merge = KernelMerge(pair, anchor=anchor, anchor_weight=recipe.anchor_weight)
-    desc = f"phase 1: coefficients ({METHOD_LABELS[name]})"
+    desc = f"phase 1: coefficients ({label})"
     plain, hist1 = learn_coefficients(merge, train(), val, **recipe.phase1(merge), progress=progress, desc=desc)
-    desc = f"phase 2: fine-tune ({METHOD_LABELS[name]})"
-    net, hist2 = fine_tune(plain, train(), val, **recipe.phase2(), progress=progress, desc=desc)
+    if collapsed:
+        recs[collapsed] = record(plain, val, test, hist1)
+    if name is None:
+        return
+    net, hist2 = _phase2(plain, train(), val, recipe, teacher, seed, f"phase 2: fine-tune ({label})", progress)
     recs[name] = record(net, val, test, hist2)
     recs[name]["curve_phase1"] = [v["macro_f1"] for v in hist1.val]
     out.models[name] = net
@@ -673,23 +694,19 @@ def _run_paper_recipe(
     teacher = (pair, recipe.distill_weight, distill_images(target, recipe))
     for name in ("paper_medmerge_ft", "paper_medmerge_distill"):
         collapsed = name == "paper_medmerge_ft" and "paper_medmerge" in methods
-        if name not in methods and not collapsed:
-            continue
-        torch.manual_seed(seed)
-        merge = KernelMerge(pair, anchor=out.anchor, anchor_weight=recipe.anchor_weight)
-        desc = f"phase 1: coefficients ({METHOD_LABELS[name]})"
-        plain, hist1 = learn_coefficients(merge, train(), val, **recipe.phase1(merge), progress=progress, desc=desc)
-        if collapsed:
-            recs["paper_medmerge"] = record(plain, val, test, hist1)
-            if name not in methods:
-                continue
-        desc = f"phase 2: fine-tune ({METHOD_LABELS[name]})"
-        net, hist2 = _phase2(
-            plain, train(), val, recipe, teacher if name.endswith("distill") else None, seed, desc, progress
-        )
-        recs[name] = record(net, val, test, hist2)
-        recs[name]["curve_phase1"] = [v["macro_f1"] for v in hist1.val]
-        out.models[name] = net
+        if name in methods or collapsed:
+            _merge_pair_then_fine_tune(
+                out,
+                name if name in methods else None,
+                pair,
+                out.anchor,
+                (train, val, test),
+                recipe,
+                seed,
+                progress,
+                teacher=teacher if name.endswith("distill") else None,
+                collapsed="paper_medmerge" if collapsed else None,
+            )
     if "ft_longer" in methods:
         torch.manual_seed(seed)
         finetuned(copy.deepcopy(pair[out.anchor]), "ft_longer")
