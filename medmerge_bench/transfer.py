@@ -23,7 +23,9 @@ Methods (the names used in results):
   with norm statistics recomputed: a "model soup" of the fine-tuned pair).
 - ``paper_lpft_medmerge_ft``: the paper's recipe with phase 0 head first: the merge of the LP-FT networks
   (``lpft_a``, ``lpft_b``), anchored on the one that validates best, then fine-tuned; compared with the better LP-FT
-  row in ``vs_best_head_first``.
+  row in ``vs_best_head_first``. ``paper_lpft_medmerge_distill``: the same with phase 2 distilled from the ensemble of
+  the LP-FT networks; its controls without a merge start from the anchor's probed network: ``lpft_distill`` (the same
+  distillation) and ``lpft_steps`` (as many steps, no teacher).
 - ``paper_medmerge_distill``: the paper's recipe with phase 2 distilled from the ensemble of the fine-tuned pair
   (:class:`Distilled`); ``ft_distill``: the same distillation into fine-tuning from the anchor source, the control
   that shows what the merge adds to distillation alone. With ``Recipe.distill_steps`` they train that many steps per
@@ -127,6 +129,9 @@ COMPARISON_METHODS = (
     "paper_medmerge_ft",
     "paper_medmerge_distill",
     "paper_lpft_medmerge_ft",
+    "paper_lpft_medmerge_distill",
+    "lpft_distill",
+    "lpft_steps",
     "ft_distill",
     "ft_steps",
     "ft_longer",
@@ -144,6 +149,15 @@ MEDMERGE_RECIPES = (
     "paper_medmerge_ft",
     "paper_medmerge_distill",
     "paper_lpft_medmerge_ft",
+    "paper_lpft_medmerge_distill",
+)
+# the methods built on the LP-FT networks of every source (run for them even when their rows are not asked for)
+ON_LPFT_PAIR = (
+    "ensemble_lpft",
+    "paper_lpft_medmerge_ft",
+    "paper_lpft_medmerge_distill",
+    "lpft_distill",
+    "lpft_steps",
 )
 METHOD_LABELS = {
     "scratch": "scratch",
@@ -166,6 +180,9 @@ METHOD_LABELS = {
     "paper_medmerge_ft": "paper's recipe: MedMerge of FT A and B + FT",
     "paper_medmerge_distill": "paper's recipe, FT distilled from the ensemble",
     "paper_lpft_medmerge_ft": "paper's recipe over LP-FT A and B (phase 0 head first) + FT",
+    "paper_lpft_medmerge_distill": "paper's recipe over LP-FT A and B, FT distilled from their ensemble",
+    "lpft_distill": "LP-FT from the better LP-FT source, FT distilled from the LP-FT ensemble",
+    "lpft_steps": "LP-FT from the better LP-FT source for the distillation's steps",
     "ft_distill": "fine-tune from the anchor, distilled from the ensemble",
     "ft_steps": "fine-tune from the anchor for the distillation's steps",
     "ft_longer": "FT from the anchor source, fine-tuned again (the paper recipe's FT budget)",
@@ -510,11 +527,12 @@ def run_seed(
     } & set(methods)
     ft_nets: dict[str, nn.Module] = {}
     lpft_nets: dict[str, nn.Module] = {}
+    probed: dict[str, nn.Module] = {}  # the LP-FT networks after their linear probe, before fine-tuning
     for i, tag in enumerate(tags):
         if need_ft:
             torch.manual_seed(seed)
             ft_nets[tag] = finetuned(from_source(sources[i], k, recipe), f"ft_{tag}")
-        if f"lpft_{tag}" in methods or {"ensemble_lpft", "paper_lpft_medmerge_ft"} & set(methods):
+        if f"lpft_{tag}" in methods or set(ON_LPFT_PAIR) & set(methods):
             torch.manual_seed(seed)
             net = from_source(sources[i], k, recipe)
             # the probe trains on frozen features: the body stays in eval mode so its norm statistics do not move
@@ -529,6 +547,7 @@ def run_seed(
                 desc=f"linear probe (from {tag.upper()})",
                 progress=progress,
             )
+            probed[tag] = copy.deepcopy(net)
             lpft_nets[tag] = finetuned(net, f"lpft_{tag}")
     if need_ft:
         # the first of the best on ties (A before B before C)
@@ -599,13 +618,8 @@ def run_seed(
             methods,
             progress,
         )
-    if "paper_lpft_medmerge_ft" in methods:
-        # the paper's recipe with a head-first phase 0: the LP-FT networks, anchored on the one validating best
-        anchor = int(np.argmax([recs[f"lpft_{t}"]["val"]["macro_f1"] for t in tags]))
-        pair = [lpft_nets[t] for t in tags]
-        _merge_pair_then_fine_tune(
-            out, "paper_lpft_medmerge_ft", pair, anchor, (train, val, test), recipe, seed, progress
-        )
+    if set(ON_LPFT_PAIR) & set(methods):
+        _run_on_lpft_pair(out, lpft_nets, probed, target, (train, val, test), recipe, seed, methods, progress)
     for name, prefix, members in (("ensemble", "ft", ft_nets), ("ensemble_lpft", "lpft", lpft_nets)):
         if name not in methods:
             continue
@@ -656,6 +670,34 @@ def _merge_pair_then_fine_tune(
     recs[name] = record(net, val, test, hist2)
     recs[name]["curve_phase1"] = [v["macro_f1"] for v in hist1.val]
     out.models[name] = net
+
+
+def _run_on_lpft_pair(out: SeedResult, lpft_nets, probed, target, data, recipe, seed, methods, progress) -> None:
+    """The methods on the LP-FT networks (a head-first phase 0), anchored on the one that validates best: the paper's
+    recipe over them (``paper_lpft_medmerge_ft``; ``..._distill`` with phase 2 distilled from their ensemble), and
+    its controls without a merge, which start from the anchor's probed network (its head trained, its body not yet
+    fine-tuned): ``lpft_distill`` (the same distillation) and ``lpft_steps`` (the same steps, no teacher)."""
+    recs = out.records
+    tags = list(lpft_nets)
+    anchor = int(np.argmax([recs[f"lpft_{t}"]["val"]["macro_f1"] for t in tags]))
+    pair = [lpft_nets[t] for t in tags]
+    teacher = (pair, recipe.distill_weight, distill_images(target, recipe))
+    for name in ("paper_lpft_medmerge_ft", "paper_lpft_medmerge_distill"):
+        if name in methods:
+            student_teacher = teacher if name.endswith("distill") else None
+            _merge_pair_then_fine_tune(out, name, pair, anchor, data, recipe, seed, progress, teacher=student_teacher)
+    train, val, test = data
+    for name in ("lpft_distill", "lpft_steps"):
+        if name not in methods:
+            continue
+        torch.manual_seed(seed)
+        start = copy.deepcopy(probed[tags[anchor]])
+        if name == "lpft_distill":
+            net, hist = _phase2(start, train(), val, recipe, teacher, seed, METHOD_LABELS[name], progress)
+        else:
+            steps = with_steps(train(), recipe.distill_steps, seed)
+            net, hist = fine_tune(start, steps, val, **recipe.phase2(), progress=progress, desc=METHOD_LABELS[name])
+        recs[name] = record(net, val, test, hist)
 
 
 def _run_paper_recipe(
@@ -928,6 +970,10 @@ def summarize(
         for name in MEDMERGE_RECIPES:
             if name in methods:
                 summary.setdefault("vs_best_head_first", {})[name] = _paired(table, name, best_lpft)
+    for name in ("paper_lpft_medmerge_distill", "lpft_distill"):
+        if {name, "lpft_steps"} <= set(methods):
+            # a distilled phase 2 trains distill_steps per epoch: against a head-first fine-tuning of as many steps
+            summary[f"{name}_vs_lpft_steps"] = _paired(table, name, "lpft_steps")
     if {"paper_medmerge_ft", "ft_longer"} <= set(methods):
         # the paper's recipe against the same two fine-tunings without a merge
         summary["paper_medmerge_ft_vs_ft_longer"] = _paired(table, "paper_medmerge_ft", "ft_longer")

@@ -3,6 +3,7 @@ with sanity bounds; the accuracy claims belong to benchmarks/results, not to tes
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -458,3 +459,50 @@ def test_paper_recipe_head_first_merges_the_lpft_networks_anchored_on_the_best_v
     assert val[0] != val[1] and merges[-1][1] == int(np.argmax(val))
     summary = summarize([res, res])
     assert "paper_lpft_medmerge_ft" in summary["vs_best_single_source"]
+
+
+def test_the_lpft_distillation_rows_start_from_the_probed_anchor_and_learn_from_the_lpft_pair(monkeypatch):
+    """``lpft_distill`` and ``lpft_steps`` fine-tune the anchor's network as it was after its linear probe (not the
+    fine-tuned one), for ``distill_steps`` per epoch; the distilled rows' teachers are the LP-FT networks; the summary
+    pairs both distilled rows against ``lpft_steps``."""
+    from types import SimpleNamespace
+
+    import medmerge_bench.transfer as transfer
+    from medmerge_bench.transfer import run_seed, summarize
+
+    target, recipe, sources, starts, ends = _spied_tiny_run(monkeypatch)
+    g = torch.Generator().manual_seed(3)
+    target.unlabeled = torch.randn(20, 1, 32, 32, generator=g)
+    recipe = dataclasses.replace(recipe, distill_unlabeled=20, distill_steps=5)
+    spied_fine_tune, real_distilled = transfer.fine_tune, transfer.Distilled
+    nets, teachers, steps = {}, [], {}
+
+    def fine_tune(net, train, *args, desc="", **kwargs):
+        steps[desc] = len(train)
+        tuned, hist = spied_fine_tune(net, train, *args, desc=desc, **kwargs)
+        nets[desc] = tuned
+        return tuned, hist
+
+    def distilled(student, pool, *args, **kwargs):
+        teachers.append(list(pool))
+        return real_distilled(student, pool, *args, **kwargs)
+
+    monkeypatch.setattr(transfer, "fine_tune", fine_tune)
+    monkeypatch.setattr(transfer, "Distilled", distilled)
+    labels = transfer.METHOD_LABELS
+    methods = ["lpft_a", "lpft_b", "lpft_distill", "lpft_steps", "paper_lpft_medmerge_distill"]
+    results = [run_seed(SimpleNamespace(target=target), sources, recipe, s, methods, progress=False) for s in (0, 1)]
+    res = results[-1]
+    anchor = "ab"[int(res.records["lpft_b"]["val"]["macro_f1"] > res.records["lpft_a"]["val"]["macro_f1"])]
+    lpft = [nets[labels[f"lpft_{t}"]] for t in "ab"]
+    assert len(teachers) == 4 and all([id(n) for n in pool] == [id(n) for n in lpft] for pool in teachers[2:])
+    probed_start, tuned_end = starts[labels["lpft_steps"]], ends[labels[f"lpft_{anchor}"]]
+    lp_start = starts[labels[f"lpft_{anchor}"]]  # the fine-tuning of the LP-FT row starts from the probed network
+    for key, value in lp_start.items():
+        torch.testing.assert_close(probed_start[key], value, rtol=0, atol=0)
+    assert any(not torch.equal(probed_start[k], v) for k, v in tuned_end.items())  # not the fine-tuned network
+    assert steps[labels["lpft_steps"]] == 5 and steps[labels[f"lpft_{anchor}"]] == 3
+    summary = summarize(results)
+    for name in ("lpft_distill", "paper_lpft_medmerge_distill"):
+        expected = [r.records[name]["test"]["macro_f1"] - r.records["lpft_steps"]["test"]["macro_f1"] for r in results]
+        assert summary[f"{name}_vs_lpft_steps"]["differences"] == pytest.approx(expected)
