@@ -179,7 +179,8 @@ def room_section(results: list[tuple[str, dict]], picture: str | None) -> str:
         steps = _steps_control(r, chosen)
         if steps is not None:
             controls.append(
-                f"{r['methods'][chosen['method']]} {100 * steps['mean_difference']:+.1f}{p_of(steps)} vs `ft_steps`"
+                f"{r['methods'][chosen['method']]} {100 * steps['mean_difference']:+.1f}{p_of(steps)} "
+                f"vs `{steps['baseline']}`"
             )
         for recipe, control in (
             ("paper's recipe", _paper_control(r["summary"])),
@@ -612,14 +613,16 @@ def onepath_section(old: dict, new: dict, old_stem: str, new_stem: str, check: d
 
 
 def _steps_control(r: dict, chosen: dict | None) -> dict | None:
-    """The chosen MedMerge recipe against ``ft_steps`` (fine-tuning from the anchor for as many steps) in a transfer
-    result whose chosen recipe trained with ``distill_steps``; None elsewhere."""
+    """The chosen MedMerge recipe against fine-tuning from the anchor for as many steps (``ft_steps``; ``lpft_steps``,
+    head first, for a recipe over the LP-FT pair) in a transfer result whose chosen recipe was distilled with
+    ``distill_steps``; None elsewhere. The baseline is named in the result's ``baseline``."""
     s = r["summary"]
-    if not chosen or "ft_steps" not in s["methods"] or not r["recipe"].get("distill_steps"):
+    if not chosen or not r["recipe"].get("distill_steps") or not chosen["method"].endswith("_distill"):
         return None
-    if not chosen["method"].endswith("_distill"):
+    baseline = "lpft_steps" if "_lpft_" in chosen["method"] else "ft_steps"
+    if baseline not in s["methods"]:
         return None
-    return _paired_scores(s["methods"], chosen["method"], "ft_steps")
+    return _paired_scores(s["methods"], chosen["method"], baseline) | {"baseline": baseline}
 
 
 def _paired_scores(methods: dict, name: str, baseline: str) -> dict:

@@ -99,6 +99,15 @@ def test_room_table_sets_a_distilled_recipe_against_fine_tuning_for_the_same_ste
     last = row.rsplit("|", 2)[1].strip()
     # (0.75 - 0.74 + 0.71 - 0.68) / 2 = 2 points over the same steps without a merge, with its paired p
     assert last.startswith("distilled +2.0 (p ") and last.endswith(") vs `ft_steps`"), last
+    # a recipe over the LP-FT pair is set against the head-first fine-tuning of as many steps
+    r["methods"].update(paper_lpft_medmerge_distill="distilled, head first", lpft_steps="same steps, head first")
+    r["summary"]["methods"].update(
+        paper_lpft_medmerge_distill=scores([0.8, 0.8], [0.75, 0.71]), lpft_steps=scores([0.7, 0.7], [0.76, 0.70])
+    )
+    r["summary"]["chosen_medmerge"] = {"method": "paper_lpft_medmerge_distill", **_paired([0.03, 0.01])}
+    row = next(line for line in report.room_section([(stem, r)], None).splitlines() if stem in line)
+    last = row.rsplit("|", 2)[1].strip()
+    assert last.startswith("distilled, head first +0.0 (p ") and last.endswith(") vs `lpft_steps`"), last
     r["recipe"]["distill_steps"] = 0
     row = next(line for line in report.room_section([(stem, r)], None).splitlines() if stem in line)
     assert row.endswith("| - |")
