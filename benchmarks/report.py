@@ -182,9 +182,14 @@ def room_section(results: list[tuple[str, dict]], picture: str | None) -> str:
                 f"{r['methods'][chosen['method']]} {100 * steps['mean_difference']:+.1f}{p_of(steps)} "
                 f"vs `{steps['baseline']}`"
             )
+        head_first_control = None
+        if chosen and chosen["method"] != "medmerge_ft":
+            # a recipe over the LP-FT pair against the better LP-FT row (its phase 0 without the merge)
+            head_first_control = r["summary"].get("vs_best_head_first", {}).get(chosen["method"])
         for recipe, control in (
             ("paper's recipe", _paper_control(r["summary"])),
             ("MedMerge + FT", _direct_control(r["summary"])),
+            (name, head_first_control),
         ):
             if control is not None:
                 baseline = control.get("baseline", "ft_longer")  # files before the key was recorded: the paper's

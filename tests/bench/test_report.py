@@ -157,3 +157,11 @@ def test_room_table_adds_the_room_left_after_head_first_fine_tuning():
     table = report.room_section([("plain", plain), ("head_first", head_first)], None)
     rows = {line.split("|")[1].strip(): line.split("|")[7].strip() for line in table.splitlines() if "| `" in line}
     assert rows == {"`plain`": "+3.0 (p 0.5)", "`head_first`": "+3.0 (p 0.5); head first -1.0 (p 0.5)"}
+    # a chosen recipe over the LP-FT pair is set against the better LP-FT row
+    head_first["methods"]["paper_lpft_medmerge_ft"] = "merge of the LP-FT pair"
+    head_first["summary"]["chosen_medmerge"] = {"method": "paper_lpft_medmerge_ft", **_paired([0.02, 0.04])}
+    head_first["summary"]["vs_best_head_first"] = {
+        "paper_lpft_medmerge_ft": _paired([0.01, 0.0]) | {"baseline": "lpft_b"}
+    }
+    row = next(line for line in report.room_section([("head_first", head_first)], None).splitlines() if "| `" in line)
+    assert row.endswith("| merge of the LP-FT pair +0.5 (p 0.5) vs `lpft_b` |"), row
