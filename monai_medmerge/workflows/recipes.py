@@ -145,7 +145,7 @@ def fine_tune_sources(
                 net.load_state_dict(load_checkpoint(best))
                 tuned.append(net.eval())
                 continue
-        resuming = resume and ckpt_dir is not None and any(Path(ckpt_dir).glob(f"phase0_source{i}_checkpoint_*.pt"))
+        resuming = resume and ckpt_dir is not None and engines.latest_checkpoint(ckpt_dir, f"phase0_source{i}")
         if head_epochs and not resuming:
             heads = head_names(net, head, example)
             linear_probe(
