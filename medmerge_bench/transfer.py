@@ -687,17 +687,25 @@ def _run_on_lpft_pair(out: SeedResult, lpft_nets, probed, target, data, recipe, 
             student_teacher = teacher if name.endswith("distill") else None
             _merge_pair_then_fine_tune(out, name, pair, anchor, data, recipe, seed, progress, teacher=student_teacher)
     train, val, test = data
-    for name in ("lpft_distill", "lpft_steps"):
+    start = lambda: copy.deepcopy(probed[tags[anchor]])  # noqa: E731
+    _distillation_controls(out, ("lpft_distill", "lpft_steps"), start, teacher, data, recipe, seed, methods, progress)
+
+
+def _distillation_controls(out: SeedResult, names, start, teacher, data, recipe, seed, methods, progress) -> None:
+    """The controls of a distilled merge without the merge, each from ``start()`` (called after seeding): ``names[0]``
+    distilled from ``teacher`` as the merge is, ``names[1]`` fine-tuned for as many steps with no teacher."""
+    train, val, test = data
+    for name in names:
         if name not in methods:
             continue
         torch.manual_seed(seed)
-        start = copy.deepcopy(probed[tags[anchor]])
-        if name == "lpft_distill":
-            net, hist = _phase2(start, train(), val, recipe, teacher, seed, METHOD_LABELS[name], progress)
+        net = start()
+        if name == names[0]:
+            net, hist = _phase2(net, train(), val, recipe, teacher, seed, METHOD_LABELS[name], progress)
         else:
             steps = with_steps(train(), recipe.distill_steps, seed)
-            net, hist = fine_tune(start, steps, val, **recipe.phase2(), progress=progress, desc=METHOD_LABELS[name])
-        recs[name] = record(net, val, test, hist)
+            net, hist = fine_tune(net, steps, val, **recipe.phase2(), progress=progress, desc=METHOD_LABELS[name])
+        out.records[name] = record(net, val, test, hist)
 
 
 def _run_paper_recipe(
@@ -756,18 +764,10 @@ def _run_paper_recipe(
         _run_zip(out, pair, train, val, test, recipe, seed, methods, progress)
     # the controls start from the anchor source with a fresh target head, as fine-tuning from it does
     num_classes = pair[out.anchor].get_submodule(HEAD).out_features
-    if "ft_distill" in methods:
-        torch.manual_seed(seed)
-        start = from_source(sources[out.anchor], num_classes, recipe)
-        net, hist = _phase2(start, train(), val, recipe, teacher, seed, METHOD_LABELS["ft_distill"], progress)
-        recs["ft_distill"] = record(net, val, test, hist)
-    if "ft_steps" in methods:
-        torch.manual_seed(seed)
-        start = from_source(sources[out.anchor], num_classes, recipe)
-        train_steps = with_steps(train(), recipe.distill_steps, seed)
-        desc = METHOD_LABELS["ft_steps"]
-        net, hist = fine_tune(start, train_steps, val, **recipe.phase2(), progress=progress, desc=desc)
-        recs["ft_steps"] = record(net, val, test, hist)
+    start = lambda: from_source(sources[out.anchor], num_classes, recipe)  # noqa: E731
+    _distillation_controls(
+        out, ("ft_distill", "ft_steps"), start, teacher, (train, val, test), recipe, seed, methods, progress
+    )
 
 
 def _run_zip(out: SeedResult, pair, train, val, test, recipe: Recipe, seed: int, methods, progress: bool) -> None:
