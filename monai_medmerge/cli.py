@@ -126,6 +126,13 @@ def _main(argv: list[str]) -> int:
     b.add_argument("--task", default="brain", help="brain, fashion, or a brain variant brain_<variant> (docs/data.md)")
     b.add_argument("--k", type=_int_at_least(1), default=50, help="labelled target examples per class")
     b.add_argument("--seeds", type=_int_at_least(1), default=5, help="number of seeds (0, 1, ...)")
+    b.add_argument(
+        "--first-seed",
+        type=_int_at_least(0),
+        default=0,
+        help="run seeds first-seed, first-seed + 1, ... (add seeds to a recorded run, then join the files with "
+        "`python -m medmerge_bench.comparison join`)",
+    )
     b.add_argument("--methods", nargs="+", default=None, help="subset of methods (default: all)")
     b.add_argument("--out", default="benchmarks/results", help="output folder")
     b.add_argument("--name", default=None, help="file stem of the results (default <task>_k<k>)")
@@ -197,7 +204,7 @@ def _main(argv: list[str]) -> int:
         run_comparison(
             args.task,
             args.k,
-            list(range(args.seeds)),
+            list(range(args.first_seed, args.first_seed + args.seeds)),
             args.out,
             methods=args.methods,
             recipe=recipe,
