@@ -18,11 +18,12 @@ import torch
 
 from medmerge_bench.comparison import machine_description
 from medmerge_bench.data import load_benchmark_tasks
-from medmerge_bench.transfer import HEAD, Distilled, Recipe, from_source, loader, pretrain_sources, record
+from medmerge_bench.transfer import HEAD, Recipe, from_source, loader, pretrain_sources, record
 from monai_medmerge.io import write_json
 from monai_medmerge.merging import recalibrate_norm
 from monai_medmerge.networks import KernelMerge
 from monai_medmerge.workflows import History, fine_tune, fit, learn_coefficients
+from monai_medmerge.workflows.distillation import fine_tune_distilled
 
 HEAD_INPUT_UNITS = ("layer4.0.conv2", "layer4.0.bn2", "layer4.0.downsample.0", "layer4.0.downsample.1")
 
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
                     teachers[seed] = _fine_tuned_sources(sources, target.num_classes, train, val, base, seed)
                 members = teachers[seed] if options["teacher"] == "ensemble" else [teachers[seed][anchor]]
                 weight = options.get("distill_weight", DISTILL_WEIGHT)
-                teacher = (members, weight, torch.Generator().manual_seed(seed))
+                teacher = (members, weight, seed)
 
             torch.manual_seed(seed)
             if options.get("baseline"):
@@ -182,13 +183,12 @@ def _fine_tuned_sources(sources, num_classes: int, train, val, recipe: Recipe, s
 
 def _fine_tune(net, train, val, recipe: Recipe, teacher=None):
     """Phase 2 (or a fine-tuning baseline) with the recipe's budget, on a fresh training loader from ``train()``;
-    with ``teacher`` = ``(teachers, weight, generator)`` the loss adds distillation
-    (:class:`~medmerge_bench.transfer.Distilled`)."""
+    with ``teacher`` = ``(teachers, weight, seed)`` distilled from their ensemble on mixup blends of the batch
+    (:func:`monai_medmerge.workflows.distillation.fine_tune_distilled`)."""
     if teacher is None:
         return fine_tune(net, train(), val, **recipe.phase2(), progress=False)
-    student = Distilled(net, *teacher)
-    _, history = fine_tune(student, train(), val, **recipe.phase2(), progress=False, loss_function=student.loss)
-    return net.eval(), history
+    members, weight, seed = teacher
+    return fine_tune_distilled(net, members, train(), val, weight=weight, seed=seed, **recipe.phase2(), progress=False)
 
 
 def _joint_fine_tune(merge: KernelMerge, train, val, recipe: Recipe) -> tuple[torch.nn.Module, History]:

@@ -15,10 +15,18 @@ import torch
 
 import monai_medmerge
 from medmerge_bench.plots import plot_report
-from medmerge_bench.transfer import COMPARISON_METHODS, METHOD_LABELS, Recipe, pretrain_sources, run_seed, summarize
+from medmerge_bench.transfer import (
+    COMPARISON_METHODS,
+    METHOD_LABELS,
+    Recipe,
+    SeedResult,
+    pretrain_sources,
+    run_seed,
+    summarize,
+)
 from monai_medmerge.io import atomic_write, write_json
 
-__all__ = ["run_comparison", "machine_description"]
+__all__ = ["join_reports", "machine_description", "run_comparison"]
 
 
 def machine_description() -> dict:
@@ -169,6 +177,12 @@ def run_comparison(
         "seconds": round(time.time() - t0, 1),
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    _write(report, results, out, name)
+    return (report, results, tasks) if return_results else report
+
+
+def _write(report: dict, results: Sequence[SeedResult], out: Path, name: str) -> None:
+    """``<name>.json``, ``<name>_per_seed.csv`` and the pictures of ``report`` in ``out``."""
     write_json(out / f"{name}.json", report)
     with atomic_write(out / f"{name}_per_seed.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -181,4 +195,97 @@ def run_comparison(
     # drawn from the report itself, as `python -m medmerge_bench.plots <name>.json` draws them again
     report["pictures"] = [p.name for p in plot_report(report, out, name)]
     write_json(out / f"{name}.json", report)
-    return (report, results, tasks) if return_results else report
+
+
+# what two runs must share to be one comparison on more seeds
+SAME_COMPARISON = ("benchmark", "task", "k", "methods", "lineage", "pair", "source_names", "recipe", "data", "sources")
+
+
+def join_reports(paths: Sequence[str | Path], out_dir: str | Path, name: str) -> dict:
+    """One report of several runs of one comparison on disjoint seeds (``medmerge benchmark --first-seed``).
+
+    The runs must agree on everything but their seeds (:data:`SAME_COMPARISON`: task, k, methods, recipe, data and
+    the pretrained sources) and come from one kind of machine (the machine record but the code revision); the
+    summary is computed again from the per-seed records of all of them, as :func:`run_comparison` computes it. The
+    joined report lists its parts (file, seeds, code revision, seconds) under ``joined_from``.
+
+    Raises:
+        ValueError: for fewer than two files, a file that is not a transfer comparison, runs that differ in a field
+            of :data:`SAME_COMPARISON` or in the machine, or a seed in two runs; the message names the files.
+    """
+    import json
+
+    if len(paths) < 2:
+        raise ValueError(f"join needs at least two result files, got {len(paths)}")
+    parts = []
+    for path in paths:
+        report = json.loads(Path(path).read_text())
+        if report.get("benchmark") != "transfer" or "per_seed" not in report:
+            raise ValueError(f"{path} is not a result file of `medmerge benchmark` (no transfer per-seed records)")
+        parts.append(report)
+    first = parts[0]
+    for path, part in zip(paths[1:], parts[1:], strict=True):
+        for key in SAME_COMPARISON:
+            if part.get(key) != first.get(key):
+                raise ValueError(f"{path} and {paths[0]} differ in {key!r}: not one comparison on more seeds")
+        machine = {k: v for k, v in part["machine"].items() if k != "code"}
+        if machine != {k: v for k, v in first["machine"].items() if k != "code"}:
+            raise ValueError(f"{path} and {paths[0]} were measured on different machines or versions")
+    seeds = [s for part in parts for s in part["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"the runs share seeds ({sorted(seeds)}): each seed must come from one run")
+    results = sorted(
+        (
+            SeedResult(seed=r["seed"], records=r["records"], anchor="ab".index(r["anchor"]))
+            for part in parts
+            for r in part["per_seed"]
+        ),
+        key=lambda r: r.seed,
+    )
+    lowest = min(parts, key=lambda part: min(part["seeds"]))
+    report = {key: first[key] for key in first if key not in ("pictures",)}
+    report.update(
+        seeds=[r.seed for r in results],
+        summary=summarize(results),
+        per_seed=[{"seed": r.seed, "anchor": "ab"[r.anchor], "records": r.records} for r in results],
+        coefficients_seed0=lowest.get("coefficients_seed0"),
+        machine=first["machine"] | {"code": sorted({str(part["machine"].get("code")) for part in parts})},
+        joined_from=[
+            {
+                "file": Path(path).name,
+                "seeds": part["seeds"],
+                "code": part["machine"].get("code"),
+                "seconds": part["seconds"],
+                "written": part["written"],
+            }
+            for path, part in zip(paths, parts, strict=True)
+        ],
+        seconds=round(sum(part["seconds"] for part in parts), 1),
+        written=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write(report, results, out, name)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m medmerge_bench.comparison join A.json B.json --name C [--out folder]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m medmerge_bench.comparison")
+    sub = parser.add_subparsers(dest="command", required=True)
+    j = sub.add_parser("join", help="join runs of one comparison on disjoint seeds into one report")
+    j.add_argument("files", nargs="+", help="result files (<name>.json) of `medmerge benchmark`")
+    j.add_argument("--name", required=True, help="file stem of the joined report")
+    j.add_argument("--out", default=None, help="output folder (default: the first file's)")
+    args = parser.parse_args(argv)
+    try:
+        report = join_reports(args.files, args.out or Path(args.files[0]).parent, args.name)
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
+    print(f"[medmerge] {args.name}: seeds {report['seeds']} from {len(args.files)} runs", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -27,8 +27,9 @@ Methods (the names used in results):
   the LP-FT networks; its controls without a merge start from the anchor's probed network: ``lpft_distill`` (the same
   distillation) and ``lpft_steps`` (as many steps, no teacher).
 - ``paper_medmerge_distill``: the paper's recipe with phase 2 distilled from the ensemble of the fine-tuned pair
-  (:class:`Distilled`); ``ft_distill``: the same distillation into fine-tuning from the anchor source, the control
-  that shows what the merge adds to distillation alone. With ``Recipe.distill_steps`` they train that many steps per
+  (the product's :class:`~monai_medmerge.workflows.distillation.EnsembleDistillation`); ``ft_distill``: the same
+  distillation into fine-tuning from the anchor source, the control that shows what the merge adds to distillation
+  alone. With ``Recipe.distill_steps`` they train that many steps per
   epoch (the labelled set reshuffled as often as it takes); ``ft_steps`` is fine-tuning from the anchor source for
   the same steps without a teacher, the control that shows what the longer training alone gives.
 - ``ft_longer``: the anchor's ``ft_a``/``ft_b`` network fine-tuned once more with the same budget: the paper's recipe
@@ -85,6 +86,7 @@ from monai_medmerge.workflows import (
     linear_probe,
     predict,
 )
+from monai_medmerge.workflows.distillation import EnsembleDistillation
 
 __all__ = [
     "Recipe",
@@ -92,7 +94,6 @@ __all__ = [
     "lineage_networks",
     "COMPARISON_METHODS",
     "MEDMERGE_RECIPES",
-    "Distilled",
     "build_network",
     "recipe_network_def",
     "coefficient_penalty",
@@ -830,57 +831,18 @@ def _phase2(net, train, val, recipe: Recipe, teacher, seed: int, desc: str, prog
     if teacher is None:
         return fine_tune(net, train, val, **recipe.phase2(), progress=progress, desc=desc)
     train = with_steps(train, recipe.distill_steps, seed)
-    student = Distilled(net, teacher[0], teacher[1], torch.Generator().manual_seed(seed), unlabeled=teacher[2])
-    _, history = fine_tune(
-        student, train, val, **recipe.phase2(), progress=progress, desc=desc, loss_function=student.loss
+    # the product's distillation (the training bundle's distill_weight); the steps stay the benchmark's sampler
+    distillation = EnsembleDistillation(teacher[0], teacher[1], teacher[2], seed=seed)
+    return fine_tune(
+        net,
+        train,
+        val,
+        **recipe.phase2(),
+        progress=progress,
+        desc=desc,
+        loss_function=distillation.loss,
+        prepare_batch=distillation.prepare_batch,
     )
-    return net.eval(), history
-
-
-class Distilled(nn.Module):
-    """A student trained with cross-entropy on the batch plus ``weight`` x KL(teachers' mean probabilities ||
-    student) on mixup blends of the batch (a uniform blend weight per image, partners drawn by ``generator``), or,
-    given ``unlabeled`` images, on as many of them as the batch holds, drawn at random by ``generator`` each step.
-
-    In training mode the forward pass returns the logits of the batch and of its blends in one pass (the norm layers
-    see both halves together) and keeps the teachers' probabilities on the blends for :meth:`loss`, the engine's
-    loss function; in eval mode it is the student. The teachers are not submodules: they stay frozen.
-    """
-
-    def __init__(
-        self,
-        student: nn.Module,
-        teachers,
-        weight: float,
-        generator: torch.Generator,
-        unlabeled: torch.Tensor | None = None,
-    ) -> None:
-        super().__init__()
-        self.unlabeled = unlabeled
-        self.student = student
-        self.teachers = tuple(t.eval() for t in teachers)
-        self.weight = weight
-        self.generator = generator
-        self.target: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return self.student(x)
-        n = x.shape[0]
-        if self.unlabeled is not None:
-            blends = self.unlabeled[torch.randint(len(self.unlabeled), (n,), generator=self.generator)].to(x)
-        else:
-            lam = torch.rand(n, *([1] * (x.dim() - 1)), generator=self.generator).to(x)
-            blends = lam * x + (1 - lam) * x[torch.randperm(n, generator=self.generator).to(x.device)]
-        with torch.no_grad():
-            self.target = torch.stack([t(blends).softmax(1) for t in self.teachers]).mean(0)
-        return self.student(torch.cat([x, blends]))
-
-    def loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        n = label.shape[0]
-        ce = nn.functional.cross_entropy(logits[:n], label)
-        kl = nn.functional.kl_div(logits[n:].log_softmax(1), self.target, reduction="batchmean")
-        return ce + self.weight * kl
 
 
 def new_merge(

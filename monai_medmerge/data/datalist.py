@@ -30,7 +30,7 @@ from monai_medmerge.data.transforms import (
 )
 from monai_medmerge.io import write_json
 
-__all__ = ["check_items", "load_datalist"]
+__all__ = ["check_items", "load_datalist", "load_unlabeled"]
 
 PathLike = str | os.PathLike[str]
 SECTIONS = ("training", "validation", "test")
@@ -160,6 +160,41 @@ def load_datalist(
             raise ValueError(f"datalist {path}, section {section!r} {state}: it needs at least one item")
     _check_across_items(path, result)
     return result
+
+
+def load_unlabeled(
+    path: PathLike,
+    section: str | None,
+    labelled: Mapping[str, list[dict]] | None = None,
+    base_dir: PathLike | None = None,
+    task: str = "classification",
+) -> list[dict]:
+    """The unlabelled images of a datalist section of their own (e.g. ``"unlabeled"``), as ``{"image": path}`` items.
+
+    Items are read as :func:`load_datalist` reads them (a bare path or an object with ``"image"``; a ``"label"`` is
+    not needed and is dropped). ``labelled`` (the sections :func:`load_datalist` returned) is checked against them: an
+    image that is also a validation or test image would let training see the images its metrics are measured on,
+    and one that is also a training image is counted twice, so both are errors.
+
+    Returns:
+        the items; an empty list when ``section`` is ``None`` or empty (no unlabelled images wanted).
+
+    Raises:
+        ValueError: when ``section`` is one of the labelled sections, is missing or empty in the file, an item is
+            malformed or its image does not exist, or an image is also in a section of ``labelled``; the message
+            names the datalist, the section and the item.
+    """
+    if not section:
+        return []
+    if section in SECTIONS:
+        raise ValueError(
+            f"the unlabelled images need a section of their own in datalist {path}, not {section!r} (one of "
+            f'{", ".join(SECTIONS)}): e.g. "unlabeled": [{{"image": "..."}}, ...]'
+        )
+    items = load_datalist(path, base_dir, sections=(section,), require_label=False, required=(section,), task=task)
+    items = {section: [{k: v for k, v in item.items() if k != "label"} for item in items[section]]}
+    _check_across_items(Path(path).expanduser(), {**(labelled or {}), **items})
+    return items[section]
 
 
 def _check_across_items(path: Path, sections: Mapping[str, list[dict]]) -> None:

@@ -864,6 +864,7 @@ def phase_trainer(
     desc: str = "train",
     prepare_batch: Callable = default_prepare_batch,
     amp: bool = False,
+    epoch_length: int | None = None,
 ) -> SupervisedTrainer:
     """The training engine of a phase (phase 1, phase 2 or a fine-tuning baseline), with its semantics attached.
 
@@ -893,6 +894,8 @@ def phase_trainer(
         desc: the progress bar's label: say what is trained, e.g. ``"phase 2: fine-tune (MedMerge)"``.
         prepare_batch: how a batch becomes ``(input, label)``.
         amp: automatic mixed precision.
+        epoch_length: training steps per epoch (``None``: one pass over ``train_data_loader``; more restarts it
+            as needed, as Ignite does).
 
     Raises:
         ValueError: when ``max_epochs``, ``patience`` or ``val_interval`` is below 1, or ``val_interval`` is above
@@ -911,6 +914,8 @@ def phase_trainer(
             f"val_interval {val_interval} is above max_epochs {max_epochs}: the phase would never validate, so it "
             "would have no best state; set val_interval to at most max_epochs."
         )
+    if epoch_length is not None and int(epoch_length) < 1:
+        raise ValueError(f"epoch_length must be >= 1 or None (one pass over the training data), got {epoch_length}.")
     trainer = SupervisedTrainer(
         device=device,
         max_epochs=int(max_epochs),
@@ -922,6 +927,7 @@ def phase_trainer(
         amp=amp,
         decollate=False,
         optim_set_to_none=True,
+        epoch_length=None if epoch_length is None else int(epoch_length),
     )
     ValidationHandler(interval=int(val_interval), validator=evaluator, epoch_level=True).attach(trainer)
     best = BestState(network, trainer, best_path, restore=restore_best)

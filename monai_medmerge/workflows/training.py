@@ -81,6 +81,8 @@ def fit(
     task: str = "classification",
     num_classes: int | None = None,
     inferer: Any = None,
+    prepare_batch: Callable | None = None,
+    epoch_length: int | None = None,
 ) -> History:
     """Train with Adam on the bundle's engines; keep the state of the best validation key metric (macro-F1, or
     mean Dice for segmentation; early stopping).
@@ -101,6 +103,9 @@ def fit(
         task: ``"classification"`` or ``"segmentation"`` (label maps; validation by mean Dice).
         num_classes: classes of the task (needed for segmentation: labels, background included).
         inferer: the validation inferer (e.g. a ``SlidingWindowInferer`` for whole images).
+        prepare_batch: how the trainer reads a training batch (default MONAI's; a distillation's adds images,
+            :class:`~monai_medmerge.workflows.distillation.EnsembleDistillation`).
+        epoch_length: training steps per epoch (``None``: one pass over ``train_loader``).
 
     Returns:
         the :class:`History`; ``model`` holds the best epoch's state afterwards.
@@ -131,6 +136,8 @@ def fit(
         patience=patience,
         progress=progress,
         desc=desc,
+        prepare_batch=prepare_batch or default_prepare_batch,
+        epoch_length=epoch_length,
     )
     history = History()
     losses: list[float] = []
@@ -212,7 +219,8 @@ def fine_tune(
     **task_args: Any,
 ) -> tuple[nn.Module, History]:
     """Phase 2 (and the fine-tuning baselines): train every parameter of a plain network. ``task_args`` go to
-    :func:`fit` (``task``, ``num_classes``, ``inferer``).
+    :func:`fit` (``task``, ``num_classes``, ``inferer``, ``prepare_batch``, ``epoch_length``; distilled from an
+    ensemble: :func:`~monai_medmerge.workflows.distillation.fine_tune_distilled`).
 
     Returns:
         ``(model with the best validation state, in eval mode, History)``.

@@ -173,7 +173,8 @@ def test_distillation_on_unlabelled_images_draws_from_the_pool_not_the_batch():
 
     from torch.utils.data import TensorDataset
 
-    from medmerge_bench.transfer import Distilled, build_network, distill_images, run_seed
+    from medmerge_bench.transfer import build_network, distill_images, run_seed
+    from monai_medmerge.workflows.distillation import EnsembleDistillation
 
     g = torch.Generator().manual_seed(0)
     pool = torch.randn(20, 1, 32, 32, generator=g)
@@ -184,15 +185,14 @@ def test_distillation_on_unlabelled_images_draws_from_the_pool_not_the_batch():
             seen.append(x.clone())
             return torch.zeros(len(x), 3)
 
-    student = Distilled(
-        torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(1024, 3)), [Teacher()], 1.0, g, pool[:8]
-    )
+    distillation = EnsembleDistillation([Teacher()], 1.0, pool[:8], seed=0)
     batch = torch.randn(4, 1, 32, 32, generator=g)
-    logits = student.train()(batch)
-    assert logits.shape == (8, 3) and seen[0].shape == (4, 1, 32, 32)
+    inputs, label = distillation.prepare_batch((batch, torch.tensor([0, 1, 2, 0])))
+    assert inputs.shape == (8, 1, 32, 32) and torch.equal(inputs[:4], batch) and seen[0].shape == (4, 1, 32, 32)
     # every distilled input is one of the first 8 pool images, none is a batch image or a blend of them
     assert all(any(torch.equal(x, p) for p in pool[:8]) for x in seen[0])
-    loss = student.loss(logits, torch.tensor([0, 1, 2, 0]))
+    assert torch.equal(inputs[4:], seen[0])
+    loss = distillation.loss(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(1024, 3))(inputs), label)
     assert torch.isfinite(loss) and loss > 0
 
     def split(n):
@@ -474,7 +474,7 @@ def test_the_lpft_distillation_rows_start_from_the_probed_anchor_and_learn_from_
     g = torch.Generator().manual_seed(3)
     target.unlabeled = torch.randn(20, 1, 32, 32, generator=g)
     recipe = dataclasses.replace(recipe, distill_unlabeled=20, distill_steps=5)
-    spied_fine_tune, real_distilled = transfer.fine_tune, transfer.Distilled
+    spied_fine_tune, real_distilled = transfer.fine_tune, transfer.EnsembleDistillation
     nets, teachers, steps = {}, [], {}
 
     def fine_tune(net, train, *args, desc="", **kwargs):
@@ -483,12 +483,12 @@ def test_the_lpft_distillation_rows_start_from_the_probed_anchor_and_learn_from_
         nets[desc] = tuned
         return tuned, hist
 
-    def distilled(student, pool, *args, **kwargs):
+    def distilled(pool, *args, **kwargs):
         teachers.append(list(pool))
-        return real_distilled(student, pool, *args, **kwargs)
+        return real_distilled(pool, *args, **kwargs)
 
     monkeypatch.setattr(transfer, "fine_tune", fine_tune)
-    monkeypatch.setattr(transfer, "Distilled", distilled)
+    monkeypatch.setattr(transfer, "EnsembleDistillation", distilled)
     labels = transfer.METHOD_LABELS
     methods = ["lpft_a", "lpft_b", "lpft_distill", "lpft_steps", "paper_lpft_medmerge_distill"]
     results = [run_seed(SimpleNamespace(target=target), sources, recipe, s, methods, progress=False) for s in (0, 1)]
