@@ -28,7 +28,10 @@ from monai_medmerge.workflows import engines
 from monai_medmerge.workflows.training import linear_probe
 
 __all__ = [
+    "PHASE2_STARTS",
     "RECIPES",
+    "anchor_network",
+    "check_phase2_start",
     "check_recipe",
     "example_input",
     "fine_tune_sources",
@@ -38,6 +41,8 @@ __all__ = [
 ]
 
 RECIPES = ("direct", "paper")
+# what phase 2 fine-tunes: the collapsed merge, or (paper recipe) the anchor's phase-0 network with no merge
+PHASE2_STARTS = ("merge", "anchor")
 
 
 def check_recipe(recipe: str) -> str:
@@ -45,6 +50,37 @@ def check_recipe(recipe: str) -> str:
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}.")
     return recipe
+
+
+def check_phase2_start(recipe: str, start: str) -> str:
+    """``start`` if it is one of :data:`PHASE2_STARTS` and fits ``recipe``, else a ``ValueError`` saying why.
+
+    ``"anchor"`` needs ``recipe="paper"``: it is the anchor's phase-0 network (fine-tuned on the target), which the
+    direct recipe does not train."""
+    if start not in PHASE2_STARTS:
+        raise ValueError(f"phase2_start must be one of {', '.join(PHASE2_STARTS)}, got {start!r}.")
+    if start == "anchor" and check_recipe(recipe) != "paper":
+        raise ValueError(
+            f"phase2_start: anchor needs recipe: paper (phase 2 then starts from the anchor's phase-0 network); "
+            f"recipe {recipe!r} has no phase 0."
+        )
+    return start
+
+
+def anchor_network(phase0_networks: Sequence[nn.Module], anchor: int, network_def: nn.Module) -> nn.Module:
+    """``network_def`` with the weights of the anchor's phase-0 network (loaded strictly): what phase 2 fine-tunes
+    with ``phase2_start: anchor``, so that ``model.pt`` is a state dict of ``network_def`` as with a merge.
+
+    Raises:
+        ValueError: for an ``anchor`` outside the networks, or a phase-0 network that does not fit ``network_def``.
+    """
+    if not 0 <= int(anchor) < len(phase0_networks):
+        raise ValueError(f"anchor must index one of the {len(phase0_networks)} sources, got {anchor}.")
+    try:
+        network_def.load_state_dict(phase0_networks[int(anchor)].state_dict())
+    except RuntimeError as e:
+        raise ValueError(f"the anchor's phase-0 network (source {anchor}) does not fit network_def: {e}") from None
+    return network_def
 
 
 def with_new_head(

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from monai_medmerge.data.datalist import check_items, load_datalist
+from monai_medmerge.data.datalist import check_items, load_datalist, load_unlabeled
 from monai_medmerge.data.transforms import BadImageError
 
 SERIES = "dicomdirtests/98892001/CT5N"
@@ -57,6 +57,31 @@ def test_load_datalist_resolves_paths_and_keeps_extra_keys(tmp_path, pngs):
     assert isinstance(data["training"][1]["label"], int)
     assert data["validation"] == [{"image": str(pngs[2]), "label": 1}]
     assert data["test"] == [{"image": str(pngs[3])}]
+
+
+def test_load_unlabeled_reads_its_own_section_and_refuses_labelled_images(tmp_path, pngs):
+    content = {
+        "training": [{"image": "images/0.png", "label": 0}],
+        "validation": [{"image": "images/1.png", "label": 1}],
+        "unlabeled": ["images/2.png", {"image": "images/3.png", "label": 7, "site": "x"}],
+    }
+    datalist = _write(tmp_path / "d.json", content)
+    labelled = load_datalist(datalist, num_classes=2)
+    items = load_unlabeled(datalist, "unlabeled", labelled)
+    assert items == [{"image": str(pngs[2])}, {"image": str(pngs[3]), "site": "x"}]  # labels are not read
+    assert load_unlabeled(datalist, None, labelled) == [] == load_unlabeled(datalist, "", labelled)
+    with pytest.raises(ValueError, match="need a section of their own .* not 'training'"):
+        load_unlabeled(datalist, "training", labelled)
+    with pytest.raises(ValueError, match="has none of the sections pool"):
+        load_unlabeled(datalist, "pool", labelled)
+    content["unlabeled"].append("images/1.png")  # a validation image
+    datalist = _write(tmp_path / "d.json", content)
+    with pytest.raises(ValueError, match=r"1\.png is item 0 of 'validation' and item 2 of 'unlabeled'"):
+        load_unlabeled(datalist, "unlabeled", labelled)
+    content["unlabeled"] = []
+    datalist = _write(tmp_path / "d.json", content)
+    with pytest.raises(ValueError, match="section 'unlabeled' is empty"):
+        load_unlabeled(datalist, "unlabeled", labelled)
 
 
 def test_load_datalist_matches_monai_conventions(tmp_path, pngs):

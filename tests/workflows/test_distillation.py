@@ -212,7 +212,8 @@ def _datalist_with_unlabeled(example: dict, folder: Path, extra: dict | None = N
 
 def test_bundle_distilled_phase2_learns_from_the_phase0_ensemble(example_workspace, tmp_path):
     """``distill_weight`` > 0 changes phase 2 (mixup blends without a section, the section's images with one), the
-    result stays a plain network_def state dict; bad settings fail when the run starts, before any training."""
+    result stays a plain network_def state dict; ``phase2_start: anchor`` fine-tunes (and distils into) the anchor's
+    phase-0 network with no merge; bad settings fail when the run starts, before any training."""
     from bundle_utils import bundle_copy, overrides, run_bundle
 
     from monai_medmerge.sources import load_checkpoint
@@ -233,6 +234,22 @@ def test_bundle_distilled_phase2_learns_from_the_phase0_ensemble(example_workspa
         proc = run_bundle(root, ["train.yaml"], overrides(example, root, **base, **more))  # phases 1 and 2
         assert proc.returncode == 0, (name, proc.stdout[-4000:])
         results[name] = load_checkpoint(models / "model.pt")
+    # phase2_start: anchor skips phase 1 and fine-tunes the anchor's phase-0 network: at a learning rate of 0 its
+    # parameters are exactly that network's (the norm layers' running statistics still move in training mode)
+    (models / "phase1_best.pt").unlink()
+    still = dict(phase2_start="anchor", anchor=1, finetune_lr=0.0, phase2_epochs=1, val_interval=1)
+    proc = run_bundle(root, ["train.yaml"], overrides(example, root, **base, **still))
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert not (models / "phase1_best.pt").exists()
+    anchored, phase0 = load_checkpoint(models / "model.pt"), load_checkpoint(models / "phase0_source1.pt")
+    weights = [k for k in phase0 if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert all(torch.equal(anchored[k], phase0[k]) for k in weights)
+    other = load_checkpoint(models / "phase0_source0.pt")
+    assert any(not torch.equal(anchored[k], other[k]) for k in weights)
+    more = {"distill_weight": 1.0, "phase2_steps_per_epoch": 4, "unlabeled_section": "unlabeled"}
+    proc = run_bundle(root, ["train.yaml"], overrides(example, root, **base, **more, phase2_start="anchor"))
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    results["anchor_pool"] = load_checkpoint(models / "model.pt")
     names = list(results)
     assert all(results[n].keys() == results["plain"].keys() for n in names)
     for i, a in enumerate(names):  # each setting trains another network at the same seed
@@ -246,6 +263,8 @@ def test_bundle_distilled_phase2_learns_from_the_phase0_ensemble(example_workspa
         assert {p.name for p in models.iterdir()} == before  # refused before anything was written
 
     refused("distill_weight=1.0 needs recipe: paper", run_id="run", datalist=datalist, distill_weight=1.0)
+    refused("phase2_start: anchor needs recipe: paper", run_id="run", datalist=datalist, phase2_start="anchor")
+    refused("phase2_start must be one of merge, anchor", **base, phase2_start="source")
     refused("is only read by the distilled phase 2", **base, unlabeled_section="unlabeled")
     refused("need a section of their own", **base, distill_weight=1.0, unlabeled_section="training")
     refused("has none of the sections pool", **base, distill_weight=1.0, unlabeled_section="pool")
