@@ -154,7 +154,8 @@ def room_section(results: list[tuple[str, dict]], picture: str | None) -> str:
         "`lpft_*` in classification); a recipe whose phase 2 trains more steps per epoch (`distill_steps`) against "
         "fine-tuning from the anchor for the same steps (`ft_steps`). Where a benchmark ran the ensemble of the LP-FT "
         "rows, the room column adds the room left when every network is fine-tuned head first (`ensemble_lpft` "
-        "minus the better LP-FT row on validation).",
+        "minus the better LP-FT row on validation), and the share column the share of it that a recipe over the LP-FT "
+        "pair takes (its paired gain over that LP-FT row).",
         "",
         "| result | task, k | metric | lineage | widths | seeds | room (p) | chosen MedMerge recipe | its gain (p) | "
         "share | merge vs equal-budget control (p) |",
@@ -199,6 +200,11 @@ def room_section(results: list[tuple[str, dict]], picture: str | None) -> str:
         head_first = r["summary"].get("room_head_first")
         if head_first is not None:
             room_text += f"; head first {100 * head_first['mean_difference']:+.1f}{p_of(head_first)}"
+            if head_first_control is not None and head_first["mean_difference"] > 0:
+                # a recipe over the LP-FT pair takes its share of the head-first room (its gain over the better
+                # LP-FT row, which that room is measured against)
+                taken = head_first_control["mean_difference"] / head_first["mean_difference"]
+                share = f"{share}; head first {100 * taken:.0f}%"
         lines.append(
             f"| `{stem}` | {r['task']}, {r['k']} | {_metric(r)} | {_lineage(r)} | {_widths(r)} | {len(r['seeds'])} | "
             f"{room_text} | {name} | {gain} | {share} | {budget} |"

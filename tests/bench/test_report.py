@@ -165,3 +165,9 @@ def test_room_table_adds_the_room_left_after_head_first_fine_tuning():
     }
     row = next(line for line in report.room_section([("head_first", head_first)], None).splitlines() if "| `" in line)
     assert row.endswith("| merge of the LP-FT pair +0.5 (p 0.5) vs `lpft_b` |"), row
+    # its share of the head-first room: its gain over the LP-FT row over that room (negative room: no share)
+    assert "head first" not in row.split("|")[10]
+    head_first["summary"]["room_head_first"] = _paired([0.01, 0.03]) | {"baseline": "lpft_b"}
+    head_first["summary"]["chosen_medmerge"]["share_of_room"] = 1.0
+    row = next(line for line in report.room_section([("head_first", head_first)], None).splitlines() if "| `" in line)
+    assert row.split("|")[10].strip() == "100%; head first 25%", row  # 0.5 of a 2.0-point head-first room
