@@ -36,6 +36,7 @@ __all__ = [
     "example_input",
     "fine_tune_sources",
     "phase0_files",
+    "phase0_room",
     "phase1_sources",
     "with_new_head",
 ]
@@ -238,6 +239,47 @@ def fine_tune_sources(
     if _distributed():
         torch.distributed.barrier()  # process 0 writes the best states that phase 1 reads
     return tuned
+
+
+def phase0_room(
+    networks: Sequence[nn.Module],
+    val_loader: Iterable,
+    device: torch.device | str = "cpu",
+    path: str | os.PathLike | None = None,
+) -> dict:
+    """The room of a classification run, measured after phase 0: the validation macro-F1 of each phase-0 network and
+    of their ensemble (mean probabilities), and the ensemble's lead over the best of them. That lead is what a merge
+    or a distilled phase 2 (``distill_weight``) can take into one network; where it is not positive, neither has
+    much to take, and distillation from that ensemble cost points on the benchmarks (docs/benchmarks.md).
+
+    The numbers are logged, and written to ``path`` (JSON, by process 0 under torchrun) when given.
+
+    Returns:
+        ``{"networks": [macro-F1, ...], "ensemble": macro-F1, "room": ensemble - max(networks)}``.
+    """
+    import logging
+
+    import numpy as np
+
+    from monai_medmerge.io import write_json
+    from monai_medmerge.workflows.metrics import classification_metrics
+    from monai_medmerge.workflows.training import predict
+
+    outputs = [predict(net, val_loader, device) for net in networks]
+    labels = outputs[0][1]
+    scores = [classification_metrics(labels, probs)["macro_f1"] for probs, _ in outputs]
+    ensemble = classification_metrics(labels, np.mean([probs for probs, _ in outputs], axis=0))["macro_f1"]
+    room = {"networks": scores, "ensemble": ensemble, "room": ensemble - max(scores)}
+    logging.getLogger(__name__).info(
+        "phase 0, validation macro-F1: networks %s, their ensemble %.3f: room %+.3f%s",
+        ", ".join(f"{s:.3f}" for s in scores),
+        ensemble,
+        room["room"],
+        "" if room["room"] > 0 else " (no room: a merge or a distilled phase 2 has little to take)",
+    )
+    if path is not None and (not _distributed() or torch.distributed.get_rank() == 0):
+        write_json(path, room)
+    return room
 
 
 def _distributed() -> bool:

@@ -3,6 +3,7 @@ from, the trainer wiring (epoch_length), and the training bundle's settings."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -136,6 +137,35 @@ def test_bad_arguments_are_refused():
     assert isinstance(phase2_distillation("paper", 1, [nn.Linear(2, 2)]), EnsembleDistillation)
 
 
+def test_phase0_room_is_the_validation_lead_of_the_ensemble_over_its_best_network(tmp_path):
+    """Two networks each sure where it is right and unsure where it is wrong, on different halves: each scores
+    0.5 alone, their ensemble (mean probabilities) is right everywhere, so the room is 0.5."""
+    from monai_medmerge.workflows.recipes import phase0_room
+
+    x = torch.arange(4.0).view(4, 1)
+    y = torch.tensor([0, 1, 0, 1])
+    sure, unsure = 10.0, 1.0
+
+    class Known(nn.Module):
+        def __init__(self, right: set[int]) -> None:
+            super().__init__()
+            self.right = right
+
+        def forward(self, inputs):
+            out = []
+            for i in inputs[:, 0].long().tolist():
+                label = int(y[i])
+                guess, strength = (label, sure) if i in self.right else (1 - label, unsure)
+                out.append([strength if c == guess else 0.0 for c in (0, 1)])
+            return torch.tensor(out)
+
+    loader = DataLoader(TensorDataset(x, y), batch_size=3)
+    room = phase0_room([Known({0, 1}), Known({2, 3})], loader, path=tmp_path / "room.json")
+    assert room["networks"] == pytest.approx([0.5, 0.5])  # half of each class right: F1 0.5 for both classes
+    assert room["ensemble"] == pytest.approx(1.0) and room["room"] == pytest.approx(0.5)
+    assert json.loads((tmp_path / "room.json").read_text()) == pytest.approx(room)
+
+
 def _task(n: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 4, generator=g)
@@ -189,7 +219,6 @@ def test_epoch_length_sets_the_steps_of_an_epoch():
 
 def _datalist_with_unlabeled(example: dict, folder: Path, extra: dict | None = None) -> Path:
     """The example's datalist with an ``unlabeled`` section: copies of its test images under new names."""
-    import json
     import shutil
 
     content = json.loads(Path(example["datalist"]).read_text())
@@ -225,6 +254,9 @@ def test_bundle_distilled_phase2_learns_from_the_phase0_ensemble(example_workspa
     proc = run_bundle(root, ["train.yaml"], overrides(example, root, **base), run_id="phase0")
     assert proc.returncode == 0, proc.stdout[-4000:]
     models = root / "models"
+    room = json.loads((models / "phase0_room.json").read_text())  # the room, measured after phase 0
+    assert len(room["networks"]) == 2 and room["room"] == pytest.approx(room["ensemble"] - max(room["networks"]))
+    assert "phase 0, validation macro-F1: networks" in proc.stdout
     results = {}
     for name, more in (
         ("plain", {}),
@@ -268,8 +300,6 @@ def test_bundle_distilled_phase2_learns_from_the_phase0_ensemble(example_workspa
     refused("is only read by the distilled phase 2", **base, unlabeled_section="unlabeled")
     refused("need a section of their own", **base, distill_weight=1.0, unlabeled_section="training")
     refused("has none of the sections pool", **base, distill_weight=1.0, unlabeled_section="pool")
-    import json
-
     leaked = json.loads(datalist.read_text())
     leaked["unlabeled"].append({"image": leaked["validation"][0]["image"]})
     leaky = tmp_path / "leaky.json"
