@@ -19,7 +19,11 @@ bundle's phase 2 uses them with ``distill_weight > 0``.
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +31,8 @@ from monai.engines import default_prepare_batch
 from torch import nn
 
 from monai_medmerge.workflows import engines
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["EnsembleDistillation", "check_distillation", "fine_tune_distilled", "phase2_distillation"]
 
@@ -233,13 +239,31 @@ def phase2_distillation(
     base_loss: Callable | None = None,
     device: torch.device | str = "cpu",
     seed: int = 0,
+    room_path: str | os.PathLike | None = None,
 ) -> EnsembleDistillation | None:
     """The training bundle's phase-2 distillation: ``None`` with ``weight`` 0; else an :class:`EnsembleDistillation`
-    from ``teachers`` (the phase-0 networks, moved to ``device``), which needs ``recipe="paper"``.
+    from ``teachers`` (the phase-0 networks, moved to ``device``), which needs ``recipe="paper"``. With ``room_path``
+    (the room phase 0 wrote, :func:`~monai_medmerge.workflows.recipes.phase0_room`) a warning says when the teachers'
+    ensemble was no better on validation than the best of them: distilling it then cost points on the benchmarks.
 
     Raises:
         ValueError: as :func:`check_distillation`.
     """
     if not check_distillation(recipe, weight)["weight"]:
         return None
+    if room_path is not None and Path(room_path).is_file():
+        try:
+            room = float(json.loads(Path(room_path).read_text())["room"])
+        except (ValueError, KeyError, TypeError) as e:
+            logger.warning("could not read the room of phase 0 from %s (%s); distilling anyway", room_path, e)
+        else:
+            if room <= 0:
+                logger.warning(
+                    "distill_weight=%s, but on validation the ensemble of the phase-0 networks led the best of "
+                    "them by %+.3f macro-F1 (%s): it has nothing to teach, and distilling such an ensemble cost points "
+                    "on the benchmarks (docs/user_guide.md); consider distill_weight: 0",
+                    weight,
+                    room,
+                    room_path,
+                )
     return EnsembleDistillation([t.to(device) for t in teachers], weight, unlabeled, base_loss=base_loss, seed=seed)

@@ -166,6 +166,25 @@ def test_phase0_room_is_the_validation_lead_of_the_ensemble_over_its_best_networ
     assert json.loads((tmp_path / "room.json").read_text()) == pytest.approx(room)
 
 
+def test_the_bundle_distillation_warns_when_phase0_found_no_room(tmp_path, caplog):
+    import logging
+
+    path = tmp_path / "phase0_room.json"
+    teachers = [nn.Linear(2, 2)]
+    with caplog.at_level(logging.WARNING, logger="monai_medmerge.workflows.distillation"):
+        path.write_text(json.dumps({"networks": [0.5, 0.6], "ensemble": 0.58, "room": -0.02}))
+        assert isinstance(phase2_distillation("paper", 1.0, teachers, room_path=path), EnsembleDistillation)
+        assert "led the best of them by -0.020 macro-F1" in caplog.text and "consider distill_weight: 0" in caplog.text
+        caplog.clear()
+        path.write_text(json.dumps({"networks": [0.5, 0.6], "ensemble": 0.65, "room": 0.05}))
+        phase2_distillation("paper", 1.0, teachers, room_path=path)
+        phase2_distillation("paper", 1.0, teachers, room_path=tmp_path / "missing.json")  # phase 0 wrote none
+        assert caplog.text == ""
+        path.write_text("{}")
+        phase2_distillation("paper", 1.0, teachers, room_path=path)
+        assert "could not read the room of phase 0" in caplog.text
+
+
 def _task(n: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 4, generator=g)
