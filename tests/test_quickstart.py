@@ -48,12 +48,24 @@ def test_recipe_settings_from_the_command_line():
         _with_settings(Recipe(), ["anchor=1"])
 
 
+def test_benchmark_first_seed_runs_the_seeds_from_it(monkeypatch):
+    """``--first-seed 3 --seeds 2`` runs seeds 3 and 4 (the part to join with a recorded run of seeds 0-2)."""
+    import medmerge_bench.comparison as comparison
+
+    calls = []
+    monkeypatch.setattr(comparison, "run_comparison", lambda task, k, seeds, out, **kw: calls.append(seeds))
+    main(["benchmark", "--task", "fashion", "--k", "5", "--first-seed", "3", "--seeds", "2", "--out", "unused"])
+    main(["benchmark", "--task", "fashion", "--k", "5", "--seeds", "2", "--out", "unused"])
+    assert calls == [[3, 4], [0, 1]]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["demo", "--k", "-5"], "argument --k: must be an integer >= 1, got -5"),
         (["demo", "--seed", "x"], "argument --seed: expected an integer >= 0, got 'x'"),
         (["benchmark", "--seeds", "0"], "argument --seeds: must be an integer >= 1, got 0"),
+        (["benchmark", "--first-seed", "-1"], "argument --first-seed: must be an integer >= 0, got -1"),
         (["benchmark", "--methods", "nope"], "argument --methods: unknown ['nope']; choose from scratch"),
         (["benchmark", "--set", "coef_lr=abc"], "argument --set: coef_lr expects a value of type float, got 'abc'"),
         (["quickstart", "--k", "0"], "argument --k: must be an integer >= 1, got 0"),
