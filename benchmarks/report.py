@@ -361,6 +361,156 @@ def plot_width(results: list[tuple[str, dict]], folder: Path) -> list[str]:
     return written
 
 
+# the rows of the gain table and figure: (label, method, the head-first baseline instead of the better source?)
+GAIN_SERIES = (
+    ("room: ensemble of the FT pair", "ensemble", False),
+    ("head-first room: ensemble of the LP-FT pair", "ensemble_lpft", True),
+    ("MedMerge + FT (direct recipe)", "medmerge_ft", False),
+    ("paper's recipe + FT", "paper_medmerge_ft", False),
+    ("paper's recipe over the LP-FT pair, distilled", "paper_lpft_medmerge_distill", True),
+    ("LP-FT distilled, no merge", "lpft_distill", True),
+)
+# the settings that make one protocol: results that differ only in lineage, pair and width are set side by side
+PROTOCOL_FIELDS = ("source_epochs", "coef_epochs", "ft_epochs", "patience", "lp_epochs")
+ROOM_WORTH_A_MERGE = 0.03  # the issue's bar: a task "has room" where some run of it finds >= 3 points
+
+
+def _gain_of(r: dict, method: str, head_first: bool) -> dict | None:
+    """The paired test gain of ``method`` over the better source (``head_first``: over the better LP-FT row, which
+    the head-first room is measured against); the ensembles give the room. None where the run lacks the rows."""
+    s = r["summary"]
+    if method == "ensemble":
+        room = room_of(r)
+        return None if room is None else room["room"]
+    if method == "ensemble_lpft":
+        return s.get("room_head_first")
+    base = s.get("room_head_first", {}).get("baseline") if head_first else s.get("best_single_source")
+    if base is None or method not in s["methods"] or base not in s["methods"]:
+        return None
+    recorded = s.get("vs_best_head_first" if head_first else "vs_best_single_source", {}).get(method)
+    return recorded or _paired_scores(s["methods"], method, base)
+
+
+def _gain_groups(results: list[tuple[str, dict]]) -> dict[tuple, list[tuple[str, dict]]]:
+    """Transfer results grouped by (task, k, protocol); only the groups with a room worth a merge in some run and
+    more than one lineage or width to set side by side, each sorted by lineage, then width."""
+    from medmerge_bench.transfer import Recipe
+
+    default = Recipe()
+    groups: dict[tuple, list] = {}
+    for stem, r in results:
+        if r.get("benchmark") != "transfer" or room_of(r) is None:
+            continue
+        protocol = tuple(r["recipe"].get(f, getattr(default, f)) for f in PROTOCOL_FIELDS)
+        groups.setdefault((r["task"], r["k"], protocol), []).append((stem, r))
+    chosen = {}
+    for key, rows in groups.items():
+        rooms = [_gain_of(r, m, hf) for _, r in rows for _, m, hf in GAIN_SERIES[:2]]
+        settings = {(_lineage(r), tuple(_widths(r))) for _, r in rows}
+        if len(settings) > 1 and max((g["mean_difference"] for g in rooms if g), default=0) >= ROOM_WORTH_A_MERGE:
+            chosen[key] = sorted(rows, key=lambda row: (_lineage(row[1]), _widths(row[1])[-1], row[0]))
+    return chosen
+
+
+def gain_section(results: list[tuple[str, dict]], picture: str | None) -> str:
+    """One table over the tasks with room: each lineage, pair and width run with one protocol, the room (plain and
+    head first) and each recipe's paired gain, with its share of that room."""
+    groups = _gain_groups(results)
+    if not groups:
+        return ""
+    names = ", ".join(f"`{k}`" for k in PROTOCOL_FIELDS)
+    lines = [
+        "## The gain on the tasks with room: lineage, width and recipe side by side",
+        "",
+        f"Every task and protocol (the same {names}) where some run found a room of at least "
+        f"{100 * ROOM_WORTH_A_MERGE:.0f} points and where more than one lineage or width was run. Test macro-F1 "
+        "points, paired per seed, with the paired t-test's p. The room and the two recipes over the fine-tuned pair "
+        "are set against the better single-source fine-tuning (chosen on validation); the head-first room, the "
+        "distilled recipe over the LP-FT pair and distillation without a merge against the better LP-FT row (so each "
+        "is measured against the baseline of its own room); the share is the gain over its room. A dash: the run did "
+        "not have the rows.",
+        "",
+        "| task, k | lineage | widths | result | seeds | " + " | ".join(label for label, _, _ in GAIN_SERIES) + " |",
+        "|---" * (5 + len(GAIN_SERIES)) + "|",
+    ]
+
+    def cell(gain: dict | None, room: dict | None) -> str:
+        if gain is None:
+            return "-"
+        text = f"{100 * gain['mean_difference']:+.1f}"
+        if "t_test_p" in gain:
+            text += f" ({gain['t_test_p']:.2g})"
+        if room is not None and room["mean_difference"] > 0:
+            text += f", {100 * gain['mean_difference'] / room['mean_difference']:.0f}%"
+        return text
+
+    for (task, k, _), rows in groups.items():
+        for stem, r in rows:
+            room, head_first = (_gain_of(r, m, hf) for _, m, hf in GAIN_SERIES[:2])
+            # the rooms themselves get no share; each recipe its share of the room of its own baseline
+            shares = [None, None] + [head_first if hf else room for _, _, hf in GAIN_SERIES[2:]]
+            cells = [cell(_gain_of(r, m, hf), share) for (_, m, hf), share in zip(GAIN_SERIES, shares, strict=True)]
+            widths = _widths(r)
+            lines.append(
+                f"| {task}, {k} | {_lineage(r)} | {widths[0]}-{widths[-1]} | `{stem}` | {len(r['seeds'])} | "
+                + " | ".join(cells)
+                + " |"
+            )
+    if picture:
+        lines += ["", f"![{picture}](../benchmarks/results/{picture})"]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot_gain(results: list[tuple[str, dict]], path: Path) -> Path | None:
+    """The gain table as one figure: a panel per task and protocol, a group of bars per run (its lineage and widths),
+    a bar per room and recipe (paired mean), the seeds as dots."""
+    from medmerge_bench.plots import _backend, _save, plt
+
+    _backend()
+    groups = _gain_groups(results)
+    if not groups:
+        return None
+    fig, axes = plt.subplots(len(groups), 1, figsize=(11.0, 4.6 * len(groups)), squeeze=False, constrained_layout=True)
+    colors = ("0.55", "0.8", "tab:blue", "tab:orange", "tab:red", "tab:purple")
+    width = 0.8 / len(GAIN_SERIES)
+    for ax, ((task, k, protocol), rows) in zip(axes[:, 0], groups.items(), strict=True):
+        for j, ((label, method, head_first), color) in enumerate(zip(GAIN_SERIES, colors, strict=True)):
+            for i, (_, r) in enumerate(rows):
+                gain = _gain_of(r, method, head_first)
+                if gain is None:
+                    continue
+                x = i + (j - (len(GAIN_SERIES) - 1) / 2) * width
+                ax.bar(
+                    x,
+                    100 * gain["mean_difference"],
+                    width,
+                    color=color,
+                    label=label,
+                )
+                ax.plot(
+                    [x] * len(gain["differences"]), [100 * d for d in gain["differences"]], ".", color="black", ms=2.5
+                )
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(
+            range(len(rows)),
+            [f"{stem} ({_lineage(r)}, widths {_widths(r)[0]}-{_widths(r)[-1]})" for stem, r in rows],
+            fontsize=6.5,
+            rotation=20,
+            ha="right",
+        )
+        ax.set_ylabel("test macro-F1 points")
+        budget = ", ".join(f"{f} {v}" for f, v in zip(PROTOCOL_FIELDS, protocol, strict=True))
+        ax.set_title(f"{task}, k = {k} ({budget}): room and gain over the better single source", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles, strict=True))
+        ax.legend(
+            unique.values(), unique.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False
+        )
+    return _save(fig, path)
+
+
 def transfer_section(r: dict, stem: str) -> str:
     s = r["summary"]
     lines = [
@@ -825,6 +975,10 @@ def main(argv: list[str] | None = None) -> None:
     rooms = transfers + segmentations
     picture = plot_room(rooms, args.results / "room_and_share.png")
     parts.append(room_section(rooms, picture.name if picture else None))
+    gain_picture = plot_gain(transfers, args.results / "gain_with_room.png")
+    gains = gain_section(transfers, gain_picture.name if gain_picture else None)
+    if gains:
+        parts.append(gains)
     widths = width_section(transfers, plot_width(transfers, args.results))
     if widths:
         parts.append(widths)

@@ -14,18 +14,24 @@ bundle each source's fine-tuning has its own best file, periodic checkpoints and
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from monai_medmerge.io import write_json
 from monai_medmerge.networks import head_names, replace_head
 from monai_medmerge.sources import load_checkpoint
 from monai_medmerge.workflows import engines
-from monai_medmerge.workflows.training import linear_probe
+from monai_medmerge.workflows.metrics import classification_metrics
+from monai_medmerge.workflows.training import linear_probe, predict
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "PHASE2_STARTS",
@@ -257,20 +263,12 @@ def phase0_room(
     Returns:
         ``{"networks": [macro-F1, ...], "ensemble": macro-F1, "room": ensemble - max(networks)}``.
     """
-    import logging
-
-    import numpy as np
-
-    from monai_medmerge.io import write_json
-    from monai_medmerge.workflows.metrics import classification_metrics
-    from monai_medmerge.workflows.training import predict
-
     outputs = [predict(net, val_loader, device) for net in networks]
     labels = outputs[0][1]
     scores = [classification_metrics(labels, probs)["macro_f1"] for probs, _ in outputs]
     ensemble = classification_metrics(labels, np.mean([probs for probs, _ in outputs], axis=0))["macro_f1"]
     room = {"networks": scores, "ensemble": ensemble, "room": ensemble - max(scores)}
-    logging.getLogger(__name__).info(
+    logger.info(
         "phase 0, validation macro-F1: networks %s, their ensemble %.3f: room %+.3f%s",
         ", ".join(f"{s:.3f}" for s in scores),
         ensemble,

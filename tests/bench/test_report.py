@@ -171,3 +171,43 @@ def test_room_table_adds_the_room_left_after_head_first_fine_tuning():
     head_first["summary"]["chosen_medmerge"]["share_of_room"] = 1.0
     row = next(line for line in report.room_section([("head_first", head_first)], None).splitlines() if "| `" in line)
     assert row.split("|")[10].strip() == "100%; head first 25%", row  # 0.5 of a 2.0-point head-first room
+
+
+def test_gain_table_sets_lineages_widths_and_recipes_of_one_protocol_side_by_side(tmp_path):
+    """The gain table groups the runs of one task and protocol, gives each recipe its share of the room of its own
+    baseline (the head-first rows of the LP-FT room), and leaves out tasks without room or with one setting."""
+
+    def scores(test: list[float]) -> dict:
+        return {"val_macro_f1": {"mean": sum(test) / 2}, "test_macro_f1": {"values": test}}
+
+    wide = _result("transfer", [64, 128, 256, 512], "shared", [0.03, 0.05], [0.01, 0.01])
+    wide["recipe"]["ancestor"] = "rotation"
+    wide["methods"].update(lpft_a="lpft a", lpft_b="lpft b", ensemble_lpft="e", paper_lpft_medmerge_distill="d")
+    wide["summary"]["methods"].update(
+        lpft_a=scores([0.60, 0.60]), lpft_b=scores([0.70, 0.72]), paper_lpft_medmerge_distill=scores([0.73, 0.76])
+    )
+    wide["summary"]["room_head_first"] = {"baseline": "lpft_b", **_paired([0.05, 0.06])}
+    rows = [("fashion_k10_narrow", RESULTS[0][1]), ("fashion_k10_wide_distill", wide)]
+    text = report.gain_section(rows, "gain.png")
+    lines = [line for line in text.splitlines() if line.startswith("| fashion, 10")]
+    assert [line.split(" | ")[3] for line in lines] == ["`fashion_k10_narrow`", "`fashion_k10_wide_distill`"]
+    # narrow: room +3.0, MedMerge + FT +1.0 = 33 %, paper's recipe +1.0 = 33 %, no head-first rows
+    assert lines[0].endswith("| 2 | +3.0 (0.5) | - | +1.0 (0.5), 33% | +1.0 (0.5), 33% | - | - |"), lines[0]
+    # wide: the distilled recipe over the better LP-FT row (lpft_b): +3 and +4 points, 64 % of the head-first
+    # room (5.5 points; 88 % of the plain room would be wrong)
+    cells = lines[1].split(" | ")
+    assert cells[1] == "shared, rotation ancestor" and cells[2] == "64-512"
+    assert cells[5:8] == ["+4.0 (0.5)", "+5.5 (0.5)", "+1.0 (0.5), 25%"]
+    assert cells[9].startswith("+3.5 (") and cells[9].endswith(", 64%") and cells[10] == "- |"
+    assert "![gain.png]" in text
+    picture = report.plot_gain(rows, tmp_path / "gain.png")
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # another protocol is another group: alone in it, the wide run has nothing beside it
+    wide["recipe"]["ft_epochs"] = 150
+    assert report.gain_section(rows, None) == "" and report.plot_gain(rows, tmp_path / "none.png") is None
+    # no run with 3 points of room: no table
+    wide["recipe"]["ft_epochs"] = 30
+    for _, r in rows:
+        r["summary"]["room"] = _paired([0.01, 0.01])
+    wide["summary"]["room_head_first"] = {"baseline": "lpft_b", **_paired([0.02, 0.02])}
+    assert report.gain_section(rows, None) == ""
