@@ -260,14 +260,18 @@ def phase0_room(
 
     The numbers are logged, and written to ``path`` (JSON, by process 0 under torchrun) when given.
 
+    Under torchrun the predictions of every process are gathered first: each process measures the whole validation
+    set.
+
     Returns:
-        ``{"networks": [macro-F1, ...], "ensemble": macro-F1, "room": ensemble - max(networks)}``.
+        ``{"networks": [macro-F1, ...], "ensemble": macro-F1, "room": ensemble - max(networks), "images": n}``, ``n``
+        the number of validation images measured.
     """
-    outputs = [predict(net, val_loader, device) for net in networks]
+    outputs = [_gathered(*predict(net, val_loader, device)) for net in networks]
     labels = outputs[0][1]
     scores = [classification_metrics(labels, probs)["macro_f1"] for probs, _ in outputs]
     ensemble = classification_metrics(labels, np.mean([probs for probs, _ in outputs], axis=0))["macro_f1"]
-    room = {"networks": scores, "ensemble": ensemble, "room": ensemble - max(scores)}
+    room = {"networks": scores, "ensemble": ensemble, "room": ensemble - max(scores), "images": len(labels)}
     logger.info(
         "phase 0, validation macro-F1: networks %s, their ensemble %.3f: room %+.3f%s",
         ", ".join(f"{s:.3f}" for s in scores),
@@ -282,6 +286,17 @@ def phase0_room(
 
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _gathered(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Under torchrun every process predicts its shard of the validation set: the predictions of all of them (shards
+    of unequal length included), so that each process measures the whole set."""
+    if not _distributed():
+        return probs, labels
+    from monai.utils import evenly_divisible_all_gather
+
+    gather = [evenly_divisible_all_gather(torch.as_tensor(a), concat=True).numpy() for a in (probs, labels)]
+    return gather[0], gather[1]
 
 
 def phase1_sources(

@@ -3,9 +3,11 @@ configs/multi_gpu_train.yaml."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,6 +55,10 @@ def test_torchrun_two_processes_agree(example_workspace, tmp_path, recipe):
         torch.testing.assert_close(p0[k], p1[k], msg=f"phase-2 tensor {k} differs between the two processes")
     if recipe == "paper":  # phase 0 ran under DDP too: one fine-tuned network per source, written by process 0
         assert all((models / f"phase0_source{i}.done").is_file() for i in range(2))
+        # the room after phase 0 is measured on the whole validation set, gathered from both processes' shards
+        room = json.loads((models / "phase0_room.json").read_text())
+        datalist = json.loads(Path(example_workspace["datalist"]).read_text())
+        assert room["images"] == len(datalist["validation"]) and len(datalist["validation"]) > 1
     # only process 0 writes checkpoints; the result is a plain state dict
     state = torch.load(models / "model.pt", weights_only=True)
     assert state.keys() == p0.keys()

@@ -163,6 +163,7 @@ def test_phase0_room_is_the_validation_lead_of_the_ensemble_over_its_best_networ
     room = phase0_room([Known({0, 1}), Known({2, 3})], loader, path=tmp_path / "room.json")
     assert room["networks"] == pytest.approx([0.5, 0.5])  # half of each class right: F1 0.5 for both classes
     assert room["ensemble"] == pytest.approx(1.0) and room["room"] == pytest.approx(0.5)
+    assert room["images"] == 4
     written = json.loads((tmp_path / "room.json").read_text())
     assert written["networks"] == pytest.approx(room["networks"]) and written.keys() == room.keys()
     assert (written["ensemble"], written["room"]) == pytest.approx((room["ensemble"], room["room"]))
