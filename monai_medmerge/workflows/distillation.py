@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,9 @@ class EnsembleDistillation:
         self.generator = torch.Generator().manual_seed(int(seed))
         self._prepare = prepare_batch
         self._batches: Iterator | None = None
+        self._passes = 0  # passes over the unlabelled loader begun
+        self._read = 0  # batches read in the current pass
+        self._pass_start: torch.Tensor | None = None  # the loader's generator state when the current pass began
         self.target: torch.Tensor | None = None
 
     def prepare_batch(
@@ -137,15 +140,59 @@ class EnsembleDistillation:
             have += len(parts[-1])
         return torch.cat(parts)
 
+    def state_dict(self) -> dict:
+        """Where the draws stand: the generator of the blends and pool rows, and the position in the unlabelled
+        loader (its passes, the batches read in this one, its generator's state when this pass began), so that a
+        resumed phase (``ResumableCheckpoint``'s ``save_dict``) draws what the uninterrupted one would have."""
+        state = {"generator": self.generator.get_state(), "passes": self._passes, "read": self._read}
+        if self._pass_start is not None:
+            state["loader_generator"] = self._pass_start
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue the draws from :meth:`state_dict`'s ``state``; the unlabelled loader must be built as before (the
+        same images, batch size, seed): its current pass is replayed up to the saved position."""
+        missing = {"generator", "passes", "read"} - set(state)
+        if missing:
+            raise ValueError(f"EnsembleDistillation: the saved state lacks {', '.join(sorted(missing))}.")
+        self.generator.set_state(torch.as_tensor(state["generator"], dtype=torch.uint8))
+        self._passes, self._read = int(state["passes"]), int(state["read"])
+        start = state.get("loader_generator")
+        self._pass_start = None if start is None else torch.as_tensor(start, dtype=torch.uint8)
+        self._batches = None
+        if self._passes and self.unlabeled is not None and not isinstance(self.unlabeled, torch.Tensor):
+            self._batches = self._begin_pass(replay=True)
+
+    def _begin_pass(self, replay: bool = False) -> Iterator:
+        """An iterator over the unlabelled loader: a new pass (its sampler's epoch set, as a DataLoader over a
+        ``DistributedSampler`` needs for a new order each pass), or with ``replay`` the current pass again from its
+        start, advanced past the batches already read."""
+        loader = self.unlabeled
+        generator = getattr(loader, "generator", None)
+        sampler = getattr(loader, "sampler", None)
+        if replay:
+            if generator is not None and self._pass_start is not None:
+                generator.set_state(self._pass_start)
+        else:
+            self._pass_start = generator.get_state() if generator is not None else None
+            self._passes, self._read = self._passes + 1, 0
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self._passes - 1)
+        batches = iter(loader)
+        for _ in range(self._read if replay else 0):
+            next(batches, None)
+        return batches
+
     def _next_unlabeled(self) -> torch.Tensor:
         for _ in range(2):
             if self._batches is None:
-                self._batches = iter(self.unlabeled)
+                self._batches = self._begin_pass()
             try:
                 batch = next(self._batches)
             except StopIteration:
                 self._batches = None  # an epoch of the unlabelled loader ended: start the next one
                 continue
+            self._read += 1
             image = (
                 batch["image"] if isinstance(batch, dict) else batch[0] if isinstance(batch, (list, tuple)) else batch
             )

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,9 @@ RANKS_OVERLAY = {
         " os.path.join(@ckpt_dir, f'coefficients_rank{dist.get_rank()}.pt'))",
         "$torch.save({k: v.detach().cpu() for k, v in @finetune#network.module.state_dict().items()},"
         " os.path.join(@ckpt_dir, f'phase2_rank{dist.get_rank()}.pt'))",
+        # the unlabelled images this process reads in a distilled phase 2 (its share, by the overlay's sampler)
+        "$torch.save(torch.tensor(list(@unlabeled#sampler)),"
+        " os.path.join(@ckpt_dir, f'unlabeled_rank{dist.get_rank()}.pt'))",
         "$dist.is_initialized() and dist.destroy_process_group()",
     ]
 }
@@ -81,3 +85,23 @@ def metadata_schema() -> dict:
             f"{SCHEMA_URL}`) and set MEDMERGE_META_SCHEMA to the file, or put it at {META_SCHEMA}."
         )
     return json.loads(path.read_text())
+
+
+def datalist_with_unlabeled(example: dict, folder: Path, extra: dict | None = None) -> Path:
+    """The example's datalist with an ``unlabeled`` section: copies of its test images under new names."""
+    content = json.loads(Path(example["datalist"]).read_text())
+    base = Path(example["datalist"]).parent
+    folder.mkdir(parents=True)
+    for section in ("training", "validation", "test"):
+        for item in content[section]:
+            item["image"] = str((base / item["image"]).resolve())
+    pool = []
+    for i, item in enumerate(content["test"]):
+        copy = folder / f"unlabelled_{i}{''.join(Path(item['image']).suffixes)}"
+        shutil.copy(item["image"], copy)
+        pool.append({"image": str(copy)})
+    content["unlabeled"] = pool
+    content.update(extra or {})
+    path = folder / "datalist.json"
+    path.write_text(json.dumps(content))
+    return path

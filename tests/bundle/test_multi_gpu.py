@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from bundle_utils import RANKS_OVERLAY, bundle_copy, overrides
+from bundle_utils import RANKS_OVERLAY, bundle_copy, datalist_with_unlabeled, overrides
+
+from monai_medmerge.workflows.engines import latest_checkpoint
 
 
 @pytest.mark.parametrize("recipe", ["direct", "paper"])
@@ -22,6 +24,10 @@ def test_torchrun_two_processes_agree(example_workspace, tmp_path, recipe):
     torchrun = shutil.which("torchrun")
     launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
     root = bundle_copy(tmp_path / "bundle")
+    distilled = {}
+    if recipe == "paper":  # phase 2 distilled from the phase-0 ensemble on a section of unlabelled images
+        datalist = datalist_with_unlabeled(example_workspace, tmp_path / "data")
+        distilled = dict(datalist=datalist, distill_weight=1.0, unlabeled_section="unlabeled", phase2_steps_per_epoch=3)
     (root / "configs" / "ranks.yaml").write_text(yaml.safe_dump(RANKS_OVERLAY, width=1000))
     files = [str(root / "configs" / f) for f in ("train.yaml", "multi_gpu_train.yaml", "ranks.yaml")]
     cmd = [
@@ -36,7 +42,7 @@ def test_torchrun_two_processes_agree(example_workspace, tmp_path, recipe):
         repr(files),
         "--logging_file",
         str(root / "configs" / "logging.conf"),
-        *overrides(example_workspace, root, recipe=recipe, phase0_epochs=2, phase0_head_epochs=1),
+        *overrides(example_workspace, root, recipe=recipe, phase0_epochs=2, phase0_head_epochs=1, **distilled),
     ]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
@@ -57,8 +63,13 @@ def test_torchrun_two_processes_agree(example_workspace, tmp_path, recipe):
         assert all((models / f"phase0_source{i}.done").is_file() for i in range(2))
         # the room after phase 0 is measured on the whole validation set, gathered from both processes' shards
         room = json.loads((models / "phase0_room.json").read_text())
-        datalist = json.loads(Path(example_workspace["datalist"]).read_text())
-        assert room["images"] == len(datalist["validation"]) and len(datalist["validation"]) > 1
+        content = json.loads(Path(example_workspace["datalist"]).read_text())
+        assert room["images"] == len(content["validation"]) and len(content["validation"]) > 1
+        # each process read its own half of the unlabelled images in the distilled phase 2
+        shares = [set(torch.load(models / f"unlabeled_rank{r}.pt").tolist()) for r in range(2)]
+        pool = len(json.loads(datalist.read_text())["unlabeled"])
+        assert not shares[0] & shares[1] and shares[0] | shares[1] == set(range(pool)), (shares, pool)
+        assert "distillation" in torch.load(latest_checkpoint(models, "phase2"), weights_only=True)
     # only process 0 writes checkpoints; the result is a plain state dict
     state = torch.load(models / "model.pt", weights_only=True)
     assert state.keys() == p0.keys()

@@ -113,6 +113,44 @@ def test_a_loader_of_unlabelled_images_is_read_in_turn_cut_joined_and_restarted(
         d.prepare_batch((torch.zeros(2, 1), torch.zeros(2, dtype=torch.long)))
 
 
+@pytest.mark.parametrize("source", ["mixup", "pool", "shuffled loader", "sampler with epochs"])
+def test_a_resumed_distillation_draws_what_the_uninterrupted_one_would(tmp_path, source):
+    """state_dict / load_state_dict (saved through a checkpoint file, as ResumableCheckpoint does): a fresh
+    distillation loaded from the state after 5 steps draws exactly what the first one draws in steps 6-12, across
+    the unlabelled loader's passes (7 batches a pass)."""
+    from monai.data import DistributedSampler
+
+    images = torch.arange(20.0).view(20, 1)
+
+    def build() -> EnsembleDistillation:
+        unlabeled = None
+        if source == "pool":
+            unlabeled = images
+        elif source == "shuffled loader":  # the single-process bundle's loader: shuffled by its own generator
+            unlabeled = DataLoader(images, batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(4))
+        elif source == "sampler with epochs":  # the torchrun overlay's loader: a new order each pass by set_epoch
+            sampler = DistributedSampler(images, num_replicas=1, rank=0, shuffle=True, seed=4)
+            unlabeled = DataLoader(images, batch_size=3, sampler=sampler)
+        return EnsembleDistillation([Fixed(torch.zeros(4, 2))], unlabeled=unlabeled, seed=3)
+
+    def step(d: EnsembleDistillation) -> list[float]:
+        batch = (torch.arange(4.0).view(4, 1) * 0.1, torch.zeros(4, dtype=torch.long))
+        return d.prepare_batch(batch)[0][4:, 0].tolist()
+
+    first = build()
+    for _ in range(5):
+        step(first)
+    torch.save(first.state_dict(), tmp_path / "state.pt")
+    expected = [step(first) for _ in range(7)]
+    resumed = build()
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert [step(resumed) for _ in range(7)] == expected
+    # without the state the draws differ: the test can tell
+    assert [step(build()) for _ in range(7)] != expected
+    with pytest.raises(ValueError, match="saved state lacks passes, read"):
+        build().load_state_dict({"generator": first.generator.get_state()})
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="no teacher"):
         EnsembleDistillation([])
@@ -239,39 +277,18 @@ def test_epoch_length_sets_the_steps_of_an_epoch():
         engines.phase_trainer(net, train, evaluator, optimizer, 2, epoch_length=0, progress=False)
 
 
-def _datalist_with_unlabeled(example: dict, folder: Path, extra: dict | None = None) -> Path:
-    """The example's datalist with an ``unlabeled`` section: copies of its test images under new names."""
-    import shutil
-
-    content = json.loads(Path(example["datalist"]).read_text())
-    base = Path(example["datalist"]).parent
-    folder.mkdir(parents=True)
-    for section in ("training", "validation", "test"):
-        for item in content[section]:
-            item["image"] = str((base / item["image"]).resolve())
-    pool = []
-    for i, item in enumerate(content["test"]):
-        copy = folder / f"unlabelled_{i}{''.join(Path(item['image']).suffixes)}"
-        shutil.copy(item["image"], copy)
-        pool.append({"image": str(copy)})
-    content["unlabeled"] = pool
-    content.update(extra or {})
-    path = folder / "datalist.json"
-    path.write_text(json.dumps(content))
-    return path
-
-
 def test_bundle_distilled_phase2_learns_from_the_phase0_ensemble(example_workspace, tmp_path):
     """``distill_weight`` > 0 changes phase 2 (mixup blends without a section, the section's images with one), the
     result stays a plain network_def state dict; ``phase2_start: anchor`` fine-tunes (and distils into) the anchor's
     phase-0 network with no merge; bad settings fail when the run starts, before any training."""
-    from bundle_utils import bundle_copy, overrides, run_bundle
+    from bundle_utils import bundle_copy, datalist_with_unlabeled, overrides, run_bundle
 
     from monai_medmerge.sources import load_checkpoint
+    from monai_medmerge.workflows.engines import latest_checkpoint
 
     example = example_workspace
     root = bundle_copy(tmp_path / "bundle")
-    datalist = _datalist_with_unlabeled(example, tmp_path / "data")
+    datalist = datalist_with_unlabeled(example, tmp_path / "data")
     base = dict(recipe="paper", phase0_epochs=2, datalist=datalist)
     proc = run_bundle(root, ["train.yaml"], overrides(example, root, **base), run_id="phase0")
     assert proc.returncode == 0, proc.stdout[-4000:]
@@ -288,6 +305,11 @@ def test_bundle_distilled_phase2_learns_from_the_phase0_ensemble(example_workspa
         proc = run_bundle(root, ["train.yaml"], overrides(example, root, **base, **more))  # phases 1 and 2
         assert proc.returncode == 0, (name, proc.stdout[-4000:])
         results[name] = load_checkpoint(models / "model.pt")
+        # a distilled phase 2 checkpoints where its draws stand (a resume continues them); a plain one has none
+        saved = torch.load(latest_checkpoint(models, "phase2"), weights_only=True)
+        assert ("distillation" in saved) == (name != "plain"), (name, list(saved))
+        if name == "pool":  # 4 steps an epoch of 8 labelled images: 32 unlabelled images an epoch, from a pool of 20
+            assert saved["distillation"]["passes"] >= 2 and saved["distillation"]["read"] >= 1
     # phase2_start: anchor skips phase 1 and fine-tunes the anchor's phase-0 network: at a learning rate of 0 its
     # parameters are exactly that network's (the norm layers' running statistics still move in training mode)
     (models / "phase1_best.pt").unlink()
