@@ -268,12 +268,12 @@ def preprocessing_config(
         )
     elif train:
         steps.append({"_target_": monai_ + "SpatialPadd", "keys": spatial_keys, "spatial_size": size})
-        crop: dict[str, Any] = {"keys": spatial_keys, "spatial_size": size}
         if label_map is not None:
-            crop.update(label_key=label_map, pos=1.0, neg=1.0, num_samples=1)
-            steps.append({"_target_": monai_ + "RandCropByPosNegLabeld", **crop})
-        else:  # no label map to find foreground in: a patch anywhere
-            steps.append({"_target_": monai_ + "RandSpatialCropd", **crop, "random_size": False})
+            crop = {"label_key": label_map, "spatial_size": size, "pos": 1.0, "neg": 1.0, "num_samples": 1}
+            steps.append({"_target_": monai_ + "RandCropByPosNegLabeld", "keys": spatial_keys, **crop})
+        else:  # no label map to find foreground in (unlabelled images): a patch anywhere, of the same size
+            crop = {"roi_size": size, "random_size": False}
+            steps.append({"_target_": monai_ + "RandSpatialCropd", "keys": spatial_keys, **crop})
     if train and augment:
         steps += _augmentation(keys, label_map, dims)
     steps.append({"_target_": monai_ + "EnsureTyped", "keys": keys, "dtype": "float32"})

@@ -30,7 +30,7 @@ import torch
 from monai.engines import default_prepare_batch
 from torch import nn
 
-from monai_medmerge.workflows import engines
+from monai_medmerge.workflows import engines, recipes
 
 logger = logging.getLogger(__name__)
 
@@ -300,17 +300,20 @@ def phase2_distillation(
         return None
     if room_path is not None and Path(room_path).is_file():
         try:
-            room = float(json.loads(Path(room_path).read_text())["room"])
-        except (ValueError, KeyError, TypeError) as e:
+            recorded = json.loads(Path(room_path).read_text())
+            room = float(recorded["room"])
+            metric = recipes.ROOM_METRICS.get(recorded.get("metric", "macro_f1"), recorded.get("metric"))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             logger.warning("could not read the room of phase 0 from %s (%s); distilling anyway", room_path, e)
         else:
             if room <= 0:
                 logger.warning(
                     "distill_weight=%s, but on validation the ensemble of the phase-0 networks led the best of "
-                    "them by %+.3f macro-F1 (%s): it has nothing to teach, and distilling such an ensemble cost points "
+                    "them by %+.3f %s (%s): it has nothing to teach, and distilling such an ensemble cost points "
                     "on the benchmarks (docs/user_guide.md); consider distill_weight: 0",
                     weight,
                     room,
+                    metric,
                     room_path,
                 )
     return EnsembleDistillation([t.to(device) for t in teachers], weight, unlabeled, base_loss=base_loss, seed=seed)

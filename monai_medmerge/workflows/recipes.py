@@ -33,6 +33,9 @@ from monai_medmerge.workflows.training import linear_probe, predict
 
 logger = logging.getLogger(__name__)
 
+# the validation scores phase0_room measures, as its messages name them
+ROOM_METRICS = {"macro_f1": "macro-F1", "mean_dice": "mean Dice"}
+
 __all__ = [
     "PHASE2_STARTS",
     "RECIPES",
@@ -252,28 +255,49 @@ def phase0_room(
     val_loader: Iterable,
     device: torch.device | str = "cpu",
     path: str | os.PathLike | None = None,
+    task: str = "classification",
+    inferer: Callable | None = None,
+    num_classes: int | None = None,
 ) -> dict:
-    """The room of a classification run, measured after phase 0: the validation macro-F1 of each phase-0 network and
-    of their ensemble (mean probabilities), and the ensemble's lead over the best of them. That lead is what a merge
-    or a distilled phase 2 (``distill_weight``) can take into one network; where it is not positive, neither has
-    much to take, and distillation from that ensemble cost points on the benchmarks (docs/benchmarks.md).
+    """The room of a run, measured after phase 0: the validation score of each phase-0 network and of their ensemble
+    (mean probabilities), and the ensemble's lead over the best of them. That lead is what a merge or a distilled
+    phase 2 (``distill_weight``) can take into one network; where it is not positive, neither has much to take, and
+    distillation from that ensemble cost points on the benchmarks (docs/benchmarks.md).
 
-    The numbers are logged, and written to ``path`` (JSON, by process 0 under torchrun) when given.
-
-    Under torchrun the predictions of every process are gathered first: each process measures the whole validation
-    set.
+    The score is the one phase 0 keeps its best network by: macro-F1 for classification; for segmentation
+    (``task="segmentation"``, with the validation ``inferer``, e.g. a sliding window, and ``num_classes`` with the
+    background) MONAI's mean Dice over the foreground labels of the argmax label map, averaged over images as the
+    phase evaluator does. The numbers are logged, and written to ``path`` (JSON, by process 0 under torchrun) when
+    given. Under torchrun the results of every process are gathered first: each process measures the whole
+    validation set.
 
     Returns:
-        ``{"networks": [macro-F1, ...], "ensemble": macro-F1, "room": ensemble - max(networks), "images": n}``, ``n``
-        the number of validation images measured.
+        ``{"metric": "macro_f1" | "mean_dice", "networks": [score, ...], "ensemble": score, "room": ensemble -
+        max(networks), "images": n}``, ``n`` the number of validation images measured.
     """
-    outputs = [_gathered(*predict(net, val_loader, device)) for net in networks]
-    labels = outputs[0][1]
-    scores = [classification_metrics(labels, probs)["macro_f1"] for probs, _ in outputs]
-    ensemble = classification_metrics(labels, np.mean([probs for probs, _ in outputs], axis=0))["macro_f1"]
-    room = {"networks": scores, "ensemble": ensemble, "room": ensemble - max(scores), "images": len(labels)}
+    if task == "segmentation":
+        metric, (scores, ensemble, images) = (
+            "mean_dice",
+            _segmentation_room(networks, val_loader, device, inferer, num_classes),
+        )
+    elif task == "classification":
+        outputs = [_gathered(*predict(net, val_loader, device)) for net in networks]
+        labels = outputs[0][1]
+        metric, images = "macro_f1", len(labels)
+        scores = [classification_metrics(labels, probs)["macro_f1"] for probs, _ in outputs]
+        ensemble = classification_metrics(labels, np.mean([probs for probs, _ in outputs], axis=0))["macro_f1"]
+    else:
+        raise ValueError(f"task must be 'classification' or 'segmentation', got {task!r}.")
+    room = {
+        "metric": metric,
+        "networks": scores,
+        "ensemble": ensemble,
+        "room": ensemble - max(scores),
+        "images": images,
+    }
     logger.info(
-        "phase 0, validation macro-F1: networks %s, their ensemble %.3f: room %+.3f%s",
+        "phase 0, validation %s: networks %s, their ensemble %.3f: room %+.3f%s",
+        ROOM_METRICS[metric],
         ", ".join(f"{s:.3f}" for s in scores),
         ensemble,
         room["room"],
@@ -282,6 +306,44 @@ def phase0_room(
     if path is not None and (not _distributed() or torch.distributed.get_rank() == 0):
         write_json(path, room)
     return room
+
+
+def _segmentation_room(
+    networks: Sequence[nn.Module],
+    val_loader: Iterable,
+    device: torch.device | str,
+    inferer: Callable | None,
+    num_classes: int | None,
+) -> tuple[list[float], float, int]:
+    """Mean Dice of each network and of their mean probabilities (see :func:`phase0_room`), and the image count."""
+    from monai.engines import default_prepare_batch
+    from monai.metrics import DiceMetric
+    from monai.metrics.utils import do_metric_reduction
+
+    if num_classes is None:
+        raise ValueError("phase0_room(task='segmentation') needs num_classes (the labels, background included).")
+    dice = DiceMetric(include_background=False, reduction="none", num_classes=int(num_classes))
+    was_training = [net.training for net in networks]
+    values: list[list[torch.Tensor]] = [[] for _ in range(len(networks) + 1)]  # the networks', then the ensemble's
+    try:
+        for net in networks:
+            net.eval()
+        with torch.no_grad():
+            for batch in val_loader:
+                x, y = default_prepare_batch(batch, device)
+                probs = [(inferer(x, net) if inferer is not None else net(x)).float().softmax(1) for net in networks]
+                for i, p in enumerate([*probs, torch.stack(probs).mean(0)]):
+                    values[i].append(dice(p.argmax(1, keepdim=True), y).cpu())
+    finally:
+        for net, mode in zip(networks, was_training, strict=True):
+            net.train(mode)
+    per_image = [torch.cat(v) for v in values]
+    if _distributed():
+        from monai.utils import evenly_divisible_all_gather
+
+        per_image = [evenly_divisible_all_gather(v.to(device), concat=True).cpu() for v in per_image]
+    means = [float(do_metric_reduction(v, "mean")[0]) for v in per_image]
+    return means[:-1], means[-1], len(per_image[0])
 
 
 def _distributed() -> bool:

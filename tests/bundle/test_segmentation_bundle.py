@@ -169,6 +169,62 @@ def test_paper_recipe_fine_tunes_the_sources_first(example, tmp_path):
     assert (root / "models" / "model.pt").is_file()
 
 
+def test_distilled_phase2_and_the_room_of_phase_0(example, tmp_path):
+    """The paper recipe writes the room after phase 0 in mean Dice (each network's value is the best validation mean
+    Dice its phase-0 fine-tuning kept: the same metric on the same images); ``distill_weight`` > 0 distils the
+    phase-0 ensemble into phase 2 on mixup blends or on random patches of an unlabelled section, and checkpoints its
+    draws; ``phase2_start: anchor`` fine-tunes the anchor's phase-0 network with no merge."""
+    from monai_medmerge.workflows.engines import latest_checkpoint
+
+    root = _bundle(tmp_path)
+    data = tmp_path / "data"
+    shutil.copytree(Path(example["datalist"]).parent, data)
+    datalist = json.loads((data / "datalist.json").read_text())
+    datalist["unlabeled"] = []
+    for i, item in enumerate(datalist["test"]):  # copies of the test images under new names, without label maps
+        shutil.copy(data / item["image"], data / f"unlabelled_{i}.nii.gz")
+        datalist["unlabeled"].append({"image": f"unlabelled_{i}.nii.gz"})
+    (data / "datalist.json").write_text(json.dumps(datalist))
+    base = dict(recipe="paper", phase0_epochs=2, dataset_dir=data)
+    models = root / "models"
+    run = run_bundle(root, ["train.yaml"], _overrides(example, root, **base), run_id="phase0")
+    assert run.returncode == 0, run.stdout[-4000:]
+    room = json.loads((models / "phase0_room.json").read_text())
+    assert room["metric"] == "mean_dice" and room["images"] == len(datalist["validation"])
+    kept = [json.loads((models / f"phase0_source{i}.pt.best.json").read_text())["best_metric"] for i in range(2)]
+    assert room["networks"] == pytest.approx(kept, abs=1e-6)
+    assert room["room"] == pytest.approx(room["ensemble"] - max(room["networks"]))
+    assert "phase 0, validation mean Dice: networks" in run.stdout
+    results = {}
+    for name, more in (
+        ("plain", {}),
+        ("mixup", {"distill_weight": 1.0, "phase2_steps_per_epoch": 3}),
+        ("patches", {"distill_weight": 1.0, "phase2_steps_per_epoch": 3, "unlabeled_section": "unlabeled"}),
+        ("anchor", {"distill_weight": 1.0, "phase2_start": "anchor", "finetune_lr": 0.0, "phase2_epochs": 1}),
+    ):
+        (models / "phase1_best.pt").unlink(missing_ok=True)
+        run = run_bundle(root, ["train.yaml"], _overrides(example, root, **base, **more))  # phases 1 and 2
+        assert run.returncode == 0, (name, run.stdout[-4000:])
+        results[name] = torch.load(models / "model.pt", weights_only=True)
+        saved = torch.load(latest_checkpoint(models, "phase2"), weights_only=True)
+        assert ("distillation" in saved) == (name != "plain"), (name, list(saved))
+        assert (models / "phase1_best.pt").exists() == (name != "anchor")  # the anchor start skips phase 1
+        if name == "patches":  # 3 steps an epoch of 4 labelled patches: 12 unlabelled patches from 4 images
+            assert saved["distillation"]["passes"] >= 3, saved["distillation"]
+    assert results["anchor"].keys() == results["plain"].keys()
+    # at a learning rate of 0 the anchor start keeps the anchor's phase-0 weights (norm statistics still move)
+    phase0 = torch.load(models / "phase0_source0.pt", weights_only=True)
+    weights = [k for k in phase0 if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert all(torch.equal(results["anchor"][k], phase0[k]) for k in weights)
+    names = ["plain", "mixup", "patches"]
+    for i, a in enumerate(names):  # each setting trains another network at the same seed
+        for b in names[i + 1 :]:
+            assert any(not torch.equal(results[a][k], results[b][k]) for k in results[a]), (a, b)
+    # bad settings are refused when the run starts
+    run = run_bundle(root, ["train.yaml"], _overrides(example, root, dataset_dir=data, distill_weight=1.0))
+    assert run.returncode != 0 and "distill_weight=1.0 needs recipe: paper" in run.stdout
+
+
 def test_a_label_map_that_does_not_fit_its_image_names_both_files(example, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(Path(example["datalist"]).parent, data)

@@ -544,3 +544,24 @@ def test_check_items_segmentation(tmp_path, caplog):
     # the classification reading of the same items refuses the label map paths as class labels
     with pytest.raises(BadImageError, match="is not an integer class label"):
         check_items([good], "NibabelReader")
+
+
+def test_training_patches_of_an_unlabelled_image_lie_anywhere_and_keep_the_patch_size(tmp_path):
+    """Without a label map (the unlabelled images of a distilled phase 2) training takes a random patch of
+    spatial_size anywhere in the image, padding an image smaller than the patch, as the labelled patches are."""
+    ramp = np.add.outer(np.arange(40.0), np.arange(30.0) * 100)  # every voxel distinct: a patch shows where it lies
+    image = _nifti(tmp_path / "big.nii.gz", ramp, np.eye(4))
+    chain = segmentation_transforms("nifti", (16, 16), train=True, label_key=None, modality="other", augment=False)
+    whole = segmentation_transforms("nifti", (16, 16), train=False, label_key=None, modality="other")
+    full = whole({"image": image})["image"][0].numpy()
+    corners = set()
+    for seed in range(8):
+        chain.set_random_state(seed)
+        patch = chain({"image": image})["image"][0].numpy()
+        assert patch.shape == (16, 16)
+        i, j = np.unravel_index(np.argmin(np.abs(full - patch[0, 0])), full.shape)
+        np.testing.assert_allclose(patch, full[i : i + 16, j : j + 16], rtol=1e-6, atol=1e-6)  # a window of it
+        corners.add((int(i), int(j)))
+    assert len(corners) > 1  # from several places
+    small = _nifti(tmp_path / "small.nii.gz", np.ones((10, 12)), np.eye(4))
+    assert tuple(chain({"image": small})["image"].shape) == (1, 16, 16)
