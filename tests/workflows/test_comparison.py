@@ -65,6 +65,8 @@ def test_quick_demo_writes_report_and_plain_bundle(brain_available, tmp_path, mo
     assert "MedMerge + FT" in md and "fine-tune from A" in md
     # beside the table, what its numbers mean: one seed, and where the recorded benchmarks stand
     assert "Reading it (one seed, no spread" in md and "docs/benchmarks.md" in md
+    # and the room: the ensemble of the two fine-tuned sources against the better one
+    assert "ensemble" in report["methods"] and "- The room: the ensemble of the two fine-tuned sources" in md
     for picture in ("results_macro_f1.png", "results_coefficients.png", "results_curves.png"):
         assert f"![{picture}]({picture})" in md and (tmp_path / "demo" / picture).is_file()
     bundle = tmp_path / "demo" / "bundle"
