@@ -22,6 +22,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.engines import default_prepare_batch
+from monai.metrics import DiceMetric
+from monai.metrics.utils import do_metric_reduction
+from monai.utils import evenly_divisible_all_gather
 from torch import nn
 
 from monai_medmerge.io import write_json
@@ -316,10 +320,6 @@ def _segmentation_room(
     num_classes: int | None,
 ) -> tuple[list[float], float, int]:
     """Mean Dice of each network and of their mean probabilities (see :func:`phase0_room`), and the image count."""
-    from monai.engines import default_prepare_batch
-    from monai.metrics import DiceMetric
-    from monai.metrics.utils import do_metric_reduction
-
     if num_classes is None:
         raise ValueError("phase0_room(task='segmentation') needs num_classes (the labels, background included).")
     dice = DiceMetric(include_background=False, reduction="none", num_classes=int(num_classes))
@@ -339,8 +339,6 @@ def _segmentation_room(
             net.train(mode)
     per_image = [torch.cat(v) for v in values]
     if _distributed():
-        from monai.utils import evenly_divisible_all_gather
-
         per_image = [evenly_divisible_all_gather(v.to(device), concat=True).cpu() for v in per_image]
     means = [float(do_metric_reduction(v, "mean")[0]) for v in per_image]
     return means[:-1], means[-1], len(per_image[0])
@@ -355,8 +353,6 @@ def _gathered(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.nda
     of unequal length included), so that each process measures the whole set."""
     if not _distributed():
         return probs, labels
-    from monai.utils import evenly_divisible_all_gather
-
     gather = [evenly_divisible_all_gather(torch.as_tensor(a), concat=True).numpy() for a in (probs, labels)]
     return gather[0], gather[1]
 
