@@ -281,6 +281,23 @@ AAL_POSTERIOR: dict[str, tuple[str, ...]] = {
     "medial occipital": ("Calcarine", "Cuneus", "Lingual"),
     "lateral occipital": ("Occipital_Sup", "Occipital_Mid", "Occipital_Inf"),
 }
+# The back of the brain as AICHA names it, grouped as AAL_POSTERIOR groups AAL: a posterior specialist on MNI152, the
+# anterior one's brain, so that neither specialist has the target's brain to itself.
+AICHA_POSTERIOR: dict[str, tuple[str, ...]] = {
+    "postcentral": ("Postcentral",),
+    "superior parietal": ("Parietal_Sup", "Paracentral_Lobule", "Intraparietal"),
+    "inferior parietal": ("Parietal_Inf", "SupraMarginal", "Supramarginal", "Angular"),
+    "precuneus": ("Precuneus", "Parietooccipital"),
+    "medial occipital": ("Calcarine", "Cuneus", "Lingual"),
+    "lateral occipital": (
+        "Occipital_Sup",
+        "Occipital_Mid",
+        "Occipital_Inf",
+        "Occipital_Lat",
+        "Occipital_Pole",
+        "Intraoccipital",
+    ),
+}
 # The target of the two specialists' second variant: Harvard-Oxford areas (a third atlas), five in the front and five
 # in the back of the brain, where sources A and B know finer regions.
 HARVARD_OXFORD_SPLIT: dict[str, tuple[int, ...]] = {
@@ -485,6 +502,25 @@ BRAIN_VARIANTS: dict[str, BrainBenchmark] = {
         "MNI152) in axial and coronal slices, source B (AAL macro-regions on Colin27) in coronal and sagittal "
         f"slices, as if acquired in different orientations. {_FUNCTION_NOTE} The target has all three planes: A "
         "alone has seen axial slices, B alone sagittal ones. " + HOLDOUT_NOTES,
+    ),
+    "split_mni_function": BrainBenchmark(
+        "brain_split_mni_function",
+        TaskSpec("brain/aicha-anterior", "mni_t1", "aicha_anterior", tuple(AICHA_ANTERIOR)),
+        TaskSpec("brain/aicha-posterior", "mni_t1", "aicha_posterior", tuple(AICHA_POSTERIOR)),
+        _FUNCTION,
+        "Two specialists on one brain: source A as in brain_split_function (seven frontal and temporal AICHA regions "
+        "on MNI152), source B the six parietal and occipital regions of the back of the brain, also from AICHA on "
+        "MNI152 (the groups of brain_split_function's AAL specialist). Neither sees patches centred in the other's "
+        f"part. {_FUNCTION_NOTE} Unlike brain_split_function, neither specialist has the target's brain to itself, "
+        "so the two halves are balanced as Fashion-MNIST's are. " + HOLDOUT_NOTES,
+    ),
+    "split_mni_regions": BrainBenchmark(
+        "brain_split_mni_regions",
+        TaskSpec("brain/aicha-anterior", "mni_t1", "aicha_anterior", tuple(AICHA_ANTERIOR)),
+        TaskSpec("brain/aicha-posterior", "mni_t1", "aicha_posterior", tuple(AICHA_POSTERIOR)),
+        TaskSpec("brain/ho-regions", "mni_t1", "ho_split", tuple(HARVARD_OXFORD_SPLIT)),
+        "The specialists of brain_split_mni_function (front and back of MNI152, both from AICHA) and the target of "
+        f"brain_split_regions (ten Harvard-Oxford areas, five in each specialist's part). {_HO_NOTE} " + HOLDOUT_NOTES,
     ),
 }
 
@@ -871,6 +907,10 @@ def _variant_labels(progress: bool) -> dict[str, np.ndarray]:
         MRICRON_DIR / ATLAS_FILES[2], AICHA_ANTERIOR, lambda name: name.split("_", 1)[1].rsplit("-", 1)[0]
     )[atlases["aicha"]]
     anterior[~brain] = -1
+    aicha_posterior = _exact_name_lut(
+        MRICRON_DIR / ATLAS_FILES[2], AICHA_POSTERIOR, lambda name: name.split("_", 1)[1].rsplit("-", 1)[0]
+    )[atlases["aicha"]]
+    aicha_posterior[~brain] = -1
     posterior = _exact_name_lut(
         MRICRON_DIR / "aal.nii.txt", AAL_POSTERIOR, lambda name: name.removesuffix("_L").removesuffix("_R")
     )[atlases["aal"]]
@@ -884,6 +924,7 @@ def _variant_labels(progress: bool) -> dict[str, np.ndarray]:
         "tract_cortex": tract_cortex,
         "aicha_anterior": anterior,
         "aal_posterior": posterior,
+        "aicha_posterior": aicha_posterior,
     }
 
 
