@@ -298,6 +298,23 @@ AICHA_POSTERIOR: dict[str, tuple[str, ...]] = {
         "Intraoccipital",
     ),
 }
+# The front of the brain as AAL names it, in AICHA_ANTERIOR's groups: an anterior specialist on Colin27.
+AAL_ANTERIOR: dict[str, tuple[str, ...]] = {
+    "superior frontal": ("Frontal_Sup", "Frontal_Sup_Medial", "Supp_Motor_Area"),
+    "middle frontal": ("Frontal_Mid",),
+    "inferior frontal": ("Frontal_Inf_Tri", "Frontal_Inf_Oper", "Rolandic_Oper"),
+    "orbitofrontal": (
+        "Frontal_Sup_Orb",
+        "Frontal_Mid_Orb",
+        "Frontal_Med_Orb",
+        "Frontal_Inf_Orb",
+        "Olfactory",
+        "Rectus",
+    ),
+    "precentral": ("Precentral",),
+    "superior temporal": ("Temporal_Sup", "Temporal_Pole_Sup", "Heschl"),
+    "middle and inferior temporal": ("Temporal_Mid", "Temporal_Inf", "Temporal_Pole_Mid"),
+}
 # The target of the two specialists' second variant: Harvard-Oxford areas (a third atlas), five in the front and five
 # in the back of the brain, where sources A and B know finer regions.
 HARVARD_OXFORD_SPLIT: dict[str, tuple[int, ...]] = {
@@ -387,6 +404,13 @@ class BrainBenchmark:
         target: the few-shot target; its labels choose the held-out test blocks.
         notes: what the labels are and where they fall short.
         atlases: whether it needs the atlases of ``ATLAS_FILES`` beside ``MRICRON_FILES``.
+        validation: where the target's validation patches lie: ``"pool"`` (among the training pool's places, as the
+            recorded tasks have them: validation then measures places next to labelled ones, the test unseen places)
+            or ``"blocks"`` (in blocks of their own, drawn as the test blocks are and guarded alike, so that
+            validation measures what the test measures: places no labelled patch came near).
+        guard_other_brain: whether a source cut from another brain than the target's is kept off the held-out
+            places too (as the recorded tasks do). ``False`` lets it see another subject's anatomy there, as a network
+            pretrained elsewhere would have; the target's brain and labels at those places stay unseen.
     """
 
     name: str
@@ -395,10 +419,14 @@ class BrainBenchmark:
     target: TaskSpec
     notes: str
     atlases: bool = True
+    validation: str = "pool"
+    guard_other_brain: bool = True
 
     def __post_init__(self) -> None:
         if self.target.planes != (0, 1, 2):
             raise ValueError(f"a target is cut in every plane, got planes {self.target.planes} for {self.name!r}.")
+        if self.validation not in ("pool", "blocks"):
+            raise ValueError(f"validation must be 'pool' or 'blocks', got {self.validation!r} for {self.name!r}.")
 
 
 _TISSUE = TaskSpec("brain/tissue", "mni_t1", "tissue", tuple(TISSUE_CLASSES))
@@ -522,6 +550,33 @@ BRAIN_VARIANTS: dict[str, BrainBenchmark] = {
         "The specialists of brain_split_mni_function (front and back of MNI152, both from AICHA) and the target of "
         f"brain_split_regions (ten Harvard-Oxford areas, five in each specialist's part). {_HO_NOTE} " + HOLDOUT_NOTES,
     ),
+    # Validation in blocks of its own (measuring what the test measures), and sources on another brain free to see
+    # the held-out places: the two choices of the variants below.
+    "colin_split_function": BrainBenchmark(
+        "brain_colin_split_function",
+        TaskSpec("brain/aal-anterior", "colin_t1", "aal_anterior", tuple(AAL_ANTERIOR)),
+        TaskSpec("brain/aal-posterior", "colin_t1", "aal_posterior", tuple(AAL_POSTERIOR)),
+        _FUNCTION,
+        "Two specialists on another subject: source A the seven frontal and temporal regions of AAL on the Colin27 "
+        "T1 (AICHA_ANTERIOR's groups), source B its six parietal and occipital regions (as in "
+        f"brain_split_function). {_FUNCTION_NOTE} Both sources may be centred anywhere on Colin27, held-out places "
+        "included, as networks pretrained on other subjects would be; the target's validation patches come from "
+        "blocks of their own, drawn and guarded like the test blocks. " + HOLDOUT_NOTES,
+        validation="blocks",
+        guard_other_brain=False,
+    ),
+    "views_open_function": BrainBenchmark(
+        "brain_views_open_function",
+        TaskSpec("brain/aicha-regions", "mni_t1", "aicha_group", tuple(AICHA_CLASSES), planes=(0, 1)),
+        TaskSpec("brain/anatomy", "colin_t1", "anatomy", tuple(ANATOMY_CLASSES), planes=(1, 2)),
+        _FUNCTION,
+        "The sources of brain_views_function (AICHA on MNI152 in axial and coronal slices, AAL on Colin27 in coronal "
+        f"and sagittal ones). {_FUNCTION_NOTE} Source B, on another subject, may be centred anywhere, held-out "
+        "places included; source A, on the target's brain, may not. The target's validation patches come from "
+        "blocks of their own, drawn and guarded like the test blocks. " + HOLDOUT_NOTES,
+        validation="blocks",
+        guard_other_brain=False,
+    ),
 }
 
 
@@ -532,7 +587,8 @@ class BrainLayout:
     Args:
         volumes: the volumes the patches are cut from.
         heldout: bool grid, the voxels of the target's held-out test blocks.
-        excluded: bool grid, the held-out blocks widened by ``GUARD`` voxels; no non-test centre lies in it.
+        excluded: bool grid, the held-out blocks widened by ``GUARD`` voxels; no non-test centre lies in it (but a
+            source on another brain when the benchmark does not ``guard_other_brain``).
         source_a_train: source A's patches for training (tissue on MNI152 in the brain task).
         source_a_val: source A's patches for validation.
         source_b_train: source B's patches for training (anatomy on Colin27 in the brain task).
@@ -542,6 +598,9 @@ class BrainLayout:
         target_pool: candidate centres of the target's training subset (``planes`` unused: the seed draws them).
         benchmark: what the tasks are.
         labels: the label volumes of source A, source B and the target, by the names their ``TaskSpec`` gives.
+        validation_blocks: bool grid, the target's validation blocks when the benchmark's ``validation`` is
+            ``"blocks"`` (``target_val`` lies in them; no training or guarded source centre lies within ``GUARD``
+            voxels of them), else ``None``.
     """
 
     volumes: BrainVolumes
@@ -556,6 +615,7 @@ class BrainLayout:
     target_pool: PatchSet
     benchmark: BrainBenchmark = BRAIN_TASK
     labels: Mapping[str, np.ndarray] = field(default_factory=dict)
+    validation_blocks: np.ndarray | None = None
 
 
 def _require(module: str) -> ModuleType:
@@ -907,6 +967,9 @@ def _variant_labels(progress: bool) -> dict[str, np.ndarray]:
         MRICRON_DIR / ATLAS_FILES[2], AICHA_ANTERIOR, lambda name: name.split("_", 1)[1].rsplit("-", 1)[0]
     )[atlases["aicha"]]
     anterior[~brain] = -1
+    aal_anterior = _exact_name_lut(
+        MRICRON_DIR / "aal.nii.txt", AAL_ANTERIOR, lambda name: name.removesuffix("_L").removesuffix("_R")
+    )[atlases["aal"]]
     aicha_posterior = _exact_name_lut(
         MRICRON_DIR / ATLAS_FILES[2], AICHA_POSTERIOR, lambda name: name.split("_", 1)[1].rsplit("-", 1)[0]
     )[atlases["aicha"]]
@@ -925,6 +988,7 @@ def _variant_labels(progress: bool) -> dict[str, np.ndarray]:
         "aicha_anterior": anterior,
         "aal_posterior": posterior,
         "aicha_posterior": aicha_posterior,
+        "aal_anterior": aal_anterior,
     }
 
 
@@ -948,11 +1012,18 @@ def brain_label_volumes(atlases: bool = False, progress: bool = False) -> dict[s
     return labels
 
 
-def _heldout_blocks(function: np.ndarray, num_classes: int) -> np.ndarray:
+def _heldout_blocks(
+    function: np.ndarray,
+    num_classes: int,
+    minimum: int = TARGET_TEST,
+    avoid: np.ndarray | None = None,
+    first_draw: int = 100,
+) -> np.ndarray:
     """The target's test blocks: a fixed draw of ``HELDOUT_FRACTION`` of the labelled (|x|, y, z) blocks.
 
-    The first draw in which every class has at least ``TARGET_TEST`` candidate centres is taken, so the test set is
-    as balanced as the map allows.
+    The first draw in which every class has at least ``minimum`` candidate centres is taken, so the test set is
+    as balanced as the map allows. ``avoid`` (validation blocks): voxels no block may hold; the draw is then over the
+    blocks with labelled voxels outside it, seeded from ``first_draw``, and returns only their voxels outside it.
     """
     half = GRID_SHAPE[0] // 2
     i, j, k = np.indices(GRID_SHAPE, sparse=True)
@@ -960,16 +1031,20 @@ def _heldout_blocks(function: np.ndarray, num_classes: int) -> np.ndarray:
     blocks_y, blocks_z = -(-GRID_SHAPE[1] // BLOCK), -(-GRID_SHAPE[2] // BLOCK)
     block = ((half - 1 - fold) // BLOCK * blocks_y + j // BLOCK) * blocks_z + k // BLOCK
     labelled = function >= 0
+    if avoid is not None:
+        labelled = labelled & ~avoid
     candidates = np.unique(block[labelled])
     n_held = round(HELDOUT_FRACTION * len(candidates))
     best, best_min = None, -1
     for attempt in range(100):
-        held = np.random.default_rng([SPLIT_SEED, 100 + attempt]).choice(candidates, n_held, replace=False)
+        held = np.random.default_rng([SPLIT_SEED, first_draw + attempt]).choice(candidates, n_held, replace=False)
         mask = np.isin(block, held)
+        if avoid is not None:
+            mask &= ~avoid
         smallest = np.bincount(function[mask & labelled], minlength=num_classes).min()
         if smallest > best_min:
             best, best_min = mask, smallest
-        if smallest >= TARGET_TEST:
+        if smallest >= minimum:
             break
     return best
 
@@ -1013,24 +1088,39 @@ def _layout(bench: BrainBenchmark, progress: bool) -> BrainLayout:
     n_target = len(bench.target.classes)
     heldout = _heldout_blocks(target_labels, n_target)
     ndimage = _require("scipy.ndimage")
-    excluded = ndimage.maximum_filter(heldout.view(np.uint8), size=2 * GUARD + 1) > 0
+
+    def widened(blocks: np.ndarray) -> np.ndarray:
+        return ndimage.maximum_filter(blocks.view(np.uint8), size=2 * GUARD + 1) > 0
+
+    excluded = widened(heldout)
+    val_blocks = None
     allowed = ~excluded
+    if bench.validation == "blocks":
+        # drawn as the test blocks are, outside the test blocks' guard, from draws the test's rule never reaches
+        val_blocks = _heldout_blocks(target_labels, n_target, minimum=TARGET_VAL, avoid=excluded, first_draw=300)
+        allowed = allowed & ~widened(val_blocks)
+
+    def source_allowed(spec: TaskSpec) -> np.ndarray:
+        other_brain = spec.image != bench.target.image
+        return np.ones(GRID_SHAPE, dtype=bool) if other_brain and not bench.guard_other_brain else allowed
+
     a_train, a_val = _draw(
-        _pool(labels[bench.source_a.labels], allowed),
+        _pool(labels[bench.source_a.labels], source_allowed(bench.source_a)),
         (SOURCE_TRAIN, SOURCE_VAL),
         np.random.default_rng([SPLIT_SEED, 1]),
         len(bench.source_a.classes),
         bench.source_a.planes,
     )
     b_train, b_val = _draw(
-        _pool(labels[bench.source_b.labels], allowed),
+        _pool(labels[bench.source_b.labels], source_allowed(bench.source_b)),
         (SOURCE_TRAIN, SOURCE_VAL),
         np.random.default_rng([SPLIT_SEED, 2]),
         len(bench.source_b.classes),
         bench.source_b.planes,
     )
     target = _pool(target_labels, allowed)
-    (target_val,) = _draw(target, (TARGET_VAL,), np.random.default_rng([SPLIT_SEED, 3]), n_target)
+    val_pool = target if val_blocks is None else _pool(target_labels, val_blocks)
+    (target_val,) = _draw(val_pool, (TARGET_VAL,), np.random.default_rng([SPLIT_SEED, 3]), n_target)
     (target_test,) = _draw(
         _pool(target_labels, heldout), (TARGET_TEST,), np.random.default_rng([SPLIT_SEED, 4]), n_target
     )
@@ -1052,6 +1142,7 @@ def _layout(bench: BrainBenchmark, progress: bool) -> BrainLayout:
         target_pool,
         bench,
         labels,
+        val_blocks,
     )
 
 
