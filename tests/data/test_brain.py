@@ -317,13 +317,52 @@ def test_variant_heldout_blocks_never_sampled(variant):
     from scipy import ndimage
 
     distance = ndimage.distance_transform_cdt(~layout.heldout, metric="chessboard")
+    bench = layout.benchmark
+    free = {
+        f"source_{x}_{split}"
+        for x in ("a", "b")
+        for split in ("train", "val")
+        if not bench.guard_other_brain and getattr(bench, f"source_{x}").image != bench.target.image
+    }
     for label, centres in others.items():
+        if label in free:
+            continue
         assert not layout.excluded[tuple(centres.T)].any(), label
         assert not test_blocks & _block_ids(centres), label
         assert distance[tuple(centres.T)].min() > brain.GUARD, label
+    for label in free:  # another subject's anatomy at the held-out places: there, and only where it was asked for
+        assert layout.excluded[tuple(others[label].T)].mean() > 0.1, label
+    assert not free or name in ("colin_split_function", "views_open_function")
     train = set(map(tuple, others["target_train"].tolist()))
     val = set(map(tuple, layout.target_val.centres.tolist()))
     assert not train & val and not train & set(map(tuple, test.tolist()))
+
+
+def test_variant_validation_blocks_are_guarded_like_the_test_blocks(variant):
+    """With ``validation="blocks"`` the target's validation patches lie in blocks of their own, away from the test
+    blocks, and no training patch of the target (nor a guarded source) comes within GUARD voxels of them."""
+    name, tasks, layout = variant
+    bench = layout.benchmark
+    if bench.validation == "pool":
+        assert layout.validation_blocks is None
+        pytest.skip(f"{name} validates among the training pool's places")
+    from scipy import ndimage
+
+    blocks = layout.validation_blocks
+    np.testing.assert_array_equal(blocks, blocks[::-1])
+    assert blocks[tuple(layout.target_val.centres.T)].all()
+    assert not (blocks & layout.excluded).any()
+    assert _counts(tasks.target.val, tasks.target.num_classes) == [brain.TARGET_VAL] * tasks.target.num_classes
+    distance = ndimage.distance_transform_cdt(~blocks, metric="chessboard")
+    guarded = {"target_pool": layout.target_pool.centres}
+    guarded |= {f"target_train_{s}": brain.target_train_patches(layout, k=200, seed=s).centres for s in (0, 1)}
+    for x in ("a", "b"):
+        if bench.guard_other_brain or getattr(bench, f"source_{x}").image == bench.target.image:
+            guarded[f"source_{x}_train"] = getattr(layout, f"source_{x}_train").centres
+    for label, centres in guarded.items():
+        assert distance[tuple(centres.T)].min() > brain.GUARD, label
+    unlabeled = brain.target_unlabeled_patches(layout, k=10, seed=0)
+    assert distance[tuple(unlabeled.centres.T)].min() > brain.GUARD
 
 
 def test_variant_classes_follow_their_definition(variant):
@@ -348,6 +387,14 @@ def test_variant_classes_follow_their_definition(variant):
         front = labels["aicha_group"][labels["aicha_anterior"] >= 0]
         allowed = [brain.AICHA_CLASSES.index(g) for g in ("frontal", "temporal", "limbic/insula")]
         assert np.isin(front, allowed).all() and (front == brain.AICHA_CLASSES.index("frontal")).mean() > 0.5
+    if name in ("split_mni_function", "split_mni_regions", "colin_split_function"):
+        # the specialists added later: AICHA's back lies in its parietal and occipital groups, AAL's front mostly in
+        # AAL's frontal macro-region, the rest temporal and a sliver that AAL_GROUPS calls limbic
+        back = labels["aicha_group"][labels["aicha_posterior"] >= 0]
+        assert np.isin(back, [brain.AICHA_CLASSES.index(g) for g in ("parietal", "occipital")]).all()
+        front = labels["anatomy"][labels["aal_anterior"] >= 0]
+        groups = [brain.ANATOMY_CLASSES.index(g) for g in ("frontal", "temporal", "limbic/insula")]
+        assert np.isin(front, groups).all() and (front == groups[0]).mean() > 0.5
 
 
 @needs_atlases
@@ -404,7 +451,7 @@ def test_brodmann_variants_share_the_brain_tasks_target_splits(variant, layout):
     if own.benchmark.target.labels != "function":
         pytest.skip(f"{name} has its own target")
     np.testing.assert_array_equal(own.heldout, layout.heldout)
-    for split in ("target_val", "target_test"):
+    for split in ("target_val", "target_test") if own.benchmark.validation == "pool" else ("target_test",):
         for a, b in zip(getattr(own, split), getattr(layout, split), strict=True):
             np.testing.assert_array_equal(a, b)
 
