@@ -565,6 +565,17 @@ BRAIN_VARIANTS: dict[str, BrainBenchmark] = {
         validation="blocks",
         guard_other_brain=False,
     ),
+    "colin_split_regions": BrainBenchmark(
+        "brain_colin_split_regions",
+        TaskSpec("brain/aal-anterior", "colin_t1", "aal_anterior", tuple(AAL_ANTERIOR)),
+        TaskSpec("brain/aal-posterior", "colin_t1", "aal_posterior", tuple(AAL_POSTERIOR)),
+        TaskSpec("brain/ho-regions", "mni_t1", "ho_split", tuple(HARVARD_OXFORD_SPLIT)),
+        "The specialists of brain_colin_split_function (front and back of Colin27, AAL, free to see the held-out "
+        "places) and the target of brain_split_regions (ten Harvard-Oxford areas on MNI152, five in each "
+        f"specialist's part), validated in blocks of its own. {_HO_NOTE} " + HOLDOUT_NOTES,
+        validation="blocks",
+        guard_other_brain=False,
+    ),
     "views_open_function": BrainBenchmark(
         "brain_views_open_function",
         TaskSpec("brain/aicha-regions", "mni_t1", "aicha_group", tuple(AICHA_CLASSES), planes=(0, 1)),

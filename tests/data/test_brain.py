@@ -332,7 +332,7 @@ def test_variant_heldout_blocks_never_sampled(variant):
         assert distance[tuple(centres.T)].min() > brain.GUARD, label
     for label in free:  # another subject's anatomy at the held-out places: there, and only where it was asked for
         assert layout.excluded[tuple(others[label].T)].mean() > 0.1, label
-    assert not free or name in ("colin_split_function", "views_open_function")
+    assert not free or name in ("colin_split_function", "colin_split_regions", "views_open_function")
     train = set(map(tuple, others["target_train"].tolist()))
     val = set(map(tuple, layout.target_val.centres.tolist()))
     assert not train & val and not train & set(map(tuple, test.tolist()))
@@ -387,7 +387,7 @@ def test_variant_classes_follow_their_definition(variant):
         front = labels["aicha_group"][labels["aicha_anterior"] >= 0]
         allowed = [brain.AICHA_CLASSES.index(g) for g in ("frontal", "temporal", "limbic/insula")]
         assert np.isin(front, allowed).all() and (front == brain.AICHA_CLASSES.index("frontal")).mean() > 0.5
-    if name in ("split_mni_function", "split_mni_regions", "colin_split_function"):
+    if name in ("split_mni_function", "split_mni_regions", "colin_split_function", "colin_split_regions"):
         # the specialists added later: AICHA's back lies in its parietal and occipital groups, AAL's front mostly in
         # AAL's frontal macro-region, the rest temporal and a sliver that AAL_GROUPS calls limbic
         back = labels["aicha_group"][labels["aicha_posterior"] >= 0]
