@@ -13,6 +13,11 @@ can run in several short invocations:
 
     OMP_NUM_THREADS=1 python benchmarks/room_search.py --candidates tissue_lobe --k 10 50 --seeds 0 1 --threads 1
     python benchmarks/room_search.py --table   # the table of docs/data.md, from the recorded file
+
+The second search fine-tunes every network head first (the protocol under which Fashion-MNIST's room is 3 points),
+through ``medmerge benchmark --methods lpft_a lpft_b ensemble_lpft``; its result files sit in
+``benchmarks/results/room_screen/`` and ``--screen`` prints their table (the room: ``ensemble_lpft`` minus the better
+of ``lpft_a`` and ``lpft_b`` by mean validation macro-F1), with where each task validates (``pool`` or ``blocks``).
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from monai_medmerge.io import write_json
 
 METHODS = ("ft_a", "ft_b", "ensemble")
 OUT = Path(__file__).parent / "results" / "room_search.json"
+SCREEN = Path(__file__).parent / "results" / "room_screen"
+HEAD_FIRST = ("lpft_a", "lpft_b", "ensemble_lpft")
 # the room a task must show on validation to be worth a merge benchmark (issue 15: at least 3 macro-F1 points)
 ROOM_BAR = 0.03
 
@@ -174,6 +181,68 @@ def cost(report: dict) -> str:
     )
 
 
+def screen_rows(folder: Path) -> list[dict]:
+    """The head-first room of every benchmark result file in ``folder`` that ran ``HEAD_FIRST``, on val and test.
+
+    Raises:
+        ValueError: for a result file without the three head-first rows (named).
+    """
+    rows = []
+    for path in sorted(folder.glob("*.json")):
+        run = json.loads(path.read_text())
+        records = [s["records"] for s in run["per_seed"]]
+        missing = [m for m in HEAD_FIRST if any(m not in r for r in records)]
+        if missing:
+            raise ValueError(f"{path} has no {', '.join(missing)} row for every seed; a screen runs {HEAD_FIRST}.")
+
+        def f1(method: str, split: str, records=records) -> np.ndarray:
+            return 100 * np.array([r[method][split]["macro_f1"] for r in records])
+
+        a, b, ensemble = HEAD_FIRST
+        best = a if f1(a, "val").mean() >= f1(b, "val").mean() else b
+        variant = run["task"].removeprefix(BRAIN_VARIANT_PREFIX)
+        row = {
+            "file": path.name,
+            "task": run["task"],
+            "k": run["k"],
+            "seeds": run["seeds"],
+            "lineage": run["lineage"],
+            "validation": BRAIN_VARIANTS[variant].validation if variant in BRAIN_VARIANTS else "pool",
+            "best": best,
+            "seconds": run["seconds"],
+        }
+        for split in ("val", "test"):
+            room = f1(ensemble, split) - f1(best, split)
+            row[f"room_{split}"] = {"mean": float(room.mean()), "per_seed": room.round(1).tolist()}
+            row |= {f"{m}_{split}": float(f1(m, split).mean()) for m in HEAD_FIRST}
+        rows.append(row)
+    return rows
+
+
+def screen_table(folder: Path = SCREEN) -> str:
+    """A markdown table of :func:`screen_rows`, in macro-F1 points."""
+    lines = [
+        "| task | k | seeds | validation | LP-FT A (val / test) | LP-FT B (val / test) | ensemble (val / test) "
+        "| room on val (per seed) | room on test (per seed) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in screen_rows(folder):
+
+        def pair(m: str, r=r) -> str:
+            return f"{r[f'{m}_val']:.1f} / {r[f'{m}_test']:.1f}"
+
+        def room(split: str, r=r) -> str:
+            return (
+                f"{r[f'room_{split}']['mean']:+.1f} ({', '.join(f'{v:+.1f}' for v in r[f'room_{split}']['per_seed'])})"
+            )
+
+        lines.append(
+            f"| `{r['task']}` | {r['k']} | {len(r['seeds'])} | {r['validation']} | {pair('lpft_a')} | {pair('lpft_b')} "
+            f"| {pair('ensemble_lpft')} | **{room('val')}** | {room('test')} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--candidates", nargs="+", default=list(BRAIN_VARIANTS), choices=["brain", *BRAIN_VARIANTS])
@@ -182,7 +251,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--table", action="store_true", help="print the recorded table and selection, run nothing")
+    parser.add_argument(
+        "--screen", type=Path, nargs="?", const=SCREEN, help="print the head-first screen's table of this folder"
+    )
     args = parser.parse_args(argv)
+    if args.screen:
+        print(screen_table(args.screen))
+        return
     report = json.loads(args.out.read_text()) if args.out.exists() else {"entries": []}
     if args.table:
         print(table(report))
