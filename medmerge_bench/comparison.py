@@ -201,6 +201,14 @@ def _write(report: dict, results: Sequence[SeedResult], out: Path, name: str) ->
 SAME_COMPARISON = ("benchmark", "task", "k", "methods", "lineage", "pair", "source_names", "recipe", "data", "sources")
 
 
+def _provenance_free(value):
+    """``value`` without its ``cached`` flags: whether a run found its sources in the cache or pretrained them again
+    (bit for bit the same, same key and scores) says where the weights came from, not what was compared."""
+    if isinstance(value, dict):
+        return {k: _provenance_free(v) for k, v in value.items() if k != "cached"}
+    return value
+
+
 def join_reports(paths: Sequence[str | Path], out_dir: str | Path, name: str) -> dict:
     """One report of several runs of one comparison on disjoint seeds (``medmerge benchmark --first-seed``).
 
@@ -226,7 +234,7 @@ def join_reports(paths: Sequence[str | Path], out_dir: str | Path, name: str) ->
     first = parts[0]
     for path, part in zip(paths[1:], parts[1:], strict=True):
         for key in SAME_COMPARISON:
-            if part.get(key) != first.get(key):
+            if _provenance_free(part.get(key)) != _provenance_free(first.get(key)):
                 raise ValueError(f"{path} and {paths[0]} differ in {key!r}: not one comparison on more seeds")
         machine = {k: v for k, v in part["machine"].items() if k != "code"}
         if machine != {k: v for k, v in first["machine"].items() if k != "code"}:

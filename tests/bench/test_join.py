@@ -68,3 +68,22 @@ def test_runs_that_are_not_one_comparison_are_refused(tmp_path, capsys):
         main(["join", str(a), str(write("e", {"benchmark": "segmentation"})), "--name", "j"])
     assert "is not a result file of `medmerge benchmark`" in capsys.readouterr().err
     assert not (tmp_path / "j.json").exists()
+
+
+def test_sources_pretrained_again_join_those_found_in_the_cache(tmp_path):
+    """A part whose sources were pretrained again (same key, same scores) joins; other source scores do not."""
+    recorded = json.loads(RECORDED.read_text())
+    cached, fresh = _part(recorded, [0, 1], "x"), _part(recorded, [2], "y")
+    for source in fresh["sources"]["sources"].values():
+        source["cached"] = not source["cached"]
+    paths = [tmp_path / "cached.json", tmp_path / "fresh.json"]
+    for path, part in zip(paths, (cached, fresh), strict=True):
+        path.write_text(json.dumps(part))
+    assert join_reports(paths, tmp_path / "out", "joined")["seeds"] == [0, 1, 2]
+    other = _part(recorded, [3], "z")
+    source = next(iter(other["sources"]["sources"].values()))
+    source["val"] = {"macro_f1": -1.0}
+    paths.append(tmp_path / "other.json")
+    paths[-1].write_text(json.dumps(other))
+    with pytest.raises(ValueError, match=r"other\.json and .*cached\.json differ in 'sources'"):
+        join_reports(paths, tmp_path / "out", "joined")
