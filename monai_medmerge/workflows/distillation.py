@@ -34,7 +34,13 @@ from monai_medmerge.workflows import engines, recipes
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EnsembleDistillation", "check_distillation", "fine_tune_distilled", "phase2_distillation"]
+__all__ = [
+    "EnsembleDistillation",
+    "check_distillation",
+    "fine_tune_distilled",
+    "phase2_distillation",
+    "phase2_save_dict",
+]
 
 
 class EnsembleDistillation:
@@ -317,3 +323,14 @@ def phase2_distillation(
                     room_path,
                 )
     return EnsembleDistillation([t.to(device) for t in teachers], weight, unlabeled, base_loss=base_loss, seed=seed)
+
+
+def phase2_save_dict(
+    network: nn.Module, optimizer: torch.optim.Optimizer, distillation: EnsembleDistillation | None = None
+) -> dict:
+    """What a training bundle's phase-2 checkpoint holds: the network and its optimizer, and with a distilled phase 2
+    also ``distillation`` (where its draws stand), so that a resumed run draws what the uninterrupted one would."""
+    saved = {"model": network, "optimizer": optimizer}
+    if distillation is not None:
+        saved["distillation"] = distillation
+    return saved

@@ -17,6 +17,7 @@ from monai_medmerge.workflows.distillation import (
     check_distillation,
     fine_tune_distilled,
     phase2_distillation,
+    phase2_save_dict,
 )
 
 pytest.importorskip("ignite")
@@ -354,3 +355,26 @@ def test_bundle_distilled_phase2_learns_from_the_phase0_ensemble(example_workspa
         distill_weight=1.0,
         unlabeled_section="unlabeled",
     )
+
+
+def test_phase2_save_dict_holds_the_distillation_only_when_there_is_one(tmp_path):
+    """The bundles' phase-2 checkpoint: network and optimizer, plus the draws of a distilled phase 2, restored."""
+    network = nn.Linear(1, 2)
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
+    assert phase2_save_dict(network, optimizer) == {"model": network, "optimizer": optimizer}
+    assert phase2_save_dict(network, optimizer, None) == {"model": network, "optimizer": optimizer}
+
+    def build() -> EnsembleDistillation:
+        return EnsembleDistillation([Fixed(torch.zeros(4, 2))], unlabeled=torch.arange(20.0).view(20, 1), seed=3)
+
+    def step(d: EnsembleDistillation) -> list[float]:
+        return d.prepare_batch((torch.zeros(4, 1), torch.zeros(4, dtype=torch.long)))[0][4:, 0].tolist()
+
+    distillation = build()
+    saved = phase2_save_dict(network, optimizer, distillation)
+    assert saved == {"model": network, "optimizer": optimizer, "distillation": distillation}
+    step(distillation)
+    torch.save({k: v.state_dict() for k, v in saved.items()}, tmp_path / "phase2.pt")
+    fresh = build()
+    fresh.load_state_dict(torch.load(tmp_path / "phase2.pt", weights_only=True)["distillation"])
+    assert step(fresh) == step(distillation) != step(build())
