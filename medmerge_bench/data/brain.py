@@ -453,6 +453,15 @@ _HO_NOTE = (
     "white matter beneath the cortex; it is carried from FSL's MNI152 onto the 2009a symmetric template by the affine "
     "alone, so its boundaries are approximate."
 )
+# The specialists and views the variants share: two halves of the cortex on either brain, the target of the split
+# variants, and the two sources cut in two planes each.
+_FRONT_AICHA = TaskSpec("brain/aicha-anterior", "mni_t1", "aicha_anterior", tuple(AICHA_ANTERIOR))
+_BACK_AAL = TaskSpec("brain/aal-posterior", "colin_t1", "aal_posterior", tuple(AAL_POSTERIOR))
+_BACK_AICHA = TaskSpec("brain/aicha-posterior", "mni_t1", "aicha_posterior", tuple(AICHA_POSTERIOR))
+_FRONT_AAL = TaskSpec("brain/aal-anterior", "colin_t1", "aal_anterior", tuple(AAL_ANTERIOR))
+_HO_REGIONS = TaskSpec("brain/ho-regions", "mni_t1", "ho_split", tuple(HARVARD_OXFORD_SPLIT))
+_AICHA_VIEWS = TaskSpec("brain/aicha-regions", "mni_t1", "aicha_group", tuple(AICHA_CLASSES), planes=(0, 1))
+_ANATOMY_VIEWS = TaskSpec("brain/anatomy", "colin_t1", "anatomy", tuple(ANATOMY_CLASSES), planes=(1, 2))
 # The variants searched for room (benchmarks/room_search.py); the task name of variant v is "brain_v".
 BRAIN_VARIANTS: dict[str, BrainBenchmark] = {
     "tissue_lobe": BrainBenchmark(
@@ -498,8 +507,8 @@ BRAIN_VARIANTS: dict[str, BrainBenchmark] = {
     ),
     "split_function": BrainBenchmark(
         "brain_split_function",
-        TaskSpec("brain/aicha-anterior", "mni_t1", "aicha_anterior", tuple(AICHA_ANTERIOR)),
-        TaskSpec("brain/aal-posterior", "colin_t1", "aal_posterior", tuple(AAL_POSTERIOR)),
+        _FRONT_AICHA,
+        _BACK_AAL,
         _FUNCTION,
         "Two specialists. Source A: the MNI152 T1 labelled by the AICHA atlas (drawn on MNI space) in the front of "
         "the brain only, seven frontal and temporal regions (superior, middle, inferior and orbital frontal, "
@@ -511,9 +520,9 @@ BRAIN_VARIANTS: dict[str, BrainBenchmark] = {
     ),
     "split_regions": BrainBenchmark(
         "brain_split_regions",
-        TaskSpec("brain/aicha-anterior", "mni_t1", "aicha_anterior", tuple(AICHA_ANTERIOR)),
-        TaskSpec("brain/aal-posterior", "colin_t1", "aal_posterior", tuple(AAL_POSTERIOR)),
-        TaskSpec("brain/ho-regions", "mni_t1", "ho_split", tuple(HARVARD_OXFORD_SPLIT)),
+        _FRONT_AICHA,
+        _BACK_AAL,
+        _HO_REGIONS,
         "Two specialists, as in brain_split_function: source A knows seven frontal and temporal regions (AICHA, "
         "MNI152), source B six parietal and occipital regions (AAL, Colin27). Target: the MNI152 T1 labelled by a "
         "third atlas, Harvard-Oxford cortical, in ten areas: five in A's part (superior, middle and inferior "
@@ -523,8 +532,8 @@ BRAIN_VARIANTS: dict[str, BrainBenchmark] = {
     ),
     "views_function": BrainBenchmark(
         "brain_views_function",
-        TaskSpec("brain/aicha-regions", "mni_t1", "aicha_group", tuple(AICHA_CLASSES), planes=(0, 1)),
-        TaskSpec("brain/anatomy", "colin_t1", "anatomy", tuple(ANATOMY_CLASSES), planes=(1, 2)),
+        _AICHA_VIEWS,
+        _ANATOMY_VIEWS,
         _FUNCTION,
         "The sources of brain_aicha_function, each cut in two of the three planes: source A (AICHA macro-regions on "
         "MNI152) in axial and coronal slices, source B (AAL macro-regions on Colin27) in coronal and sagittal "
@@ -533,8 +542,8 @@ BRAIN_VARIANTS: dict[str, BrainBenchmark] = {
     ),
     "split_mni_function": BrainBenchmark(
         "brain_split_mni_function",
-        TaskSpec("brain/aicha-anterior", "mni_t1", "aicha_anterior", tuple(AICHA_ANTERIOR)),
-        TaskSpec("brain/aicha-posterior", "mni_t1", "aicha_posterior", tuple(AICHA_POSTERIOR)),
+        _FRONT_AICHA,
+        _BACK_AICHA,
         _FUNCTION,
         "Two specialists on one brain: source A as in brain_split_function (seven frontal and temporal AICHA regions "
         "on MNI152), source B the six parietal and occipital regions of the back of the brain, also from AICHA on "
@@ -544,9 +553,9 @@ BRAIN_VARIANTS: dict[str, BrainBenchmark] = {
     ),
     "split_mni_regions": BrainBenchmark(
         "brain_split_mni_regions",
-        TaskSpec("brain/aicha-anterior", "mni_t1", "aicha_anterior", tuple(AICHA_ANTERIOR)),
-        TaskSpec("brain/aicha-posterior", "mni_t1", "aicha_posterior", tuple(AICHA_POSTERIOR)),
-        TaskSpec("brain/ho-regions", "mni_t1", "ho_split", tuple(HARVARD_OXFORD_SPLIT)),
+        _FRONT_AICHA,
+        _BACK_AICHA,
+        _HO_REGIONS,
         "The specialists of brain_split_mni_function (front and back of MNI152, both from AICHA) and the target of "
         f"brain_split_regions (ten Harvard-Oxford areas, five in each specialist's part). {_HO_NOTE} " + HOLDOUT_NOTES,
     ),
@@ -554,8 +563,8 @@ BRAIN_VARIANTS: dict[str, BrainBenchmark] = {
     # the held-out places: the two choices of the variants below.
     "colin_split_function": BrainBenchmark(
         "brain_colin_split_function",
-        TaskSpec("brain/aal-anterior", "colin_t1", "aal_anterior", tuple(AAL_ANTERIOR)),
-        TaskSpec("brain/aal-posterior", "colin_t1", "aal_posterior", tuple(AAL_POSTERIOR)),
+        _FRONT_AAL,
+        _BACK_AAL,
         _FUNCTION,
         "Two specialists on another subject: source A the seven frontal and temporal regions of AAL on the Colin27 "
         "T1 (AICHA_ANTERIOR's groups), source B its six parietal and occipital regions (as in "
@@ -567,9 +576,9 @@ BRAIN_VARIANTS: dict[str, BrainBenchmark] = {
     ),
     "colin_split_regions": BrainBenchmark(
         "brain_colin_split_regions",
-        TaskSpec("brain/aal-anterior", "colin_t1", "aal_anterior", tuple(AAL_ANTERIOR)),
-        TaskSpec("brain/aal-posterior", "colin_t1", "aal_posterior", tuple(AAL_POSTERIOR)),
-        TaskSpec("brain/ho-regions", "mni_t1", "ho_split", tuple(HARVARD_OXFORD_SPLIT)),
+        _FRONT_AAL,
+        _BACK_AAL,
+        _HO_REGIONS,
         "The specialists of brain_colin_split_function (front and back of Colin27, AAL, free to see the held-out "
         "places) and the target of brain_split_regions (ten Harvard-Oxford areas on MNI152, five in each "
         f"specialist's part), validated in blocks of its own. {_HO_NOTE} " + HOLDOUT_NOTES,
@@ -578,8 +587,8 @@ BRAIN_VARIANTS: dict[str, BrainBenchmark] = {
     ),
     "views_open_function": BrainBenchmark(
         "brain_views_open_function",
-        TaskSpec("brain/aicha-regions", "mni_t1", "aicha_group", tuple(AICHA_CLASSES), planes=(0, 1)),
-        TaskSpec("brain/anatomy", "colin_t1", "anatomy", tuple(ANATOMY_CLASSES), planes=(1, 2)),
+        _AICHA_VIEWS,
+        _ANATOMY_VIEWS,
         _FUNCTION,
         "The sources of brain_views_function (AICHA on MNI152 in axial and coronal slices, AAL on Colin27 in coronal "
         f"and sagittal ones). {_FUNCTION_NOTE} Source B, on another subject, may be centred anywhere, held-out "
