@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from medmerge_bench.transfer import share_of_room
 from monai_medmerge.io import write_text
 
 HERE = Path(__file__).resolve().parent
@@ -175,7 +176,8 @@ def room_section(results: list[tuple[str, dict]], picture: str | None) -> str:
         if chosen:
             name = r["methods"][chosen["method"]]
             gain = f"{100 * chosen['mean_difference']:+.1f}{p_of(chosen)}"
-            share = "-" if chosen.get("share_of_room") is None else f"{100 * chosen['share_of_room']:.0f}%"
+            taken = share_of_room(chosen["mean_difference"], rm["mean_difference"])
+            share = "-" if taken is None else f"{100 * taken:.0f}%"
         controls = []
         steps = _steps_control(r, chosen)
         if steps is not None:
@@ -200,10 +202,12 @@ def room_section(results: list[tuple[str, dict]], picture: str | None) -> str:
         head_first = r["summary"].get("room_head_first")
         if head_first is not None:
             room_text += f"; head first {100 * head_first['mean_difference']:+.1f}{p_of(head_first)}"
-            if head_first_control is not None and head_first["mean_difference"] > 0:
-                # a recipe over the LP-FT pair takes its share of the head-first room (its gain over the better
-                # LP-FT row, which that room is measured against)
-                taken = head_first_control["mean_difference"] / head_first["mean_difference"]
+            # a recipe over the LP-FT pair takes its share of the head-first room (its gain over the better LP-FT
+            # row, which that room is measured against)
+            taken = None
+            if head_first_control is not None:
+                taken = share_of_room(head_first_control["mean_difference"], head_first["mean_difference"])
+            if taken is not None:
                 share = f"{share}; head first {100 * taken:.0f}%"
         lines.append(
             f"| `{stem}` | {r['task']}, {r['k']} | {_metric(r)} | {_lineage(r)} | {_widths(r)} | {len(r['seeds'])} | "
@@ -440,8 +444,9 @@ def gain_section(results: list[tuple[str, dict]], picture: str | None) -> str:
         text = f"{100 * gain['mean_difference']:+.1f}"
         if "t_test_p" in gain:
             text += f" ({gain['t_test_p']:.2g})"
-        if room is not None and room["mean_difference"] > 0:
-            text += f", {100 * gain['mean_difference'] / room['mean_difference']:.0f}%"
+        taken = None if room is None else share_of_room(gain["mean_difference"], room["mean_difference"])
+        if taken is not None:
+            text += f", {100 * taken:.0f}%"
         return text
 
     for (task, k, _), rows in groups.items():
@@ -569,9 +574,13 @@ def transfer_section(r: dict, stem: str) -> str:
     if room is not None:
         rm = room["room"]
         diffs = ", ".join(f"{100 * d:+.1f}" for d in rm["differences"])
+        taken = {
+            m: share_of_room(v["mean_difference"], rm["mean_difference"])
+            for m, v in room["vs_best_single_source"].items()
+        }
         shares = [
             f"{r['methods'][m]} {100 * v['mean_difference']:+.1f}"
-            + ("" if v.get("share_of_room") is None else f" ({100 * v['share_of_room']:.0f}%)")
+            + ("" if taken[m] is None else f" ({100 * taken[m]:.0f}%)")
             for m, v in room["vs_best_single_source"].items()
         ]
         lines += [
@@ -899,7 +908,8 @@ def segmentation_section(results: Path) -> str:
             for m in ("medmerge_ft", "paper_medmerge_ft"):
                 if m in paired:
                     p = paired[m]
-                    share = "" if p.get("share_of_room") is None else f", {100 * p['share_of_room']:.0f}% of the room"
+                    taken = share_of_room(p["mean_difference"], room["mean_difference"])
+                    share = "" if taken is None else f", {100 * taken:.0f}% of the room"
                     tests = [f"paired t-test p = {p['t_test_p']:.2g}"] if "t_test_p" in p else []
                     tests += [f"Wilcoxon p = {p['wilcoxon_p']:.2g}"] if "wilcoxon_p" in p else []
                     lines += [

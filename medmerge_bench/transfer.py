@@ -949,8 +949,8 @@ def room_summary(table: dict, methods: Sequence[str], best: str) -> dict:
     """Every one-network method paired against the best single source ``best``; with the ensemble, the room (the
     ensemble's paired lead over ``best``) and each method's share of it; the MedMerge recipe chosen on validation.
 
-    The share is the method's mean paired gain divided by the mean room; it is left out (None) where the room is
-    not positive, since there is then nothing for a merge to take.
+    The share is the method's mean paired gain divided by the mean room (:func:`share_of_room`); it is left out
+    (None) where the room is under ``SHARE_MIN_ROOM``, since there is then nothing for a merge to take.
     """
     out: dict = {"vs_best_single_source": {}}
     for name in methods:
@@ -962,13 +962,24 @@ def room_summary(table: dict, methods: Sequence[str], best: str) -> dict:
         out["room"] = room
         for paired in out["vs_best_single_source"].values():
             gain = paired["mean_difference"]
-            paired["share_of_room"] = gain / room["mean_difference"] if room["mean_difference"] > 0 else None
+            paired["share_of_room"] = share_of_room(gain, room["mean_difference"])
     recipes = [m for m in MEDMERGE_RECIPES if m in methods]
     if recipes:
         chosen = max(recipes, key=lambda m: table[m]["val_macro_f1"]["mean"])
         out["chosen_medmerge"] = {"chosen_on": "mean validation macro-F1 among " + ", ".join(recipes)}
         out["chosen_medmerge"] |= out["vs_best_single_source"][chosen]
     return out
+
+
+# The smallest room a share is taken of (one metric point): a method's gain over a room near zero is no share of it
+# (+2.5 over a +0.1 room would read 2,500 %).
+SHARE_MIN_ROOM = 0.01
+
+
+def share_of_room(gain: float, room: float) -> float | None:
+    """``gain`` as a share of ``room`` (both mean paired differences, in the metric's units), or None where the room
+    is under :data:`SHARE_MIN_ROOM`."""
+    return gain / room if room >= SHARE_MIN_ROOM else None
 
 
 def _paired(table: dict, name: str, baseline: str) -> dict:

@@ -35,7 +35,8 @@ def _result(benchmark: str, widths: list[int], lineage: str, room: list[float], 
             "best_single_source": "ft_b",
             "room": _paired(room),
             "vs_best_single_source": {"medmerge_ft": _paired(gain), "paper_medmerge_ft": _paired([0.0, 0.02])},
-            "chosen_medmerge": {"method": "medmerge_ft", **_paired(gain), "share_of_room": 0.5},
+            # a stale recorded share: the report takes the share from the gain and the room, not from here
+            "chosen_medmerge": {"method": "medmerge_ft", **_paired(gain), "share_of_room": 0.123},
         },
     }
 
@@ -61,13 +62,13 @@ def test_width_section_pairs_the_widths_of_one_task_and_lineage(tmp_path):
 
 
 def test_room_table_lists_segmentation_with_its_metric():
-    segmentation = ("segmentation_k2", _result("segmentation", [16, 32, 64, 128], "shared", [0.02, 0.0], [0.05, 0.03]))
+    segmentation = ("segmentation_k2", _result("segmentation", [16, 32, 64, 128], "shared", [0.02, 0.04], [0.05, 0.03]))
     segmentation[1]["summary"]["paper_medmerge_ft_vs_ft_longer"] = _paired([0.01, -0.03])
     text = report.room_section([RESULTS[0], segmentation], None)
     row = next(line for line in text.splitlines() if "`segmentation_k2`" in line)
-    assert "| mean Dice | shared | [16, 32, 64, 128] | 2 | +1.0 (p 0.5) | medmerge_ft | +4.0 (p 0.5) | 50% |" in row
+    assert "| mean Dice | shared | [16, 32, 64, 128] | 2 | +3.0 (p 0.5) | medmerge_ft | +4.0 (p 0.5) | 133% |" in row
     assert row.endswith(
-        "| 50% | paper's recipe -1.0 (p 0.5) vs `ft_longer` |"
+        "| 133% | paper's recipe -1.0 (p 0.5) vs `ft_longer` |"
     )  # the paper's recipe against its equal-budget control
     assert "| macro-F1 | independent |" in next(line for line in text.splitlines() if "fashion_k10_narrow" in line)
     # an older segmentation file without the recorded control: computed from its per-seed Dice
@@ -77,7 +78,7 @@ def test_room_table_lists_segmentation_with_its_metric():
         "ft_longer": {"val_mean_dice": {"mean": 0.4}, "test_mean_dice": {"values": [0.55, 0.49]}},
     }
     row = next(line for line in report.room_section([segmentation], None).splitlines() if "`segmentation_k2`" in line)
-    assert row.endswith("| 50% | paper's recipe +3.0 (p 0.37) vs `ft_longer` |"), row  # differences 0.05, 0.01
+    assert row.endswith("| 133% | paper's recipe +3.0 (p 0.37) vs `ft_longer` |"), row  # differences 0.05, 0.01
 
 
 def test_room_table_sets_a_distilled_recipe_against_fine_tuning_for_the_same_steps():
@@ -211,3 +212,14 @@ def test_gain_table_sets_lineages_widths_and_recipes_of_one_protocol_side_by_sid
         r["summary"]["room"] = _paired([0.01, 0.01])
     wide["summary"]["room_head_first"] = {"baseline": "lpft_b", **_paired([0.02, 0.02])}
     assert report.gain_section(rows, None) == ""
+
+
+def test_no_share_of_a_room_under_one_point():
+    """A gain over a room near zero is no share of it: the table shows a dash, not thousands of per cent."""
+    from medmerge_bench.transfer import SHARE_MIN_ROOM, share_of_room
+
+    assert share_of_room(0.02, 0.04) == 0.5 and share_of_room(0.025, 0.001) is None
+    assert share_of_room(0.01, -0.02) is None and share_of_room(0.01, SHARE_MIN_ROOM) == 1.0
+    tiny = ("fashion_k10_tiny", _result("transfer", [16, 32, 64, 128], "independent", [0.0, 0.002], [0.02, 0.03]))
+    row = next(line for line in report.room_section([tiny], None).splitlines() if "fashion_k10_tiny" in line)
+    assert "| +0.1 (p 0.5) | medmerge_ft | +2.5 (p 0.5) | - |" in row, row
