@@ -983,20 +983,21 @@ def _variant_labels(progress: bool) -> dict[str, np.ndarray]:
     grey = cortex & (tissue == TISSUE_CLASSES.index("grey matter"))
     tract_cortex[white] = tract[white]
     tract_cortex[grey] = len(JHU_FAMILIES) + lobe[grey]
-    anterior = _exact_name_lut(
-        MRICRON_DIR / ATLAS_FILES[2], AICHA_ANTERIOR, lambda name: name.split("_", 1)[1].rsplit("-", 1)[0]
-    )[atlases["aicha"]]
-    anterior[~brain] = -1
-    aal_anterior = _exact_name_lut(
-        MRICRON_DIR / "aal.nii.txt", AAL_ANTERIOR, lambda name: name.removesuffix("_L").removesuffix("_R")
-    )[atlases["aal"]]
-    aicha_posterior = _exact_name_lut(
-        MRICRON_DIR / ATLAS_FILES[2], AICHA_POSTERIOR, lambda name: name.split("_", 1)[1].rsplit("-", 1)[0]
-    )[atlases["aicha"]]
-    aicha_posterior[~brain] = -1
-    posterior = _exact_name_lut(
-        MRICRON_DIR / "aal.nii.txt", AAL_POSTERIOR, lambda name: name.removesuffix("_L").removesuffix("_R")
-    )[atlases["aal"]]
+
+    def aicha_regions(groups: Mapping[str, tuple[str, ...]]) -> np.ndarray:
+        # AICHA names carry a kind prefix (G_, S_, N_) and a part suffix (-1, -2, ...); inside the brain mask only
+        lut = _exact_name_lut(MRICRON_DIR / ATLAS_FILES[2], groups, lambda n: n.split("_", 1)[1].rsplit("-", 1)[0])
+        regions = lut[atlases["aicha"]]
+        regions[~brain] = -1
+        return regions
+
+    def aal_regions(groups: Mapping[str, tuple[str, ...]]) -> np.ndarray:
+        # AAL names carry a side suffix (_L, _R); on Colin27, so not masked by MNI152's brain
+        lut = _exact_name_lut(MRICRON_DIR / "aal.nii.txt", groups, lambda n: n.removesuffix("_L").removesuffix("_R"))
+        return lut[atlases["aal"]]
+
+    anterior, aicha_posterior = aicha_regions(AICHA_ANTERIOR), aicha_regions(AICHA_POSTERIOR)
+    posterior, aal_anterior = aal_regions(AAL_POSTERIOR), aal_regions(AAL_ANTERIOR)
     split = _index_lut(HARVARD_OXFORD_SPLIT)[atlases["harvard_oxford"]]
     split[~brain] = -1
     return {
