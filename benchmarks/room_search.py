@@ -49,18 +49,20 @@ def task_name(candidate: str) -> str:
     return "brain" if candidate == "brain" else BRAIN_VARIANT_PREFIX + candidate
 
 
-def rooms(per_seed: list[dict]) -> dict:
-    """The best single source (by mean validation macro-F1) and the ensemble's paired lead over it on val and test."""
+def rooms(per_seed: list[dict], methods: tuple[str, str, str] = METHODS) -> dict:
+    """The best single source (by mean validation macro-F1) and the ensemble's paired lead over it on val and test;
+    ``methods`` names the two single-source rows and their ensemble."""
+    a, b, ensemble = methods
 
     def f1(method: str, split: str) -> np.ndarray:
         return np.array([s[method][split]["macro_f1"] for s in per_seed])
 
-    best = max(("ft_a", "ft_b"), key=lambda m: f1(m, "val").mean())
-    out: dict = {"best_single_source": best, "chosen_on": "mean validation macro-F1 of ft_a and ft_b"}
+    best = max((a, b), key=lambda m: f1(m, "val").mean())
+    out: dict = {"best_single_source": best, "chosen_on": f"mean validation macro-F1 of {a} and {b}"}
     for split in ("val", "test"):
-        diffs = f1("ensemble", split) - f1(best, split)
+        diffs = f1(ensemble, split) - f1(best, split)
         out[f"room_{split}"] = {"mean": float(diffs.mean()), "per_seed": diffs.tolist()}
-        for m in METHODS:
+        for m in methods:
             out[f"{m}_{split}_macro_f1"] = float(f1(m, split).mean())
     return out
 
@@ -194,12 +196,7 @@ def screen_rows(folder: Path) -> list[dict]:
         missing = [m for m in HEAD_FIRST if any(m not in r for r in records)]
         if missing:
             raise ValueError(f"{path} has no {', '.join(missing)} row for every seed; a screen runs {HEAD_FIRST}.")
-
-        def f1(method: str, split: str, records=records) -> np.ndarray:
-            return 100 * np.array([r[method][split]["macro_f1"] for r in records])
-
-        a, b, ensemble = HEAD_FIRST
-        best = a if f1(a, "val").mean() >= f1(b, "val").mean() else b
+        summary = rooms(records, HEAD_FIRST)  # fractions; the screen's rows are in points
         variant = run["task"].removeprefix(BRAIN_VARIANT_PREFIX)
         row = {
             "file": path.name,
@@ -208,13 +205,16 @@ def screen_rows(folder: Path) -> list[dict]:
             "seeds": run["seeds"],
             "lineage": run["lineage"],
             "validation": BRAIN_VARIANTS[variant].validation if variant in BRAIN_VARIANTS else "pool",
-            "best": best,
+            "best": summary["best_single_source"],
             "seconds": run["seconds"],
         }
         for split in ("val", "test"):
-            room = f1(ensemble, split) - f1(best, split)
-            row[f"room_{split}"] = {"mean": float(room.mean()), "per_seed": room.round(1).tolist()}
-            row |= {f"{m}_{split}": float(f1(m, split).mean()) for m in HEAD_FIRST}
+            room = summary[f"room_{split}"]
+            row[f"room_{split}"] = {
+                "mean": 100 * room["mean"],
+                "per_seed": [round(100 * d, 1) for d in room["per_seed"]],
+            }
+            row |= {f"{m}_{split}": 100 * summary[f"{m}_{split}_macro_f1"] for m in HEAD_FIRST}
         rows.append(row)
     return rows
 
