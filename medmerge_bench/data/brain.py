@@ -28,7 +28,7 @@ import json
 import time
 import zipfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from types import ModuleType
@@ -338,6 +338,13 @@ HOLDOUT_NOTES = (
     f"other split of any task is centred within {GUARD} voxels of them. The test set measures unseen places of the "
     "same two brains, not new subjects."
 )
+NEW_SUBJECT_NOTES = (
+    "Tested on a new subject: the target's validation and test patches are cut from the Colin27 T1, which no network "
+    "trains on, labelled by the target's map (kept where Colin27's brain is), in blocks of "
+    f"{BLOCK} voxels (mirror-symmetric in x) drawn by the brain task's rule, the validation blocks at least {GUARD} "
+    "voxels from the test blocks; the target and the sources train anywhere on MNI152. The test set measures the "
+    "same places on another brain, not unseen places."
+)
 
 
 class PatchSet(NamedTuple):
@@ -411,6 +418,12 @@ class BrainBenchmark:
         guard_other_brain: whether a source cut from another brain than the target's is kept off the held-out
             places too (as the recorded tasks do). ``False`` lets it see another subject's anatomy there, as a network
             pretrained elsewhere would have; the target's brain and labels at those places stay unseen.
+        evaluate_on: ``None`` (the target is validated and tested on its own brain, at held-out places) or the
+            image of a new subject (a field of :class:`BrainVolumes`) that no network trains on: the target's
+            validation and test patches are cut from it, in blocks of their own each (``validation`` must be
+            ``"blocks"``), labelled by the target's label volume, while the target and the sources train anywhere on
+            the other brain. The test then asks what a network trained on one patient is asked of the next one: the
+            same places on another brain, not places never seen.
     """
 
     name: str
@@ -421,12 +434,27 @@ class BrainBenchmark:
     atlases: bool = True
     validation: str = "pool"
     guard_other_brain: bool = True
+    evaluate_on: str | None = None
 
     def __post_init__(self) -> None:
         if self.target.planes != (0, 1, 2):
             raise ValueError(f"a target is cut in every plane, got planes {self.target.planes} for {self.name!r}.")
         if self.validation not in ("pool", "blocks"):
             raise ValueError(f"validation must be 'pool' or 'blocks', got {self.validation!r} for {self.name!r}.")
+        if self.evaluate_on is None:
+            return
+        images = [f.name for f in fields(BrainVolumes) if f.name.endswith("_t1")]
+        if self.evaluate_on not in images:
+            raise ValueError(f"evaluate_on must be one of {images}, got {self.evaluate_on!r} for {self.name!r}.")
+        if self.validation != "blocks":
+            raise ValueError(f"{self.name!r} evaluates on a new subject, so its validation must be 'blocks'.")
+        trained = {spec.name: spec.image for spec in (self.source_a, self.source_b, self.target)}
+        seen = [name for name, image in trained.items() if image == self.evaluate_on]
+        if seen:
+            raise ValueError(
+                f"{self.name!r} evaluates on {self.evaluate_on!r}, which {', '.join(seen)} trains on: the new "
+                "subject must be one no network has seen."
+            )
 
 
 _TISSUE = TaskSpec("brain/tissue", "mni_t1", "tissue", tuple(TISSUE_CLASSES))
@@ -460,6 +488,8 @@ _BACK_AAL = TaskSpec("brain/aal-posterior", "colin_t1", "aal_posterior", tuple(A
 _BACK_AICHA = TaskSpec("brain/aicha-posterior", "mni_t1", "aicha_posterior", tuple(AICHA_POSTERIOR))
 _FRONT_AAL = TaskSpec("brain/aal-anterior", "colin_t1", "aal_anterior", tuple(AAL_ANTERIOR))
 _HO_REGIONS = TaskSpec("brain/ho-regions", "mni_t1", "ho_split", tuple(HARVARD_OXFORD_SPLIT))
+_HO_LOBES = TaskSpec("brain/ho-lobes", "mni_t1", "ho_lobe", tuple(LOBE_CLASSES))
+_AICHA_REGIONS = TaskSpec("brain/aicha-regions", "mni_t1", "aicha_group", tuple(AICHA_CLASSES))
 _AICHA_VIEWS = TaskSpec("brain/aicha-regions", "mni_t1", "aicha_group", tuple(AICHA_CLASSES), planes=(0, 1))
 _ANATOMY_VIEWS = TaskSpec("brain/anatomy", "colin_t1", "anatomy", tuple(ANATOMY_CLASSES), planes=(1, 2))
 # The variants searched for room (benchmarks/room_search.py); the task name of variant v is "brain_v".
@@ -487,7 +517,7 @@ BRAIN_VARIANTS: dict[str, BrainBenchmark] = {
     ),
     "ho_function": BrainBenchmark(
         "brain_ho_function",
-        TaskSpec("brain/ho-lobes", "mni_t1", "ho_lobe", tuple(LOBE_CLASSES)),
+        _HO_LOBES,
         _ANATOMY,
         _FUNCTION,
         "Source A: the MNI152 T1 labelled by the Harvard-Oxford cortical atlas grouped into five lobes (frontal, "
@@ -497,7 +527,7 @@ BRAIN_VARIANTS: dict[str, BrainBenchmark] = {
     ),
     "aicha_function": BrainBenchmark(
         "brain_aicha_function",
-        TaskSpec("brain/aicha-regions", "mni_t1", "aicha_group", tuple(AICHA_CLASSES)),
+        _AICHA_REGIONS,
         _ANATOMY,
         _FUNCTION,
         "Source A: the MNI152 T1 labelled by the AICHA atlas (drawn on MNI space, 2 mm) grouped by region name into "
@@ -596,6 +626,38 @@ BRAIN_VARIANTS: dict[str, BrainBenchmark] = {
         "blocks of their own, drawn and guarded like the test blocks. " + HOLDOUT_NOTES,
         validation="blocks",
         guard_other_brain=False,
+    ),
+    # A new subject: every network trains on MNI152 and the target is validated and tested on Colin27 (where the
+    # Brodmann map was drawn), as a network trained on one patient is used on the next.
+    "colin_test_split_function": BrainBenchmark(
+        "brain_colin_test_split_function",
+        _FRONT_AICHA,
+        _BACK_AICHA,
+        _FUNCTION,
+        "The specialists of brain_split_mni_function (AICHA's front and back of MNI152) and its target, trained on "
+        f"MNI152. {_FUNCTION_NOTE} " + NEW_SUBJECT_NOTES,
+        validation="blocks",
+        evaluate_on="colin_t1",
+    ),
+    "colin_test_atlases_function": BrainBenchmark(
+        "brain_colin_test_atlases_function",
+        _HO_LOBES,
+        _AICHA_REGIONS,
+        _FUNCTION,
+        "Two atlases of MNI152: source A the five Harvard-Oxford lobes (as in brain_ho_function), source B the six "
+        f"AICHA macro-regions (as in brain_aicha_function). {_HO_NOTE} {_FUNCTION_NOTE} " + NEW_SUBJECT_NOTES,
+        validation="blocks",
+        evaluate_on="colin_t1",
+    ),
+    "colin_test_tissue_function": BrainBenchmark(
+        "brain_colin_test_tissue_function",
+        _TISSUE,
+        _AICHA_REGIONS,
+        _FUNCTION,
+        f"Tissue and place, both on MNI152. {_TISSUE_NOTE} Source B: the six AICHA macro-regions (as in "
+        f"brain_aicha_function). {_FUNCTION_NOTE} " + NEW_SUBJECT_NOTES,
+        validation="blocks",
+        evaluate_on="colin_t1",
     ),
 }
 
@@ -1115,11 +1177,14 @@ def _layout(bench: BrainBenchmark, progress: bool) -> BrainLayout:
 
     excluded = widened(heldout)
     val_blocks = None
-    allowed = ~excluded
+    # on a new subject the blocks only keep validation apart from the test: no network trains on that brain
+    new_subject = bench.evaluate_on is not None
+    allowed = np.ones(GRID_SHAPE, dtype=bool) if new_subject else ~excluded
     if bench.validation == "blocks":
         # drawn as the test blocks are, outside the test blocks' guard, from draws the test's rule never reaches
         val_blocks = _heldout_blocks(target_labels, n_target, minimum=TARGET_VAL, avoid=excluded, first_draw=300)
-        allowed = allowed & ~widened(val_blocks)
+        if not new_subject:
+            allowed = allowed & ~widened(val_blocks)
 
     def source_allowed(spec: TaskSpec) -> np.ndarray:
         other_brain = spec.image != bench.target.image
@@ -1140,11 +1205,13 @@ def _layout(bench: BrainBenchmark, progress: bool) -> BrainLayout:
         bench.source_b.planes,
     )
     target = _pool(target_labels, allowed)
-    val_pool = target if val_blocks is None else _pool(target_labels, val_blocks)
+    evaluated = target_labels
+    if new_subject:  # centres inside the new subject's brain as well as the target's labels
+        image = getattr(volumes, bench.evaluate_on)
+        evaluated = np.where(image > image.min(), target_labels, -1)
+    val_pool = target if val_blocks is None else _pool(evaluated, val_blocks)
     (target_val,) = _draw(val_pool, (TARGET_VAL,), np.random.default_rng([SPLIT_SEED, 3]), n_target)
-    (target_test,) = _draw(
-        _pool(target_labels, heldout), (TARGET_TEST,), np.random.default_rng([SPLIT_SEED, 4]), n_target
-    )
+    (target_test,) = _draw(_pool(evaluated, heldout), (TARGET_TEST,), np.random.default_rng([SPLIT_SEED, 4]), n_target)
     # the training pool is what validation left: train, val and test never share a centre voxel
     taken = np.zeros(GRID_SHAPE, dtype=bool)
     taken[tuple(target_val.centres.T)] = True
@@ -1265,13 +1332,14 @@ def _fixed_arrays(variant: str | None, progress: bool) -> dict[str, tuple[np.nda
     def image(spec: TaskSpec) -> np.ndarray:
         return getattr(layout.volumes, spec.image)
 
+    evaluated = getattr(layout.volumes, bench.evaluate_on or bench.target.image)
     splits = {
         "a_train": (image(bench.source_a), layout.source_a_train),
         "a_val": (image(bench.source_a), layout.source_a_val),
         "b_train": (image(bench.source_b), layout.source_b_train),
         "b_val": (image(bench.source_b), layout.source_b_val),
-        "t_val": (image(bench.target), layout.target_val),
-        "t_test": (image(bench.target), layout.target_test),
+        "t_val": (evaluated, layout.target_val),
+        "t_test": (evaluated, layout.target_test),
     }
     return {name: (extract_patches(volume, ps), ps.labels) for name, (volume, ps) in splits.items()}
 
