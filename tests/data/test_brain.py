@@ -284,21 +284,27 @@ def test_variant_shapes_dtypes_and_balance(variant):
         assert abs(x.mean().item()) < 1.0 and 0.5 < x.std().item() < 2.0, task.name
     test_counts = _counts(tasks.target.test, tasks.target.num_classes)
     assert min(test_counts) >= 100 and max(test_counts) <= brain.TARGET_TEST, test_counts
-    assert "Target test patches per class" in tasks.notes and "held-out blocks" in tasks.notes
+    assert "Target test patches per class" in tasks.notes
+    assert ("held-out blocks" if bench.evaluate_on is None else "Tested on a new subject") in tasks.notes
 
 
 def test_variant_patches_are_labelled_by_their_centre_voxel(variant):
     name, tasks, layout = variant
     bench = layout.benchmark
-    for spec, patches, x in (
-        (bench.source_a, layout.source_a_val, tasks.source_a.val.tensors[0]),
-        (bench.source_b, layout.source_b_val, tasks.source_b.val.tensors[0]),
-        (bench.target, layout.target_test, tasks.target.test.tensors[0]),
-        (bench.target, layout.target_val, tasks.target.val.tensors[0]),
+    evaluated = bench.evaluate_on or bench.target.image  # the brain the target's val and test are cut from
+    for spec, image, patches, x in (
+        (bench.source_a, bench.source_a.image, layout.source_a_val, tasks.source_a.val.tensors[0]),
+        (bench.source_b, bench.source_b.image, layout.source_b_val, tasks.source_b.val.tensors[0]),
+        (bench.target, bench.target.image, brain.target_train_patches(layout, 10, 0), tasks.target.train.tensors[0]),
+        (bench.target, evaluated, layout.target_test, tasks.target.test.tensors[0]),
+        (bench.target, evaluated, layout.target_val, tasks.target.val.tensors[0]),
     ):
         centre = tuple(patches.centres.T)
         np.testing.assert_array_equal(layout.labels[spec.labels][centre], patches.labels)
-        np.testing.assert_array_equal(x[:, 0, 16, 16].numpy(), getattr(layout.volumes, spec.image)[centre])
+        volume = getattr(layout.volumes, image)
+        np.testing.assert_array_equal(x[:, 0, 16, 16].numpy(), volume[centre])
+        if image != bench.target.image:  # a new subject: every centre inside its brain
+            assert (volume[centre] > volume.min()).all()
 
 
 def test_variant_heldout_blocks_never_sampled(variant):
@@ -308,6 +314,8 @@ def test_variant_heldout_blocks_never_sampled(variant):
     np.testing.assert_array_equal(layout.heldout, layout.heldout[::-1])
     test = layout.target_test.centres
     assert layout.heldout[tuple(test.T)].all()
+    if layout.benchmark.evaluate_on is not None:
+        pytest.skip(f"{name} tests on a new subject: the training places need no guard (see the test after next)")
     others = _split_centres(layout) | {
         "target_train": brain.target_train_patches(layout, k=200, seed=0).centres,
     }
@@ -359,10 +367,48 @@ def test_variant_validation_blocks_are_guarded_like_the_test_blocks(variant):
     for x in ("a", "b"):
         if bench.guard_other_brain or getattr(bench, f"source_{x}").image == bench.target.image:
             guarded[f"source_{x}_train"] = getattr(layout, f"source_{x}_train").centres
+    if bench.evaluate_on is not None:  # trained on another brain: only validation and test keep apart
+        guarded = {}
     for label, centres in guarded.items():
         assert distance[tuple(centres.T)].min() > brain.GUARD, label
-    unlabeled = brain.target_unlabeled_patches(layout, k=10, seed=0)
-    assert distance[tuple(unlabeled.centres.T)].min() > brain.GUARD
+    if bench.evaluate_on is None:
+        unlabeled = brain.target_unlabeled_patches(layout, k=10, seed=0)
+        assert distance[tuple(unlabeled.centres.T)].min() > brain.GUARD
+
+
+def test_new_subject_variants_train_anywhere_on_one_brain_and_test_on_another(variant):
+    """``evaluate_on``: no network trains on the new subject; the target and the sources train on the other brain,
+    at the test's places too; validation and test lie in blocks of their own, GUARD voxels apart."""
+    name, tasks, layout = variant
+    bench = layout.benchmark
+    if bench.evaluate_on is None:
+        pytest.skip(f"{name} tests on its own brain")
+    from scipy import ndimage
+
+    assert bench.evaluate_on not in {bench.source_a.image, bench.source_b.image, bench.target.image}
+    trained = {
+        "source_a_train": layout.source_a_train.centres,
+        "source_b_train": layout.source_b_train.centres,
+        "target_pool": layout.target_pool.centres,
+    }
+    for label, centres in trained.items():  # the same places as the test, on the other brain
+        assert layout.heldout[tuple(centres.T)].mean() > 0.05, label
+    labelled = layout.labels[bench.target.labels] >= 0
+    assert len(layout.target_pool.labels) == labelled.sum() - len(layout.target_val.labels)
+    distance = ndimage.distance_transform_cdt(~layout.heldout, metric="chessboard")
+    assert distance[tuple(layout.target_val.centres.T)].min() > brain.GUARD
+    assert _counts(tasks.target.test, tasks.target.num_classes) == [brain.TARGET_TEST] * tasks.target.num_classes
+
+
+def test_new_subject_must_be_one_no_network_trains_on():
+    front, back, target = (brain.BRAIN_VARIANTS["colin_split_function"].source_a, brain._BACK_AICHA, brain._FUNCTION)
+    with pytest.raises(ValueError, match="'colin_t1', which brain/aal-anterior trains on"):
+        brain.BrainBenchmark("x", front, back, target, "", validation="blocks", evaluate_on="colin_t1")
+    with pytest.raises(ValueError, match="validation must be 'blocks'"):
+        brain.BrainBenchmark("x", back, back, target, "", evaluate_on="colin_t1")
+    with pytest.raises(ValueError, match=r"evaluate_on must be one of \['mni_t1', 'colin_t1'\], got 'ct'"):
+        brain.BrainBenchmark("x", back, back, target, "", validation="blocks", evaluate_on="ct")
+    assert brain.BrainBenchmark("x", back, back, target, "", validation="blocks", evaluate_on="colin_t1")
 
 
 def test_variant_classes_follow_their_definition(variant):
@@ -450,6 +496,8 @@ def test_brodmann_variants_share_the_brain_tasks_target_splits(variant, layout):
     name, tasks, own = variant
     if own.benchmark.target.labels != "function":
         pytest.skip(f"{name} has its own target")
+    if own.benchmark.evaluate_on is not None:
+        pytest.skip(f"{name} tests on a new subject")
     np.testing.assert_array_equal(own.heldout, layout.heldout)
     for split in ("target_val", "target_test") if own.benchmark.validation == "pool" else ("target_test",):
         for a, b in zip(getattr(own, split), getattr(layout, split), strict=True):
