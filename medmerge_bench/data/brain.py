@@ -315,6 +315,9 @@ AAL_ANTERIOR: dict[str, tuple[str, ...]] = {
     "superior temporal": ("Temporal_Sup", "Temporal_Pole_Sup", "Heschl"),
     "middle and inferior temporal": ("Temporal_Mid", "Temporal_Inf", "Temporal_Pole_Mid"),
 }
+# The front and the back as one target of thirteen AAL regions, the union of the two specialists' classes (as
+# Fashion-MNIST's target is the union of its sources' classes).
+AAL_SPLIT: dict[str, tuple[str, ...]] = {**AAL_ANTERIOR, **AAL_POSTERIOR}
 # The target of the two specialists' second variant: Harvard-Oxford areas (a third atlas), five in the front and five
 # in the back of the brain, where sources A and B know finer regions.
 HARVARD_OXFORD_SPLIT: dict[str, tuple[int, ...]] = {
@@ -636,6 +639,19 @@ BRAIN_VARIANTS: dict[str, BrainBenchmark] = {
         _FUNCTION,
         "The specialists of brain_split_mni_function (AICHA's front and back of MNI152) and its target, trained on "
         f"MNI152. {_FUNCTION_NOTE} " + NEW_SUBJECT_NOTES,
+        validation="blocks",
+        evaluate_on="colin_t1",
+    ),
+    "colin_test_split_regions": BrainBenchmark(
+        "brain_colin_test_split_regions",
+        _FRONT_AICHA,
+        _BACK_AICHA,
+        TaskSpec("brain/aal-regions", "mni_t1", "aal_split", tuple(AAL_SPLIT)),
+        "The specialists of brain_split_mni_function (seven frontal and temporal, six parietal and occipital AICHA "
+        "regions of MNI152). Target: the same thirteen regions as AAL draws them (on Colin27; carried onto MNI152 "
+        "by the affine alone, kept inside its brain), the union of the two specialists' classes from another "
+        "atlas, as Fashion-MNIST's target is the union of its sources' classes; trained on MNI152. "
+        + NEW_SUBJECT_NOTES,
         validation="blocks",
         evaluate_on="colin_t1",
     ),
@@ -1060,6 +1076,9 @@ def _variant_labels(progress: bool) -> dict[str, np.ndarray]:
 
     anterior, aicha_posterior = aicha_regions(AICHA_ANTERIOR), aicha_regions(AICHA_POSTERIOR)
     posterior, aal_anterior = aal_regions(AAL_POSTERIOR), aal_regions(AAL_ANTERIOR)
+    # both halves as one target, drawn on Colin27 and carried onto MNI152 by the affine, so kept inside its brain there
+    aal_split = aal_regions(AAL_SPLIT)
+    aal_split[~brain] = -1
     split = _index_lut(HARVARD_OXFORD_SPLIT)[atlases["harvard_oxford"]]
     split[~brain] = -1
     return {
@@ -1072,6 +1091,7 @@ def _variant_labels(progress: bool) -> dict[str, np.ndarray]:
         "aal_posterior": posterior,
         "aicha_posterior": aicha_posterior,
         "aal_anterior": aal_anterior,
+        "aal_split": aal_split,
     }
 
 
