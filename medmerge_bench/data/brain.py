@@ -427,6 +427,9 @@ class BrainBenchmark:
             ``"blocks"``), labelled by the target's label volume, while the target and the sources train anywhere on
             the other brain. The test then asks what a network trained on one patient is asked of the next one: the
             same places on another brain, not places never seen.
+        val_per_class: the target's validation patches per class (``TARGET_VAL`` for the recorded tasks). More
+            patches make the choices made on validation (which source, which recipe) less noisy; they cost an
+            evaluation pass per epoch.
     """
 
     name: str
@@ -438,6 +441,7 @@ class BrainBenchmark:
     validation: str = "pool"
     guard_other_brain: bool = True
     evaluate_on: str | None = None
+    val_per_class: int = TARGET_VAL
 
     def __post_init__(self) -> None:
         if self.target.planes != (0, 1, 2):
@@ -1202,7 +1206,9 @@ def _layout(bench: BrainBenchmark, progress: bool) -> BrainLayout:
     allowed = np.ones(GRID_SHAPE, dtype=bool) if new_subject else ~excluded
     if bench.validation == "blocks":
         # drawn as the test blocks are, outside the test blocks' guard, from draws the test's rule never reaches
-        val_blocks = _heldout_blocks(target_labels, n_target, minimum=TARGET_VAL, avoid=excluded, first_draw=300)
+        val_blocks = _heldout_blocks(
+            target_labels, n_target, minimum=bench.val_per_class, avoid=excluded, first_draw=300
+        )
         if not new_subject:
             allowed = allowed & ~widened(val_blocks)
 
@@ -1230,7 +1236,7 @@ def _layout(bench: BrainBenchmark, progress: bool) -> BrainLayout:
         image = getattr(volumes, bench.evaluate_on)
         evaluated = np.where(image > image.min(), target_labels, -1)
     val_pool = target if val_blocks is None else _pool(evaluated, val_blocks)
-    (target_val,) = _draw(val_pool, (TARGET_VAL,), np.random.default_rng([SPLIT_SEED, 3]), n_target)
+    (target_val,) = _draw(val_pool, (bench.val_per_class,), np.random.default_rng([SPLIT_SEED, 3]), n_target)
     (target_test,) = _draw(_pool(evaluated, heldout), (TARGET_TEST,), np.random.default_rng([SPLIT_SEED, 4]), n_target)
     # the training pool is what validation left: train, val and test never share a centre voxel
     taken = np.zeros(GRID_SHAPE, dtype=bool)

@@ -272,7 +272,7 @@ def test_variant_shapes_dtypes_and_balance(variant):
         task, spec = getattr(tasks, field), getattr(bench, field)
         assert task.class_names == list(spec.classes) and task.name == spec.name
         n = task.num_classes
-        train, val = ([600] * n, [100] * n) if field != "target" else ([10] * n, [50] * n)
+        train, val = ([600] * n, [100] * n) if field != "target" else ([10] * n, [bench.val_per_class] * n)
         for dataset in [task.train, task.val] + ([task.test] if task.test is not None else []):
             x, y = dataset.tensors
             assert x.dtype == torch.float32 and x.shape == (len(y), 1, 32, 32)
@@ -360,7 +360,7 @@ def test_variant_validation_blocks_are_guarded_like_the_test_blocks(variant):
     np.testing.assert_array_equal(blocks, blocks[::-1])
     assert blocks[tuple(layout.target_val.centres.T)].all()
     assert not (blocks & layout.excluded).any()
-    assert _counts(tasks.target.val, tasks.target.num_classes) == [brain.TARGET_VAL] * tasks.target.num_classes
+    assert _counts(tasks.target.val, tasks.target.num_classes) == [bench.val_per_class] * tasks.target.num_classes
     distance = ndimage.distance_transform_cdt(~blocks, metric="chessboard")
     guarded = {"target_pool": layout.target_pool.centres}
     guarded |= {f"target_train_{s}": brain.target_train_patches(layout, k=200, seed=s).centres for s in (0, 1)}
