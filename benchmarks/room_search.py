@@ -183,6 +183,14 @@ def cost(report: dict) -> str:
     )
 
 
+def _where_validated(variant: str) -> str:
+    """``pool`` or ``blocks``, and the new subject's image when the task is validated and tested on one."""
+    bench = BRAIN_VARIANTS.get(variant)
+    if bench is None:
+        return "pool"
+    return bench.validation if bench.evaluate_on is None else f"{bench.validation}, {bench.evaluate_on}"
+
+
 def screen_rows(folder: Path) -> list[dict]:
     """The head-first room of every benchmark result file in ``folder`` that ran ``HEAD_FIRST``, on val and test.
 
@@ -204,7 +212,7 @@ def screen_rows(folder: Path) -> list[dict]:
             "k": run["k"],
             "seeds": run["seeds"],
             "lineage": run["lineage"],
-            "validation": BRAIN_VARIANTS[variant].validation if variant in BRAIN_VARIANTS else "pool",
+            "validation": _where_validated(variant),
             "best": summary["best_single_source"],
             "seconds": run["seconds"],
         }
