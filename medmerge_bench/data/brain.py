@@ -16,8 +16,9 @@ every call, so a cache never hides missing data.
 Beside that task (``"brain"``, kept as the benchmark where the sources leave no room for a merge) this module holds
 variants searched for room (:data:`BRAIN_VARIANTS`, task names ``"brain_<variant>"``): the same grid, patches, splits
 and held-out blocks, with other atlases of the MRIcron package (Harvard-Oxford cortical, AICHA and JHU white-matter
-labels, all drawn in MNI space) for the sources or the target. See ``docs/data.md`` for what each is and how they
-were chosen.
+labels, all drawn in MNI space) for the sources or the target. The ``colin_test_*`` variants validate and test the
+target on a new subject instead (Colin27, which none of their networks trains on). See ``docs/data.md`` for what each
+is and how they were chosen.
 """
 
 from __future__ import annotations
@@ -448,6 +449,8 @@ class BrainBenchmark:
             raise ValueError(f"a target is cut in every plane, got planes {self.target.planes} for {self.name!r}.")
         if self.validation not in ("pool", "blocks"):
             raise ValueError(f"validation must be 'pool' or 'blocks', got {self.validation!r} for {self.name!r}.")
+        if self.val_per_class < 1:
+            raise ValueError(f"val_per_class must be at least 1, got {self.val_per_class} for {self.name!r}.")
         if self.evaluate_on is None:
             return
         images = [f.name for f in fields(BrainVolumes) if f.name.endswith("_t1")]

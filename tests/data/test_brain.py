@@ -408,6 +408,8 @@ def test_new_subject_must_be_one_no_network_trains_on():
         brain.BrainBenchmark("x", back, back, target, "", evaluate_on="colin_t1")
     with pytest.raises(ValueError, match=r"evaluate_on must be one of \['mni_t1', 'colin_t1'\], got 'ct'"):
         brain.BrainBenchmark("x", back, back, target, "", validation="blocks", evaluate_on="ct")
+    with pytest.raises(ValueError, match="val_per_class must be at least 1, got 0 for 'x'"):
+        brain.BrainBenchmark("x", back, back, target, "", val_per_class=0)
     assert brain.BrainBenchmark("x", back, back, target, "", validation="blocks", evaluate_on="colin_t1")
 
 
