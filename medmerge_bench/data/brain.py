@@ -342,7 +342,7 @@ HOLDOUT_NOTES = (
     f"other split of any task is centred within {GUARD} voxels of them. The test set measures unseen places of the "
     "same two brains, not new subjects."
 )
-NEW_SUBJECT_NOTES = (
+COLIN_TEST_NOTES = (
     "Tested on a new subject: the target's validation and test patches are cut from the Colin27 T1, which no network "
     "trains on, labelled by the target's map (kept where Colin27's brain is), in blocks of "
     f"{BLOCK} voxels (mirror-symmetric in x) drawn by the brain task's rule, the validation blocks at least {GUARD} "
@@ -645,7 +645,7 @@ BRAIN_VARIANTS: dict[str, BrainBenchmark] = {
         _BACK_AICHA,
         _FUNCTION,
         "The specialists of brain_split_mni_function (AICHA's front and back of MNI152) and its target, trained on "
-        f"MNI152. {_FUNCTION_NOTE} " + NEW_SUBJECT_NOTES,
+        f"MNI152. {_FUNCTION_NOTE} " + COLIN_TEST_NOTES,
         validation="blocks",
         evaluate_on="colin_t1",
     ),
@@ -657,8 +657,7 @@ BRAIN_VARIANTS: dict[str, BrainBenchmark] = {
         "The specialists of brain_split_mni_function (seven frontal and temporal, six parietal and occipital AICHA "
         "regions of MNI152). Target: the same thirteen regions as AAL draws them (on Colin27; carried onto MNI152 "
         "by the affine alone, kept inside its brain), the union of the two specialists' classes from another "
-        "atlas, as Fashion-MNIST's target is the union of its sources' classes; trained on MNI152. "
-        + NEW_SUBJECT_NOTES,
+        "atlas, as Fashion-MNIST's target is the union of its sources' classes; trained on MNI152. " + COLIN_TEST_NOTES,
         validation="blocks",
         evaluate_on="colin_t1",
     ),
@@ -668,7 +667,7 @@ BRAIN_VARIANTS: dict[str, BrainBenchmark] = {
         _AICHA_REGIONS,
         _FUNCTION,
         "Two atlases of MNI152: source A the five Harvard-Oxford lobes (as in brain_ho_function), source B the six "
-        f"AICHA macro-regions (as in brain_aicha_function). {_HO_NOTE} {_FUNCTION_NOTE} " + NEW_SUBJECT_NOTES,
+        f"AICHA macro-regions (as in brain_aicha_function). {_HO_NOTE} {_FUNCTION_NOTE} " + COLIN_TEST_NOTES,
         validation="blocks",
         evaluate_on="colin_t1",
     ),
@@ -678,7 +677,7 @@ BRAIN_VARIANTS: dict[str, BrainBenchmark] = {
         _AICHA_REGIONS,
         _FUNCTION,
         f"Tissue and place, both on MNI152. {_TISSUE_NOTE} Source B: the six AICHA macro-regions (as in "
-        f"brain_aicha_function). {_FUNCTION_NOTE} " + NEW_SUBJECT_NOTES,
+        f"brain_aicha_function). {_FUNCTION_NOTE} " + COLIN_TEST_NOTES,
         validation="blocks",
         evaluate_on="colin_t1",
     ),
