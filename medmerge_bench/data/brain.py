@@ -1233,13 +1233,15 @@ def _layout(bench: BrainBenchmark, progress: bool) -> BrainLayout:
         bench.source_b.planes,
     )
     target = _pool(target_labels, allowed)
-    evaluated = target_labels
+    evaluated_labels = target_labels
     if new_subject:  # centres inside the new subject's brain as well as the target's labels
         image = getattr(volumes, bench.evaluate_on)
-        evaluated = np.where(image > image.min(), target_labels, -1)
-    val_pool = target if val_blocks is None else _pool(evaluated, val_blocks)
+        evaluated_labels = np.where(image > image.min(), target_labels, -1)
+    val_pool = target if val_blocks is None else _pool(evaluated_labels, val_blocks)
     (target_val,) = _draw(val_pool, (bench.val_per_class,), np.random.default_rng([SPLIT_SEED, 3]), n_target)
-    (target_test,) = _draw(_pool(evaluated, heldout), (TARGET_TEST,), np.random.default_rng([SPLIT_SEED, 4]), n_target)
+    (target_test,) = _draw(
+        _pool(evaluated_labels, heldout), (TARGET_TEST,), np.random.default_rng([SPLIT_SEED, 4]), n_target
+    )
     # the training pool is what validation left: train, val and test never share a centre voxel
     taken = np.zeros(GRID_SHAPE, dtype=bool)
     taken[tuple(target_val.centres.T)] = True
@@ -1360,14 +1362,14 @@ def _fixed_arrays(variant: str | None, progress: bool) -> dict[str, tuple[np.nda
     def image(spec: TaskSpec) -> np.ndarray:
         return getattr(layout.volumes, spec.image)
 
-    evaluated = getattr(layout.volumes, bench.evaluate_on or bench.target.image)
+    evaluated_image = getattr(layout.volumes, bench.evaluate_on or bench.target.image)
     splits = {
         "a_train": (image(bench.source_a), layout.source_a_train),
         "a_val": (image(bench.source_a), layout.source_a_val),
         "b_train": (image(bench.source_b), layout.source_b_train),
         "b_val": (image(bench.source_b), layout.source_b_val),
-        "t_val": (evaluated, layout.target_val),
-        "t_test": (evaluated, layout.target_test),
+        "t_val": (evaluated_image, layout.target_val),
+        "t_test": (evaluated_image, layout.target_test),
     }
     return {name: (extract_patches(volume, ps), ps.labels) for name, (volume, ps) in splits.items()}
 
