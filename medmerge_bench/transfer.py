@@ -453,7 +453,9 @@ def record(model: nn.Module, val_loader, test_loader, history=None) -> dict:
 
 @dataclass
 class SeedResult:
-    """Per-method records of one seed: validation and test metrics, learning curves, and merge details."""
+    """Per-method records of one seed: validation and test metrics, learning curves, and merge details: ``anchor``,
+    the source the merges of the fine-tuned pair start from (of the LP-FT pair when no plain fine-tuning ran), and
+    ``coefficients``, the shares the first merge with that anchor learned."""
 
     seed: int
     records: dict[str, dict] = field(default_factory=dict)
@@ -551,8 +553,9 @@ def run_seed(
             probed[tag] = copy.deepcopy(net)
             lpft_nets[tag] = finetuned(net, f"lpft_{tag}")
     if need_ft:
-        # the first of the best on ties (A before B before C)
-        out.anchor = int(np.argmax([recs[f"ft_{t}"]["val"]["macro_f1"] for t in tags]))
+        out.anchor = _best_on_validation(recs, "ft", tags)
+    elif set(ON_LPFT_PAIR) & set(methods):
+        out.anchor = _best_on_validation(recs, "lpft", tags)  # the only merges run are over the LP-FT pair
 
     def aligned_onto_anchor(models: Sequence[nn.Module]) -> list[nn.Module]:
         # channels permuted onto the anchor's; target images drive the tracing and the function check
@@ -584,7 +587,7 @@ def run_seed(
         plain, hist1 = learn_coefficients(merge, train(), val, **recipe.phase1(merge), progress=progress, desc=desc)
         if name == "medmerge_ft":
             recs["medmerge"] = record(plain, val, test, hist1)
-            out.coefficients = {u: a.mean(1).tolist() for u, a in merge.coefficients().items()}
+            out.coefficients = coefficient_shares(merge)
             if name not in methods:
                 continue
         desc = f"phase 2: fine-tune ({METHOD_LABELS[name]})"
@@ -640,6 +643,12 @@ def run_seed(
     return out
 
 
+def _best_on_validation(records: dict, prefix: str, tags) -> int:
+    """Index of the source whose ``<prefix>_<tag>`` row validated best: the first of the best on ties (A before B
+    before C)."""
+    return int(np.argmax([records[f"{prefix}_{t}"]["val"]["macro_f1"] for t in tags]))
+
+
 def _merge_pair_then_fine_tune(
     out: SeedResult,
     name: str | None,
@@ -663,6 +672,9 @@ def _merge_pair_then_fine_tune(
     merge = KernelMerge(pair, anchor=anchor, anchor_weight=recipe.anchor_weight)
     desc = f"phase 1: coefficients ({label})"
     plain, hist1 = learn_coefficients(merge, train(), val, **recipe.phase1(merge), progress=progress, desc=desc)
+    if not out.coefficients and anchor == out.anchor:
+        # the first seed's coefficients picture shows the first merge anchored where the record says
+        out.coefficients = coefficient_shares(merge)
     if collapsed:
         recs[collapsed] = record(plain, val, test, hist1)
     if name is None:
@@ -680,7 +692,7 @@ def _run_on_lpft_pair(out: SeedResult, lpft_nets, probed, target, data, recipe, 
     fine-tuned): ``lpft_distill`` (the same distillation) and ``lpft_steps`` (the same steps, no teacher)."""
     recs = out.records
     tags = list(lpft_nets)
-    anchor = int(np.argmax([recs[f"lpft_{t}"]["val"]["macro_f1"] for t in tags]))
+    anchor = _best_on_validation(recs, "lpft", tags)
     pair = [lpft_nets[t] for t in tags]
     teacher = (pair, recipe.distill_weight, distill_images(target, recipe))
     for name in ("paper_lpft_medmerge_ft", "paper_lpft_medmerge_distill"):
@@ -862,6 +874,12 @@ def new_merge(
         anchor=anchor,
         anchor_weight=recipe.anchor_weight if anchor is not None else None,
     )
+
+
+def coefficient_shares(merge: KernelMerge) -> dict[str, list[float]]:
+    """Each merged unit's mean share per source (one number per source, summing to 1): what the coefficients picture
+    draws."""
+    return {u: a.mean(1).tolist() for u, a in merge.coefficients().items()}
 
 
 def coefficient_penalty(merge: KernelMerge, weight: float):

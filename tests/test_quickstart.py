@@ -64,6 +64,8 @@ def test_benchmark_first_seed_runs_the_seeds_from_it(monkeypatch):
     [
         (["demo", "--k", "-5"], "argument --k: must be an integer >= 1, got -5"),
         (["demo", "--seed", "x"], "argument --seed: expected an integer >= 0, got 'x'"),
+        (["demo", "--task", "nope"], "argument --task: invalid choice 'nope' (choose from brain, fashion, brain_"),
+        (["benchmark", "--task", "nope"], "argument --task: invalid choice 'nope' (choose from brain, fashion"),
         (["benchmark", "--seeds", "0"], "argument --seeds: must be an integer >= 1, got 0"),
         (["benchmark", "--first-seed", "-1"], "argument --first-seed: must be an integer >= 0, got -1"),
         (["benchmark", "--methods", "nope"], "argument --methods: unknown ['nope']; choose from scratch"),

@@ -12,7 +12,6 @@ pytest.importorskip("matplotlib")
 from matplotlib.lines import Line2D  # noqa: E402
 
 from medmerge_bench import plots  # noqa: E402
-from medmerge_bench.demo import _reading  # noqa: E402
 
 PHASE1 = [0.15, 0.32, 0.40, 0.47, 0.45]  # MedMerge's phase 1: also the curve of the collapsed merge
 PHASE2 = [0.36, 0.54, 0.62, 0.60]
@@ -171,12 +170,3 @@ def test_coefficient_legend_covers_no_bar_and_tick_labels_do_not_collide(drawn):
     # the start line sits at the share source A started from (anchor B at 0.9)
     (start,) = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
     assert start.get_ydata()[0] == pytest.approx(0.1)
-
-
-def test_demo_reading_states_seeds_the_comparison_and_the_recorded_result():
-    text = _reading(_report([0]))
-    assert "one seed, no spread" in text
-    # 0.443 against 0.444 (B validated better), 0.443 against 0.367
-    assert "MedMerge + FT is 0.1 points below fine-tune from B, the better source on validation" in text
-    assert "7.6 points above uniform average + FT" in text
-    assert "ties fine-tuning from the better source" in text and "docs/benchmarks.md" in text

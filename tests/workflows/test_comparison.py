@@ -57,23 +57,47 @@ def test_quick_comparison_completes_with_sane_metrics(brain_available, tmp_path,
 
 
 def test_quick_demo_writes_report_and_plain_bundle(brain_available, tmp_path, monkeypatch):
-    from medmerge_bench.demo import run_demo
+    from medmerge_bench.demo import DEMO_METHODS, DEMO_TASK, MERGED, run_demo
+    from medmerge_bench.transfer import METHOD_LABELS
 
     monkeypatch.setenv("MONAI_MEDMERGE_CACHE", str(brain_available))
-    report = run_demo(tmp_path / "demo", k=10, recipe=QUICK, progress=False)
+    report = run_demo(tmp_path / "demo", recipe=QUICK, progress=False)
+    assert report["task"] == DEMO_TASK and report["k"] == 10 and list(report["methods"]) == list(DEMO_METHODS)
     md = (tmp_path / "demo" / "report.md").read_text()
-    assert "MedMerge + FT" in md and "fine-tune from A" in md
-    # beside the table, what its numbers mean: one seed, and where the recorded benchmarks stand
+    assert all(f"| {METHOD_LABELS[m]} |" in md for m in DEMO_METHODS)
+    # beside the table, what its numbers mean: one seed, the room, and the recorded benchmark or where to run one
     assert "Reading it (one seed, no spread" in md and "docs/benchmarks.md" in md
-    # and the room: the ensemble of the two fine-tuned sources against the better one
-    assert "ensemble" in report["methods"] and "- The room: the ensemble of the two fine-tuned sources" in md
+    assert "- The room: the ensemble of the two fine-tuned sources" in md
+    assert "Recorded over" in md or "No recorded benchmark" in md
+    # the same recipe in the training bundle
+    assert "python -m monai.bundle run paper --config_file configs/train.yaml --recipe paper" in md
+    # the merge's coefficients are drawn although no direct merge ran: the LP-FT pair's merge, anchored on the LP-FT
+    # network that validated best
+    table = report["summary"]["methods"]
+    best = max("ab", key=lambda t: (table[f"lpft_{t}"]["val_macro_f1"]["mean"], t == "a"))
+    assert report["per_seed"][0]["anchor"] == best and report["coefficients_seed0"]
     for picture in ("results_macro_f1.png", "results_coefficients.png", "results_curves.png"):
         assert f"![{picture}]({picture})" in md and (tmp_path / "demo" / picture).is_file()
     bundle = tmp_path / "demo" / "bundle"
     inference = yaml.safe_load((bundle / "configs" / "inference.yaml").read_text())
     assert inference["network_def"]["_target_"] == "monai.networks.nets.ResNet"
     state = torch.load(bundle / "models" / "model.pt", weights_only=True)
-    assert state["fc.weight"].shape[0] == len(report["data"]["target"]["classes"]) == 7
+    assert state["fc.weight"].shape[0] == len(report["data"]["target"]["classes"]) == 13
+    metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert metadata["medmerge"]["recipe"] == "paper"
+    # the exported weights are the merged network's: they score its row's test macro-F1 on the target's test patches
+    from sklearn.metrics import f1_score
+
+    from medmerge_bench.data.tasks import load_benchmark_tasks
+    from medmerge_bench.transfer import build_network
+
+    test = load_benchmark_tasks(DEMO_TASK, k=10, seed=0, progress=False).target.test.tensors
+    net = build_network(13, QUICK)
+    net.load_state_dict(state)
+    with torch.no_grad():
+        predicted = net.eval()(test[0]).argmax(1)
+    exported = f1_score(test[1].numpy(), predicted.numpy(), average="macro")
+    assert exported == pytest.approx(report["summary"]["methods"][MERGED]["test_macro_f1"]["mean"], abs=1e-6)
 
 
 def test_zip_row_records_metrics_and_cost_beside_the_ensemble():
