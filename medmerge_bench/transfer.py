@@ -237,6 +237,9 @@ class Recipe:
         zip_width: width of the ``paper_zip_ft`` network, as a multiple of the sources' ``widths`` (each rounded to
             an integer), between 1 (one source's width and cost) and 2 (both sources side by side: the ensemble);
             the cost grows about as its square, so it is below the two-network ensemble's under about 1.41.
+        device: where every training loop and every evaluation runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...);
+            the glue between them (merging, alignment, zipping, counting MACs) runs where its networks are or on the
+            CPU. Not part of the sources' cache key: sources pretrained on one device are reused on another.
     """
 
     widths: tuple[int, ...] = (16, 32, 64, 128)
@@ -263,8 +266,13 @@ class Recipe:
     distill_unlabeled: int = 0
     distill_steps: int = 0
     zip_width: float = 1.25
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {self.device!r}.") from e
         if self.distill_steps < 0:
             raise ValueError(
                 f"distill_steps must be >= 0 (0: one pass over the labelled set), got {self.distill_steps}."
@@ -291,7 +299,13 @@ class Recipe:
     def phase1(self, merge: KernelMerge | None = None) -> dict:
         """Keyword arguments of :func:`~monai_medmerge.workflows.learn_coefficients` for this recipe; with
         ``coef_penalty`` > 0 they include the penalised loss of ``merge`` (:func:`coefficient_penalty`)."""
-        kwargs = {"epochs": self.coef_epochs, "lr": self.coef_lr, "head_lr": self.head_lr, "patience": self.patience}
+        kwargs = {
+            "epochs": self.coef_epochs,
+            "lr": self.coef_lr,
+            "head_lr": self.head_lr,
+            "patience": self.patience,
+            "device": self.device,
+        }
         if self.coef_penalty:
             if merge is None:
                 raise ValueError("a recipe with a coefficient penalty needs the merge: recipe.phase1(merge).")
@@ -304,7 +318,7 @@ class Recipe:
 
     def phase2(self) -> dict:
         """Keyword arguments of :func:`~monai_medmerge.workflows.fine_tune` (phase 2 and every fine-tuning)."""
-        return {"epochs": self.ft_epochs, "lr": self.ft_lr, "patience": self.patience}
+        return {"epochs": self.ft_epochs, "lr": self.ft_lr, "patience": self.patience, "device": self.device}
 
     def source_key(self, task: str, data_version: str = "") -> str:
         fields = {k: v for k, v in asdict(self).items() if k.startswith("source") or k in ("widths", "batch_size")}
@@ -389,9 +403,11 @@ def pretrain_sources(
                 loader(data.val, False, seed, 256),
                 [{"params": net.parameters(), "lr": recipe.source_lr}],
                 epochs,
+                device=recipe.device,
                 desc=f"{what} ({data.name})",
                 progress=progress,
             )
+            net.cpu()
             meta = {"task": data.name, "seed": seed, "val": hist.val[hist.best_epoch], "epochs": epochs}
             if start is not None:
                 meta["from"] = "ancestor"
@@ -401,7 +417,7 @@ def pretrain_sources(
                 write_json(meta_path, meta, indent=None)
             meta |= {"cached": False}
         info["sources"][tag] = meta
-        return net.eval()
+        return net.eval()  # on the CPU, trained or loaded: every run starts from networks on one device
 
     return lineage_networks(trained, tasks, ancestor_task, recipe, info), info
 
@@ -443,8 +459,11 @@ def from_source(source: nn.Module, num_classes: int, recipe: Recipe) -> nn.Modul
 
 
 def record(model: nn.Module, val_loader, test_loader, history=None) -> dict:
-    vp, vy = predict(model, val_loader)
-    tp, ty = predict(model, test_loader)
+    """Validation and test metrics of ``model`` (evaluated on the device it is on), its learning curve, and its
+    probabilities (``_probs``, for the ensembles' rows)."""
+    device = next(model.parameters()).device
+    vp, vy = predict(model, val_loader, device)
+    tp, ty = predict(model, test_loader, device)
     rec = {"val": classification_metrics(vy, vp), "test": classification_metrics(ty, tp), "_probs": (vp, tp)}
     if history is not None:
         rec["curve"] = [v["macro_f1"] for v in history.val]
@@ -547,6 +566,7 @@ def run_seed(
                 epochs=recipe.lp_epochs,
                 lr=recipe.lp_lr,
                 patience=recipe.patience,
+                device=recipe.device,
                 desc=f"linear probe (from {tag.upper()})",
                 progress=progress,
             )
@@ -561,7 +581,11 @@ def run_seed(
         # channels permuted onto the anchor's; target images drive the tracing and the function check
         images = target.train.tensors[0]
         return align_sources(
-            list(models), anchor=out.anchor, example_input=images[:16], matching=recipe.alignment, data=[images]
+            [m.cpu() for m in models],
+            anchor=out.anchor,
+            example_input=images[:16],
+            matching=recipe.alignment,
+            data=[images],
         )
 
     aligned: list[nn.Module] = []
@@ -788,6 +812,7 @@ def _run_zip(out: SeedResult, pair, train, val, test, recipe: Recipe, seed: int,
     wide, on the target's training images (norm statistics recomputed on them), as it is and fine-tuned. Each record
     holds the widths and the inference cost (MACs per image) of the zipped network, of one source and of the pair."""
     torch.manual_seed(seed)
+    pair = [m.cpu() for m in pair]  # zipped on the CPU, where the target's images are
     wide = dataclasses.replace(recipe, widths=recipe.zip_widths())
     num_classes = pair[0].get_submodule(HEAD).out_features
     report: dict = {}
@@ -844,7 +869,9 @@ def _phase2(net, train, val, recipe: Recipe, teacher, seed: int, desc: str, prog
         return fine_tune(net, train, val, **recipe.phase2(), progress=progress, desc=desc)
     train = with_steps(train, recipe.distill_steps, seed)
     # the product's distillation (the training bundle's distill_weight); the steps stay the benchmark's sampler
-    distillation = EnsembleDistillation(teacher[0], teacher[1], teacher[2], seed=seed)
+    # the teachers on the student's device (the glue may have moved them to the CPU, e.g. to zip or align them)
+    teachers = [t.to(recipe.device) for t in teacher[0]]
+    distillation = EnsembleDistillation(teachers, teacher[1], teacher[2], seed=seed)
     return fine_tune(
         net,
         train,

@@ -147,7 +147,8 @@ def _main(argv: list[str]) -> int:
         nargs="+",
         default=[],
         metavar="FIELD=VALUE",
-        help="change recipe settings, e.g. --set anchor_weight=0.99 coef_lr=0.05",
+        help="change recipe settings (medmerge_bench.transfer.Recipe), e.g. --set anchor_weight=0.99 coef_lr=0.05; "
+        "device=cuda trains and evaluates on a GPU",
     )
     b.add_argument("--no-progress", action="store_true")
     e = sub.add_parser(

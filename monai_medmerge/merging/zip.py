@@ -498,9 +498,12 @@ def zip_networks(
 def inference_macs(model: nn.Module, example_input: torch.Tensor) -> int:
     """Multiply-accumulates of one eval-mode forward pass of ``model`` on ``example_input`` (the whole batch:
     pass one sample for the cost per image), counted by ``torch.utils.flop_counter.FlopCounterMode`` (convolutions
-    and matrix products; norms and activations are not counted)."""
+    and matrix products; norms and activations are not counted). The input is moved to the model's device."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    first = next(model.parameters(), None)
+    if first is not None:
+        example_input = example_input.to(first.device)
     was_training = model.training
     model.eval()
     try:

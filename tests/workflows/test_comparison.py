@@ -136,6 +136,49 @@ def test_zip_row_records_metrics_and_cost_beside_the_ensemble():
     assert result.records["paper_zip"]["widths"] == rec["widths"] and "curve" not in result.records["paper_zip"]
 
 
+def test_every_training_loop_runs_on_the_recipes_device(monkeypatch):
+    """``Recipe.device`` reaches every training loop of the sources' pretraining and of every method (here
+    ``"cpu:0"``, a device string no default spells, so a loop left on its default is caught), and the
+    sources come back on the CPU."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import TensorDataset
+
+    from medmerge_bench import transfer
+    from medmerge_bench.transfer import pretrain_sources, run_seed
+
+    recipe = Recipe(
+        widths=(4, 8, 8, 16), source_epochs=1, coef_epochs=1, ft_epochs=1, lp_epochs=1, patience=1, device="cpu:0"
+    )
+    with pytest.raises(ValueError, match="device must be a torch device such as 'cpu' or 'cuda', got 'gpu0'"):
+        Recipe(device="gpu0")
+    seen = []
+    for name in ("fit", "fine_tune", "linear_probe", "learn_coefficients"):
+        real = getattr(transfer, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            seen.append((_name, kwargs.get("device")))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(transfer, name, spy)
+    g = torch.Generator().manual_seed(0)
+
+    def task(n, classes=3, name="t"):
+        def split(m):
+            return TensorDataset(torch.randn(m, 1, 32, 32, generator=g), torch.arange(m) % classes)
+
+        return SimpleNamespace(name=name, num_classes=classes, train=split(n), val=split(9), test=split(9))
+
+    tasks = SimpleNamespace(name="tiny", source_a=task(10, 5, "a"), source_b=task(10, 5, "b"), target=task(12))
+    sources, _ = pretrain_sources(tasks, recipe, cache=False, progress=False)
+    assert all(p.device.type == "cpu" for s in sources for p in s.parameters())
+    methods = [m for m in COMPARISON_METHODS if m != "ft_c"]
+    result = run_seed(tasks, sources, recipe, 0, methods, progress=False)
+    assert set(result.records) == set(methods)
+    assert {name for name, _ in seen} == {"fit", "fine_tune", "linear_probe", "learn_coefficients"}
+    assert [s for s in seen if s[1] != "cpu:0"] == []
+
+
 def test_three_sources_are_fine_tuned_ensembled_and_merged_together(monkeypatch):
     """N = 3 (A, B and their ancestor): ``ft_c`` is the third source's fine-tuning, the ensemble averages all three
     fine-tuned networks, the paper's MedMerge merges the three, and the best single source is chosen among three."""
