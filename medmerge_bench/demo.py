@@ -208,6 +208,8 @@ def _markdown(report: dict, recorded: tuple[str, dict] | None = None) -> str:
     target = data["target"]
     classes = ", ".join(target["classes"])
     anchor = report["per_seed"][0]["anchor"].upper()
+    n = report["recipe"]["distill_unlabeled"]
+    unlabeled = f"{n:,} unlabelled target patches" if n else "mixup blends of the labelled patches"
     pictures = "\n\n".join(f"![{p}]({p})" for p in report.get("pictures", []))
     return f"""# MedMerge demo: {report["task"]}, k = {report["k"]}
 
@@ -219,6 +221,11 @@ initialisation. The merge's anchor (the source fine-tuned best on validation): {
 | method | test macro-F1 | accuracy | balanced accuracy | AUROC | validation macro-F1 |
 |---|---|---|---|---|---|
 {chr(10).join(rows)}
+
+LP-FT: the source's new target head trained alone first (linear probing), then the whole network fine-tuned; the
+paper's recipe merges the two LP-FT networks kernel by kernel (coefficients learned on the target), collapses the
+merge into one plain network and fine-tunes it, learning also from the two LP-FT networks' averaged predictions on
+{unlabeled}; the ensemble averages the two LP-FT networks' outputs at twice the cost.
 
 Seed {", ".join(map(str, report["seeds"]))}: a demonstration, not a measurement. `medmerge benchmark` runs every
 method over several seeds with a paired comparison.

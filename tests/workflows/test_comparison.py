@@ -65,6 +65,8 @@ def test_quick_demo_writes_report_and_plain_bundle(brain_available, tmp_path, mo
     assert report["task"] == DEMO_TASK and report["k"] == 10 and list(report["methods"]) == list(DEMO_METHODS)
     md = (tmp_path / "demo" / "report.md").read_text()
     assert all(f"| {METHOD_LABELS[m]} |" in md for m in DEMO_METHODS)
+    # what the rows' names mean, for a reader new to them (the quick recipe distils on mixup blends)
+    assert "LP-FT: the source's new target head trained alone first" in md and "mixup blends of the labelled" in md
     # beside the table, what its numbers mean: one seed, the room, and the recorded benchmark or where to run one
     assert "Reading it (one seed, no spread" in md and "docs/benchmarks.md" in md
     assert "- The room: the ensemble of the two fine-tuned sources" in md
