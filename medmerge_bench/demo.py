@@ -110,13 +110,31 @@ def run_demo(
     return report
 
 
+_SAME_MEASUREMENT = (
+    "widths",
+    "lineage",
+    "ancestor",
+    "ancestor_epochs",
+    "pair",
+    "source_epochs",
+    "lp_epochs",
+    "coef_epochs",
+    "ft_epochs",
+    "patience",
+    "distill_weight",
+    "distill_unlabeled",
+    "distill_steps",
+)
+
+
 def recorded_benchmark(task: str, k: int, recipe: Recipe, results: Path = RESULTS) -> tuple[str, dict] | None:
     """The recorded benchmark (``results/*.json``) that measured the demo's rows on ``task`` at ``k`` with
     ``recipe``'s sources, lineage and budget, the one with most seeds (then the first by name); None if none is
     recorded or the results folder is absent. The demo's reading quotes it, so its numbers are the file's, never
     copied."""
-    want = {"widths": list(recipe.widths), "lineage": recipe.lineage, "pair": recipe.pair}
-    budget = ("ft_epochs", "patience", "distill_unlabeled", "distill_steps", "source_epochs")
+    # the settings that make two runs the same measurement (tuples are lists in the JSON)
+    same = {key: getattr(recipe, key) for key in _SAME_MEASUREMENT}
+    same = {key: list(value) if isinstance(value, tuple) else value for key, value in same.items()}
     found = []
     for path in sorted(results.glob("*.json")) if results.is_dir() else []:
         try:
@@ -126,9 +144,7 @@ def recorded_benchmark(task: str, k: int, recipe: Recipe, results: Path = RESULT
         if not isinstance(r, dict) or r.get("benchmark") != "transfer" or (r.get("task"), r.get("k")) != (task, k):
             continue
         used = r.get("recipe") or {}
-        if any(used.get(key) != value for key, value in want.items()) or r.get("lineage") != recipe.lineage:
-            continue
-        if any(used.get(key) != getattr(recipe, key) for key in budget):
+        if any(used.get(key) != value for key, value in same.items()):
             continue
         summary = r.get("summary") or {}
         if MERGED in (summary.get("vs_best_head_first") or {}) and "room_head_first" in summary:
