@@ -10,6 +10,9 @@ BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "medmerge_classificat
 WIDTHS = [8, 16, 16, 32]
 
 # written by every process at the end, so the test can compare what each one holds
+# torchrun through the interpreter under test (what the `torchrun` script runs), never whichever torchrun comes
+# first on PATH: that may belong to another Python, without this package
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 RANKS_OVERLAY = {
     "finalize": [
         "$torch.save(@merge_network.merge_logits.detach().cpu(),"

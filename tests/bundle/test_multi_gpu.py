@@ -4,15 +4,13 @@ configs/multi_gpu_train.yaml."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from bundle_utils import RANKS_OVERLAY, bundle_copy, datalist_with_unlabeled, overrides
+from bundle_utils import RANKS_OVERLAY, TORCHRUN, bundle_copy, datalist_with_unlabeled, overrides
 
 from monai_medmerge.workflows.engines import latest_checkpoint
 
@@ -21,8 +19,6 @@ from monai_medmerge.workflows.engines import latest_checkpoint
 def test_torchrun_two_processes_agree(example_workspace, tmp_path, recipe):
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with the gloo backend is not available")
-    torchrun = shutil.which("torchrun")
-    launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
     root = bundle_copy(tmp_path / "bundle")
     distilled = {}
     if recipe == "paper":  # phase 2 distilled from the phase-0 ensemble on a section of unlabelled images
@@ -31,7 +27,7 @@ def test_torchrun_two_processes_agree(example_workspace, tmp_path, recipe):
     (root / "configs" / "ranks.yaml").write_text(yaml.safe_dump(RANKS_OVERLAY, width=1000))
     files = [str(root / "configs" / f) for f in ("train.yaml", "multi_gpu_train.yaml", "ranks.yaml")]
     cmd = [
-        *launcher,
+        *TORCHRUN,
         "--nproc_per_node=2",
         "--standalone",
         "-m",

@@ -283,20 +283,17 @@ def test_properties_metadata_and_the_shared_overlay(example, tmp_path):
 def test_torchrun_two_processes_agree(example, tmp_path):
     """The classification bundle's multi-GPU overlay runs the segmentation bundle under torchrun (gloo on CPU): the
     mean Dice of validation is gathered from both processes, so both keep the same states."""
-    import sys
 
     import yaml
 
-    from tests.bundle.bundle_utils import RANKS_OVERLAY
+    from tests.bundle.bundle_utils import RANKS_OVERLAY, TORCHRUN
 
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with the gloo backend is not available")
-    torchrun = shutil.which("torchrun")
-    launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
     root = _bundle(tmp_path)
     (root / "configs" / "ranks.yaml").write_text(yaml.safe_dump(RANKS_OVERLAY, width=1000))
     files = [str(root / "configs" / f) for f in ("train.yaml", "multi_gpu_train.yaml", "ranks.yaml")]
-    cmd = [*launcher, "--nproc_per_node=2", "--standalone", "-m", "monai.bundle", "run", "--config_file", repr(files)]
+    cmd = [*TORCHRUN, "--nproc_per_node=2", "--standalone", "-m", "monai.bundle", "run", "--config_file", repr(files)]
     cmd += ["--logging_file", str(root / "configs" / "logging.conf"), *_overrides(example, root)]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
