@@ -172,9 +172,9 @@ def _reading(report: dict, recorded: tuple[str, dict] | None = None) -> str:
 
     seeds = "one seed, no spread" if n == 1 else f"means over {n} seeds"
     lines = [f"Reading it ({seeds}; test macro-F1 of one method moves by a few points from seed to seed):"]
-    singles = [m for m in ("lpft_a", "lpft_b") if m in table]
-    if MERGED in table and singles:
-        best = max(singles, key=lambda m: table[m]["val_macro_f1"]["mean"])
+    # the better LP-FT row on validation, as the comparison's summary chose it for the head-first room
+    best = report["summary"].get("best_single_source_head_first")
+    if MERGED in table and best:
         lines.append(
             f"- The merged network (one network, one network's cost) is {points(MERGED, best)}, the better "
             "source on validation."

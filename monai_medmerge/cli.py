@@ -53,13 +53,14 @@ def _main(argv: list[str]) -> int:
     q.add_argument("--no-progress", action="store_true")
     d = sub.add_parser("demo", help="the main job: offline brain-MRI merge, comparison, report and bundle (CPU)")
     d.add_argument("--out", default="medmerge_out/demo", help="output folder")
+    # no defaults here: the demo's own (medmerge_bench.demo.DEMO_TASK, DEMO_K) apply when these are not given
     d.add_argument(
         "--task",
-        default="brain_colin_test_split_regions",
+        default=None,
         help="the task (default: two brain-region specialists and a target of the regions they split, tested on "
         "another subject, where the recorded benchmark found room for a merge); brain, fashion or a brain variant",
     )
-    d.add_argument("--k", type=_int_at_least(1), default=10, help="labelled target examples per class")
+    d.add_argument("--k", type=_int_at_least(1), default=None, help="labelled target examples per class (default 10)")
     d.add_argument("--seed", type=_int_at_least(0), default=0)
     d.add_argument("--no-progress", action="store_true")
     x = sub.add_parser(
@@ -195,8 +196,10 @@ def _main(argv: list[str]) -> int:
         run_quickstart(args.out, seed=args.seed, k=args.k, progress=not args.no_progress)
     elif args.command == "demo":
         run_demo = _research(parser, "demo", "run_demo")
-        _check_task(parser, d, args.task)
-        run_demo(args.out, task=args.task, k=args.k, seed=args.seed, progress=not args.no_progress)
+        given = {name: value for name, value in (("task", args.task), ("k", args.k)) if value is not None}
+        if "task" in given:
+            _check_task(parser, d, args.task)
+        run_demo(args.out, seed=args.seed, progress=not args.no_progress, **given)
     elif args.command == "benchmark":
         run_comparison = _research(parser, "comparison", "run_comparison")
         _check_task(parser, b, args.task)

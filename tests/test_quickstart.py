@@ -59,6 +59,19 @@ def test_benchmark_first_seed_runs_the_seeds_from_it(monkeypatch):
     assert calls == [[3, 4], [0, 1]]
 
 
+def test_demo_takes_the_demos_own_task_and_k_unless_given(monkeypatch):
+    """The CLI holds no second copy of the demo's defaults: without --task/--k run_demo's own apply."""
+    import medmerge_bench.demo as demo
+
+    calls = []
+    monkeypatch.setattr(demo, "run_demo", lambda out, **kw: calls.append(kw))
+    main(["demo", "--out", "unused"])
+    main(["demo", "--out", "unused", "--task", "fashion", "--k", "5"])
+    assert "task" not in calls[0] and "k" not in calls[0]
+    assert calls[1]["task"] == "fashion" and calls[1]["k"] == 5
+    assert (demo.DEMO_TASK, demo.DEMO_K) == ("brain_colin_test_split_regions", 10)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

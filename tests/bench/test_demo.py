@@ -33,7 +33,8 @@ def _report(f1: dict = F1) -> dict:
         "seeds": [0],
         "methods": {m: METHOD_LABELS[m] for m in f1},
         "summary": {
-            "methods": {m: {"test_macro_f1": {"mean": t}, "val_macro_f1": {"mean": v}} for m, (t, v) in f1.items()}
+            "methods": {m: {"test_macro_f1": {"mean": t}, "val_macro_f1": {"mean": v}} for m, (t, v) in f1.items()},
+            "best_single_source_head_first": max(("lpft_a", "lpft_b"), key=lambda m: f1[m][1]),
         },
     }
 
