@@ -16,6 +16,7 @@
 # end inside the tool's 10 minutes), DEVICE (cuda), WIDTHS (64,128,256,512), QUICK=1 (one epoch a phase), OUT
 # (where parts.tgz goes; the device tool sets it). Checked on a CPU (2026-12-07, 173 s):
 #   DEVICE=cpu QUICK=1 SEEDS=2 WIDTHS=8,16,32,64 OUT=/tmp/out bash benchmarks/gpu_widths.sh run brain
+# (again with the named protocols, 2026-12-07, SEEDS=1: both lineages ran with their settings, 11 min beside a run)
 # How long the full runs take on the GPU is not known yet: the first call should say (it prints the times).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -67,18 +68,20 @@ runs=/tmp/gpu_widths_parts
 mkdir -p "$out" "$runs"
 python3 -c "import torch, monai, ignite; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'monai', monai.__version__)"
 
-# the protocol of the recorded head-first/distill benchmarks, at the standard widths
+# the protocols of the recorded head-first/distill benchmarks (medmerge_bench.transfer.PROTOCOLS), at the standard
+# widths: the independent lineage, and the shared one of the rotation ancestor
 methods=(ft_a ft_b lpft_a lpft_b medmerge_ft paper_lpft_medmerge_distill lpft_distill lpft_steps ensemble ensemble_lpft)
-settings=(device=${DEVICE:-cuda} widths=${WIDTHS:-64,128,256,512} ft_epochs=150 patience=40 distill_unlabeled=20000 distill_steps=20)
-[ "${QUICK:-0}" = 1 ] && settings+=(source_epochs=1 coef_epochs=1 ft_epochs=1 lp_epochs=1 patience=1)
+settings=(device=${DEVICE:-cuda} widths=${WIDTHS:-64,128,256,512})
+quick=()
+[ "${QUICK:-0}" = 1 ] && quick=(--quick)
 
 one() { # lineage seed: one process, its log beside the parts
-    local lineage=$1 seed=$2 extra=()
-    [ "$lineage" = shared ] && extra=(lineage=shared ancestor=rotation ancestor_epochs=$([ "${QUICK:-0}" = 1 ] && echo 1 || echo 8))
-    [ "$lineage" = independent ] && extra=(lineage=independent)
+    local lineage=$1 seed=$2 protocol=(lpft_distill_ft150)
+    [ "$lineage" = shared ] && protocol+=(shared_rotation)
     local name=${task}_k10_w512_${lineage}_lpft_distill_ft150_s$seed
     OMP_NUM_THREADS=1 python3 -m monai_medmerge.cli benchmark --task $task --k 10 --seeds 1 --first-seed "$seed" \
-        --name "$name" --out "$runs" --methods "${methods[@]}" --set "${settings[@]}" "${extra[@]}" --no-progress \
+        --name "$name" --out "$runs" --methods "${methods[@]}" --protocol "${protocol[@]}" "${quick[@]}" \
+        --set "${settings[@]}" --no-progress \
         >"$runs/$name.log" 2>&1 || echo "FAILED: $name (log in parts.tgz)"
 }
 start=$(date +%s)

@@ -29,9 +29,8 @@ MERGED = "paper_lpft_medmerge_distill"
 # its phase 0 (each source fine-tuned head first: the single-source baselines) and the ensemble of that pair (two
 # networks, twice the cost), whose lead over the better of them is the room a merge can take into one network
 DEMO_METHODS = ("lpft_a", "lpft_b", MERGED, "ensemble_lpft")
-# the budget of the recorded benchmark of this task (every fine-tuning up to 150 epochs, early stopping after 40
-# without gain; phase 2 distilled on 20,000 unlabelled patches, 20 steps an epoch)
-DEMO_RECIPE = Recipe(ft_epochs=150, patience=40, distill_unlabeled=20000, distill_steps=20)
+# the budget of the recorded benchmark of this task
+DEMO_RECIPE = Recipe.protocol("lpft_distill_ft150")
 # the recorded benchmarks the reading compares with (run from a checkout; absent from an installed package)
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 

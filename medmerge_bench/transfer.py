@@ -90,6 +90,7 @@ from monai_medmerge.workflows.distillation import EnsembleDistillation
 
 __all__ = [
     "Recipe",
+    "PROTOCOLS",
     "head_only",
     "lineage_networks",
     "COMPARISON_METHODS",
@@ -201,6 +202,20 @@ SINGLE_SOURCE = tuple(f"ft_{t}" for t in SOURCE_TAGS)
 SINGLE_SOURCE_LPFT = tuple(f"lpft_{t}" for t in SOURCE_TAGS)
 # the rows that run several networks at inference: never a one-network method paired against the best single source
 ENSEMBLES = ("ensemble", "ensemble_lpft")
+# Named settings of recorded benchmarks, written once for every run that repeats one: `medmerge benchmark --protocol
+# NAME` (then --set on top), the demo and benchmarks/gpu_widths.sh read them through Recipe.protocol.
+PROTOCOLS = {
+    # the default budget of the first recorded benchmarks
+    "default": {},
+    # every fine-tuning up to 150 epochs, early stopping after 40 without gain; the *_distill rows distil on 20,000
+    # unlabelled target images, 20 steps an epoch (the *_lpft_distill_ft150 benchmarks and the demo)
+    "lpft_distill_ft150": {"ft_epochs": 150, "patience": 40, "distill_unlabeled": 20000, "distill_steps": 20},
+    # the shared lineage of the *_rotation_* benchmarks: both sources fine-tuned from one self-supervised ancestor
+    # (quarter turns of the target domain's images), trained 8 epochs
+    "shared_rotation": {"lineage": "shared", "ancestor": "rotation", "ancestor_epochs": 8},
+    # a short profile on top of any other (`--quick`: CI and smoke runs; its numbers are not kept)
+    "quick": {"source_epochs": 1, "ancestor_epochs": 1, "coef_epochs": 2, "ft_epochs": 2, "lp_epochs": 1},
+}
 
 
 @dataclass(frozen=True)
@@ -295,6 +310,17 @@ class Recipe:
             raise ValueError(f"ancestor={self.ancestor!r} needs lineage='shared': only the shared lineage has one.")
         if self.pair != "ab" and self.lineage != "shared":
             raise ValueError(f"pair={self.pair!r} needs lineage='shared': only the shared lineage has an ancestor.")
+
+    @classmethod
+    def protocol(cls, *names: str, **changes) -> Recipe:
+        """The recipe of the named :data:`PROTOCOLS`, applied in order, then ``changes``: e.g.
+        ``Recipe.protocol("lpft_distill_ft150", "quick", device="cuda")``."""
+        settings = {}
+        for name in names:
+            if name not in PROTOCOLS:
+                raise ValueError(f"unknown protocol {name!r}; choose from {', '.join(PROTOCOLS)}.")
+            settings |= PROTOCOLS[name]
+        return cls(**(settings | changes))
 
     def phase1(self, merge: KernelMerge | None = None) -> dict:
         """Keyword arguments of :func:`~monai_medmerge.workflows.learn_coefficients` for this recipe; with

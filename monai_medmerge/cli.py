@@ -142,6 +142,14 @@ def _main(argv: list[str]) -> int:
     b.add_argument("--methods", nargs="+", default=None, help="subset of methods (default: all)")
     b.add_argument("--out", default="benchmarks/results", help="output folder")
     b.add_argument("--name", default=None, help="file stem of the results (default <task>_k<k>)")
+    b.add_argument(
+        "--protocol",
+        nargs="+",
+        default=["default"],
+        metavar="NAME",
+        help="named settings of recorded benchmarks (medmerge_bench.transfer.PROTOCOLS), applied in order, e.g. "
+        "lpft_distill_ft150 shared_rotation; --quick and --set apply on top",
+    )
     b.add_argument("--quick", action="store_true", help="a short profile: fewer epochs (for CI; numbers not kept)")
     b.add_argument(
         "--set",
@@ -207,7 +215,11 @@ def _main(argv: list[str]) -> int:
         unknown = sorted(set(args.methods or ()) - set(methods))
         if unknown:
             b.error(f"argument --methods: unknown {unknown}; choose from {' '.join(methods)}")
-        recipe = Recipe(source_epochs=1, coef_epochs=2, ft_epochs=2, lp_epochs=1) if args.quick else Recipe()
+        protocols = _research(parser, "transfer", "PROTOCOLS")
+        unknown = [name for name in args.protocol if name not in protocols]
+        if unknown:
+            b.error(f"argument --protocol: unknown {unknown}; choose from {' '.join(protocols)}")
+        recipe = Recipe.protocol(*args.protocol, *(["quick"] if args.quick else []))
         recipe = _with_settings(recipe, args.set, b)
         run_comparison(
             args.task,

@@ -59,6 +59,40 @@ def test_benchmark_first_seed_runs_the_seeds_from_it(monkeypatch):
     assert calls == [[3, 4], [0, 1]]
 
 
+def test_benchmark_protocol_then_quick_then_set(monkeypatch):
+    """``--protocol`` names recorded settings once; ``--quick`` and ``--set`` change them, in that order."""
+    import medmerge_bench.comparison as comparison
+    from medmerge_bench.transfer import PROTOCOLS, Recipe
+
+    recipes = []
+    monkeypatch.setattr(comparison, "run_comparison", lambda task, k, seeds, out, **kw: recipes.append(kw["recipe"]))
+    base = ["benchmark", "--task", "fashion", "--out", "unused"]
+    main(base)
+    main([*base, "--protocol", "lpft_distill_ft150"])
+    main([*base, "--protocol", "lpft_distill_ft150", "--quick", "--set", "patience=3", "widths=8,16,16,32"])
+    default, recorded, quick = recipes
+    assert default == Recipe()
+    assert recorded != default
+    assert {name: getattr(recorded, name) for name in PROTOCOLS["lpft_distill_ft150"]} == PROTOCOLS[
+        "lpft_distill_ft150"
+    ]
+    assert (quick.ft_epochs, quick.source_epochs) == (PROTOCOLS["quick"]["ft_epochs"], 1)  # quick over the protocol
+    assert quick.distill_steps == recorded.distill_steps  # what quick leaves alone stays the protocol's
+    assert (quick.patience, quick.widths) == (3, (8, 16, 16, 32))  # --set last
+    assert Recipe.protocol("lpft_distill_ft150", "quick", patience=3, widths=(8, 16, 16, 32)) == quick
+    with pytest.raises(ValueError, match="unknown protocol 'nope'; choose from default, lpft_distill_ft150"):
+        Recipe.protocol("nope")
+    # two named protocols in order, quick after them: the shared rotation lineage's 8 ancestor epochs become 1
+    main([*base, "--protocol", "lpft_distill_ft150", "shared_rotation", "--quick"])
+    shared = recipes[-1]
+    assert (shared.lineage, shared.ancestor, shared.distill_steps) == ("shared", "rotation", recorded.distill_steps)
+    assert (
+        shared.ancestor_epochs
+        == PROTOCOLS["quick"]["ancestor_epochs"]
+        != PROTOCOLS["shared_rotation"]["ancestor_epochs"]
+    )
+
+
 def test_demo_takes_the_demos_own_task_and_k_unless_given(monkeypatch):
     """The CLI holds no second copy of the demo's defaults: without --task/--k run_demo's own apply."""
     import medmerge_bench.demo as demo
@@ -82,6 +116,10 @@ def test_demo_takes_the_demos_own_task_and_k_unless_given(monkeypatch):
         (["benchmark", "--seeds", "0"], "argument --seeds: must be an integer >= 1, got 0"),
         (["benchmark", "--first-seed", "-1"], "argument --first-seed: must be an integer >= 0, got -1"),
         (["benchmark", "--methods", "nope"], "argument --methods: unknown ['nope']; choose from scratch"),
+        (
+            ["benchmark", "--protocol", "nope"],
+            "argument --protocol: unknown ['nope']; choose from default lpft_distill",
+        ),
         (["benchmark", "--set", "coef_lr=abc"], "argument --set: coef_lr expects a value of type float, got 'abc'"),
         (["quickstart", "--k", "0"], "argument --k: must be an integer >= 1, got 0"),
     ],
