@@ -13,8 +13,8 @@
 # with `python -m medmerge_bench.comparison join` and run benchmarks/report.py).
 #
 # Settings, from the environment: SEEDS (default 5), LINEAGES ("independent shared"; one a call if both may not
-# end inside the tool's 10 minutes), DEVICE (cuda), WIDTHS (64,128,256,512), QUICK=1 (`--quick`: an epoch or two a phase), OUT
-# (where parts.tgz goes; the device tool sets it). Checked on a CPU (2026-12-07, 173 s):
+# end inside the tool's 10 minutes), DEVICE (cuda), WIDTHS (64,128,256,512), QUICK=1 (`--quick`: an epoch or two a
+# phase), OUT (where parts.tgz goes; the device tool sets it). Checked on a CPU (2026-12-07, 173 s):
 #   DEVICE=cpu QUICK=1 SEEDS=2 WIDTHS=8,16,32,64 OUT=/tmp/out bash benchmarks/gpu_widths.sh run brain
 # (again with the named protocols, 2026-12-07, SEEDS=1: both lineages ran with their settings, 11 min beside a run)
 # How long the full runs take on the GPU is not known yet: the first call should say (it prints the times).

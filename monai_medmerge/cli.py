@@ -215,11 +215,10 @@ def _main(argv: list[str]) -> int:
         unknown = sorted(set(args.methods or ()) - set(methods))
         if unknown:
             b.error(f"argument --methods: unknown {unknown}; choose from {' '.join(methods)}")
-        protocols = _research(parser, "transfer", "PROTOCOLS")
-        unknown = [name for name in args.protocol if name not in protocols]
-        if unknown:
-            b.error(f"argument --protocol: unknown {unknown}; choose from {' '.join(protocols)}")
-        recipe = Recipe.protocol(*args.protocol, *(["quick"] if args.quick else []))
+        try:
+            recipe = Recipe.protocol(*args.protocol, *(["quick"] if args.quick else []))
+        except ValueError as e:
+            b.error(f"argument --protocol: {e}")
         recipe = _with_settings(recipe, args.set, b)
         run_comparison(
             args.task,

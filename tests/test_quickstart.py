@@ -118,7 +118,7 @@ def test_demo_takes_the_demos_own_task_and_k_unless_given(monkeypatch):
         (["benchmark", "--methods", "nope"], "argument --methods: unknown ['nope']; choose from scratch"),
         (
             ["benchmark", "--protocol", "nope"],
-            "argument --protocol: unknown ['nope']; choose from default lpft_distill",
+            "argument --protocol: unknown protocol 'nope'; choose from default, lpft_distill_ft150",
         ),
         (["benchmark", "--set", "coef_lr=abc"], "argument --set: coef_lr expects a value of type float, got 'abc'"),
         (["quickstart", "--k", "0"], "argument --k: must be an integer >= 1, got 0"),
