@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from monai.networks.layers import Conv, Norm
@@ -96,3 +100,14 @@ def snapshot(root) -> dict[str, tuple]:
             digest = hashlib.sha1(path.read_bytes()).hexdigest()
             out[rel] = ("file", stat.S_IMODE(info.st_mode), info.st_size, digest)
     return out
+
+
+@pytest.fixture
+def shell_env() -> dict[str, str]:
+    """The environment for shell commands that call ``python``, ``medmerge`` or ``torchrun`` by name: the scripts
+    folder of the interpreter under test first on PATH, the checkout under test first on PYTHONPATH. Without it a
+    command runs whichever Python comes first on PATH, whose install of this package may point elsewhere."""
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    python_path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PATH": path, "PYTHONPATH": python_path}

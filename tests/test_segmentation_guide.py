@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "docs" / "segmentation.md"
 
 
-def test_segmentation_guide_commands_work(tmp_path):
+def test_segmentation_guide_commands_work(tmp_path, shell_env):
     nib = pytest.importorskip("nibabel")
     pytest.importorskip("ignite")
     pytest.importorskip("fire")
@@ -24,7 +24,12 @@ def test_segmentation_guide_commands_work(tmp_path):
     assert "WORK=/tmp/medmerge_segmentation" in script
     script = script.replace("WORK=/tmp/medmerge_segmentation", f"WORK={tmp_path}")
     proc = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=1500
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=ROOT,
+        env=shell_env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
     )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]

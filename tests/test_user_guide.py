@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "docs" / "user_guide.md"
 
 
-def test_user_guide_commands_work(tmp_path):
+def test_user_guide_commands_work(tmp_path, shell_env):
     pytest.importorskip("nibabel")
     pytest.importorskip("ignite")
     pytest.importorskip("fire")
@@ -23,7 +23,12 @@ def test_user_guide_commands_work(tmp_path):
     assert "WORK=/tmp/medmerge_guide" in script
     script = script.replace("WORK=/tmp/medmerge_guide", f"WORK={tmp_path}")
     proc = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=1500
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=ROOT,
+        env=shell_env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
     )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
