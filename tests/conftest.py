@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -103,11 +104,26 @@ def snapshot(root) -> dict[str, tuple]:
 
 
 @pytest.fixture
-def shell_env() -> dict[str, str]:
-    """The environment for shell commands that call ``python``, ``medmerge`` or ``torchrun`` by name: the scripts
-    folder of the interpreter under test first on PATH, the checkout under test first on PYTHONPATH. Without it a
-    command runs whichever Python comes first on PATH, whose install of this package may point elsewhere."""
-    root = str(Path(__file__).resolve().parents[1])
+def run_script():
+    """Run a bash script (``-euo pipefail``) from the checkout's root and fail with its log's tail unless it exits 0.
+    Commands it calls by name (``python``, ``medmerge``) are the interpreter under test's: its scripts folder first
+    on PATH, the checkout first on PYTHONPATH; otherwise the first Python on PATH would run, whose install of this
+    package may point elsewhere."""
+    root = Path(__file__).resolve().parents[1]
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    python_path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, "PATH": path, "PYTHONPATH": python_path}
+    python_path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PATH": path, "PYTHONPATH": python_path}
+
+    def run(script: str, timeout: float = 1500) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+        return proc
+
+    return run

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import re
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "docs" / "segmentation.md"
 
 
-def test_segmentation_guide_commands_work(tmp_path, shell_env):
+def test_segmentation_guide_commands_work(tmp_path, run_script):
     nib = pytest.importorskip("nibabel")
     pytest.importorskip("ignite")
     pytest.importorskip("fire")
@@ -23,16 +22,7 @@ def test_segmentation_guide_commands_work(tmp_path, shell_env):
     script = blocks[0]
     assert "WORK=/tmp/medmerge_segmentation" in script
     script = script.replace("WORK=/tmp/medmerge_segmentation", f"WORK={tmp_path}")
-    proc = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script],
-        cwd=ROOT,
-        env=shell_env,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-5000:]
+    run_script(script)
     metrics = dict(csv.reader((tmp_path / "bundle" / "eval" / "metrics.csv").read_text().splitlines()))
     assert 0.0 < float(metrics["test_mean_dice"]) <= 1.0
     inputs = sorted((tmp_path / "inputs").glob("*.nii.gz"))

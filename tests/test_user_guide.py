@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "docs" / "user_guide.md"
 
 
-def test_user_guide_commands_work(tmp_path, shell_env):
+def test_user_guide_commands_work(tmp_path, run_script):
     pytest.importorskip("nibabel")
     pytest.importorskip("ignite")
     pytest.importorskip("fire")
@@ -22,16 +21,7 @@ def test_user_guide_commands_work(tmp_path, shell_env):
     script = "\n".join(blocks)
     assert "WORK=/tmp/medmerge_guide" in script
     script = script.replace("WORK=/tmp/medmerge_guide", f"WORK={tmp_path}")
-    proc = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script],
-        cwd=ROOT,
-        env=shell_env,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-5000:]
+    run_script(script)
     metrics = dict(csv.reader((tmp_path / "bundle" / "eval" / "metrics.csv").read_text().splitlines()))
     assert 0.0 <= float(metrics["test_macro_f1"]) <= 1.0
     header, *rows = list(csv.reader((tmp_path / "predictions" / "predictions.csv").read_text().splitlines()))
