@@ -10,6 +10,14 @@ import torch
 from monai.networks.layers import Conv, Norm
 from torch import nn
 
+# Under pytest-xdist (the README's test command runs the test files in parallel processes) each worker takes its
+# share of the cores, for torch here and for the processes its tests start (bundle runs, the guides): otherwise
+# every worker would use them all, and the workers would slow each other down.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 class TinyNet(nn.Module):
     """A custom CNN that exercises every unit type: grouped, depthwise and transposed convs, all norm kinds, PReLU."""

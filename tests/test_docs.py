@@ -36,3 +36,11 @@ def test_examples_run(page, tmp_path):
             exec(compile(code, f"{page}[block {i}]", "exec"), namespace)
     finally:
         os.chdir(cwd)
+
+
+def test_ci_runs_the_readmes_test_command():
+    """.ci/run runs the tests as the README's first screen tells a user to (the same pytest arguments)."""
+    readme = re.search(r"bash \.ci/setup --dev && python3 -m pytest (.+)\n", (ROOT / "README.md").read_text())
+    ci = re.search(r'"\$PY" -m pytest (.+)\n', (ROOT / ".ci" / "run").read_text())
+    assert readme and ci, "the README's test command or .ci/run's pytest line is not where this test looks"
+    assert ci.group(1) == readme.group(1)
