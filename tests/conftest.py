@@ -15,8 +15,9 @@ from torch import nn
 # every worker would use them all, and the workers would slow each other down.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
-    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+    torch.set_num_threads(_THREADS)
 
 
 class TinyNet(nn.Module):
