@@ -248,124 +248,8 @@ def plot_room(results: list[tuple[str, dict]], path: Path) -> Path | None:
     return _save(fig, path)
 
 
-WIDTH_METHODS = ("medmerge_ft", "paper_medmerge_ft")
-
-
-# training-budget settings that must be the recipe's defaults for a result to stand in the width comparison: a run
-# with longer fine-tuning changes the room as much as width does (fashion_k10_ft150)
-BUDGET_FIELDS = ("source_epochs", "coef_epochs", "ft_epochs", "patience", "distill_steps")
-
-
-def _default_budget(r: dict) -> bool:
-    from medmerge_bench.transfer import Recipe
-
-    default = Recipe()
-    return all(r["recipe"].get(f, getattr(default, f)) == getattr(default, f) for f in BUDGET_FIELDS)
-
-
-def _width_groups(results: list[tuple[str, dict]]) -> dict[tuple, list[tuple[str, dict, dict]]]:
-    """Transfer results with a room and the default training budget, grouped by (task, k, lineage and pair): only
-    groups measured at two or more widths, each sorted by its widest stage."""
-    groups: dict[tuple, list] = {}
-    for stem, r in results:
-        room = room_of(r)
-        if room is not None and r.get("benchmark") == "transfer" and _default_budget(r):
-            groups.setdefault((r["task"], r["k"], _lineage(r)), []).append((stem, r, room))
-    return {
-        key: sorted(rows, key=lambda row: _widths(row[1])[-1])
-        for key, rows in groups.items()
-        if len({tuple(_widths(r)) for _, r, _ in rows}) > 1
-    }
-
-
-def width_section(results: list[tuple[str, dict]], pictures: list[str]) -> str:
-    """Gain over the better source against the network's width, the ensemble's (the room) beside it."""
-    groups = _width_groups(results)
-    if not groups:
-        return ""
-    lines = [
-        "## Width: the room and the merges' gain at the narrow and the standard ResNet widths",
-        "",
-        "The same task, lineage and recipe at the benchmark's narrow widths and at the standard ResNet-18 widths "
-        "(64-512; one basic block per stage in both). Test macro-F1 points over the better single source (chosen "
-        "on validation), paired per seed, with the paired t-test's p; the room is the ensemble's gain.",
-        "",
-        "| task, k | lineage | widths | result | seeds | room (p) | "
-        + " | ".join(f"{m} (p)" for m in WIDTH_METHODS)
-        + " |",
-        "|---" * (6 + len(WIDTH_METHODS)) + "|",
-    ]
-
-    def cell(paired: dict | None) -> str:
-        if paired is None:
-            return "-"
-        p = f" ({paired['t_test_p']:.2g})" if "t_test_p" in paired else ""
-        return f"{100 * paired['mean_difference']:+.1f}{p}"
-
-    for (task, k, lineage), rows in groups.items():
-        for stem, r, room in rows:
-            gains = [cell(room["vs_best_single_source"].get(m)) for m in WIDTH_METHODS]
-            lines.append(
-                f"| {task}, {k} | {lineage} | {_widths(r)[0]}-{_widths(r)[-1]} | `{stem}` | {len(r['seeds'])} | "
-                f"{cell(room['room'])} | " + " | ".join(gains) + " |"
-            )
-    lines.append("")
-    lines += [f"![{p}](../benchmarks/results/{p})" for p in pictures]
-    lines.append("")
-    return "\n".join(lines)
-
-
-def plot_width(results: list[tuple[str, dict]], folder: Path) -> list[str]:
-    """One figure per task and k: the room and each merge's gain over the better source against the widest stage's
-    width, a line per lineage, a dot per seed; at a width measured more than once, the most recently written result
-    that has the row. Returns the file names written."""
-    from medmerge_bench.plots import _backend, _save, plt
-
-    _backend()
-    by_task: dict[tuple, dict] = {}
-    for (task, k, lineage), rows in _width_groups(results).items():
-        by_task.setdefault((task, k), {})[lineage] = rows
-    written = []
-    series = (("room", "ensemble (2 networks): the room", "0.4"),) + tuple(
-        (m, m, c) for m, c in zip(WIDTH_METHODS, ("tab:blue", "tab:red"), strict=True)
-    )
-    for (task, k), lineages in by_task.items():
-        fig, ax = plt.subplots(figsize=(7.0, 4.2))
-        ticks: set[int] = set()
-        for j, (lineage, rows) in enumerate(lineages.items()):
-            style = ("-", "--", ":", "-.")[j % 4]
-            for key, label, color in series:
-                # per width the most recently written result that has this series (reruns repeat older rows)
-                latest: dict[int, tuple[str, dict]] = {}
-                for _, r, room in rows:
-                    paired = room["room"] if key == "room" else room["vs_best_single_source"].get(key)
-                    width = _widths(r)[-1]
-                    if paired is not None and r.get("written", "") >= latest.get(width, ("", None))[0]:
-                        latest[width] = (r.get("written", ""), paired)
-                if not latest:
-                    continue
-                xs = sorted(latest)
-                ys = [100 * latest[w][1]["mean_difference"] for w in xs]
-                dots = [(w, 100 * d) for w in xs for d in latest[w][1]["differences"]]
-                names = [r["methods"][key] for _, r, _ in rows if key in r["methods"]]
-                name = label if key == "room" or not names else names[0]
-                ax.plot(xs, ys, style, marker="o", color=color, label=f"{name}, {lineage}")
-                ticks.update(xs)
-                ax.plot(*zip(*dots, strict=True), ".", color=color, alpha=0.35, ms=4)
-        ax.axhline(0, color="black", lw=0.8)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)])
-        ax.set_xlabel("width of the last stage (channels; the first stage has 1/8 of it)")
-        ax.set_ylabel("test macro-F1 points over the better source")
-        ax.set_title(f"{task}, k = {k}: gain over the better single source against width (dots: seeds)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-        fig.tight_layout()
-        written.append(_save(fig, folder / f"width_{task}_k{k}.png").name)
-    return written
-
-
-# the rows of the gain table and figure: (label, method, the head-first baseline instead of the better source?)
+# the rows of the gain table and the width figures: (label, method, the head-first baseline instead of the better
+# source?), and their colours in the figures
 GAIN_SERIES = (
     ("room: ensemble of the FT pair", "ensemble", False),
     ("head-first room: ensemble of the LP-FT pair", "ensemble_lpft", True),
@@ -374,7 +258,10 @@ GAIN_SERIES = (
     ("paper's recipe over the LP-FT pair, distilled", "paper_lpft_medmerge_distill", True),
     ("LP-FT distilled, no merge", "lpft_distill", True),
 )
-# the settings that make one protocol: results that differ only in lineage, pair and width are set side by side
+GAIN_COLORS = ("0.55", "0.8", "tab:blue", "tab:orange", "tab:red", "tab:purple")
+# the training budget that makes one protocol: results that differ only in lineage, pair and width are set side by
+# side (a run with longer fine-tuning changes the room as much as width does: fashion_k10_ft150). Not
+# ``distill_steps``: it changes only the budget of the distilled rows, which every run of a protocol here shares
 PROTOCOL_FIELDS = ("source_epochs", "coef_epochs", "ft_epochs", "patience", "lp_epochs")
 ROOM_WORTH_A_MERGE = 0.03  # the issue's bar: a task "has room" where some run of it finds >= 3 points
 
@@ -395,9 +282,8 @@ def _gain_of(r: dict, method: str, head_first: bool) -> dict | None:
     return recorded or _paired_scores(s["methods"], method, base)
 
 
-def _gain_groups(results: list[tuple[str, dict]]) -> dict[tuple, list[tuple[str, dict]]]:
-    """Transfer results grouped by (task, k, protocol); only the groups with a room worth a merge in some run and
-    more than one lineage or width to set side by side, each sorted by lineage, then width."""
+def _protocol_groups(results: list[tuple[str, dict]]) -> dict[tuple, list[tuple[str, dict]]]:
+    """Transfer results with a room, grouped by (task, k, protocol), each sorted by lineage, then width."""
     from medmerge_bench.transfer import Recipe
 
     default = Recipe()
@@ -407,13 +293,152 @@ def _gain_groups(results: list[tuple[str, dict]]) -> dict[tuple, list[tuple[str,
             continue
         protocol = tuple(r["recipe"].get(f, getattr(default, f)) for f in PROTOCOL_FIELDS)
         groups.setdefault((r["task"], r["k"], protocol), []).append((stem, r))
+    return {
+        key: sorted(rows, key=lambda row: (_lineage(row[1]), _widths(row[1])[-1], row[0]))
+        for key, rows in groups.items()
+    }
+
+
+def _gain_groups(results: list[tuple[str, dict]]) -> dict[tuple, list[tuple[str, dict]]]:
+    """The protocol groups with a room worth a merge in some run and more than one lineage or width to set side by
+    side."""
     chosen = {}
-    for key, rows in groups.items():
+    for key, rows in _protocol_groups(results).items():
         rooms = [_gain_of(r, m, hf) for _, r in rows for _, m, hf in GAIN_SERIES[:2]]
         settings = {(_lineage(r), tuple(_widths(r))) for _, r in rows}
         if len(settings) > 1 and max((g["mean_difference"] for g in rooms if g), default=0) >= ROOM_WORTH_A_MERGE:
-            chosen[key] = sorted(rows, key=lambda row: (_lineage(row[1]), _widths(row[1])[-1], row[0]))
+            chosen[key] = rows
     return chosen
+
+
+def _width_groups(results: list[tuple[str, dict]]) -> dict[tuple, dict[str, list[tuple[str, dict]]]]:
+    """Per (task, k, protocol), the lineages measured at two or more widths, each with its runs in order of width."""
+    groups: dict[tuple, dict] = {}
+    for key, rows in _protocol_groups(results).items():
+        by_lineage: dict[str, list] = {}
+        for stem, r in rows:
+            by_lineage.setdefault(_lineage(r), []).append((stem, r))
+        wide = {lineage: runs for lineage, runs in by_lineage.items() if len({tuple(_widths(r)) for _, r in runs}) > 1}
+        if wide:
+            groups[key] = wide
+    return groups
+
+
+def _gain_cells(r: dict) -> list[str]:
+    """A run's cells of GAIN_SERIES: the paired test gain in points with its p, and each recipe's share of the room
+    of its own baseline (the rooms themselves get none)."""
+
+    def cell(gain: dict | None, room: dict | None) -> str:
+        if gain is None:
+            return "-"
+        text = f"{100 * gain['mean_difference']:+.1f}"
+        if "t_test_p" in gain:
+            text += f" ({gain['t_test_p']:.2g})"
+        taken = None if room is None else share_of_room(gain["mean_difference"], room["mean_difference"])
+        if taken is not None:
+            text += f", {100 * taken:.0f}%"
+        return text
+
+    room, head_first = (_gain_of(r, m, hf) for _, m, hf in GAIN_SERIES[:2])
+    shares = [None, None] + [head_first if hf else room for _, _, hf in GAIN_SERIES[2:]]
+    return [cell(_gain_of(r, m, hf), share) for (_, m, hf), share in zip(GAIN_SERIES, shares, strict=True)]
+
+
+def _gain_table(groups: dict[tuple, list[tuple[str, dict]]]) -> list[str]:
+    lines = [
+        "| task, k | lineage | widths | result | seeds | " + " | ".join(label for label, _, _ in GAIN_SERIES) + " |",
+        "|---" * (5 + len(GAIN_SERIES)) + "|",
+    ]
+    for (task, k, _), rows in groups.items():
+        for stem, r in rows:
+            widths = _widths(r)
+            lines.append(
+                f"| {task}, {k} | {_lineage(r)} | {widths[0]}-{widths[-1]} | `{stem}` | {len(r['seeds'])} | "
+                + " | ".join(_gain_cells(r))
+                + " |"
+            )
+    return lines
+
+
+def _budget(protocol: tuple) -> str:
+    return ", ".join(f"{f} {v}" for f, v in zip(PROTOCOL_FIELDS, protocol, strict=True))
+
+
+def width_section(results: list[tuple[str, dict]], pictures: list[str]) -> str:
+    """The runs of one task, protocol and lineage at two or more widths, with the columns of the gain table: the
+    rooms and each recipe's gain against the network's width."""
+    groups = _width_groups(results)
+    if not groups:
+        return ""
+    lines = [
+        "## Width: the room and the merges' gain at the narrow and the standard ResNet widths",
+        "",
+        "The same task, protocol and lineage at the benchmark's narrow widths and at the standard ResNet-18 widths "
+        "(64-512; one basic block per stage in both), with the columns of the gain table above: test macro-F1 "
+        "points over the better single source (the head-first rows over the better LP-FT network), paired per seed, "
+        "with the paired t-test's p, and each recipe's share of its room. One figure per task: the rooms and the "
+        "recipes against the width of the last stage, a line per lineage, the seeds as dots.",
+        "",
+    ]
+    flat = {key: [run for runs in lineages.values() for run in runs] for key, lineages in groups.items()}
+    lines += _gain_table(flat)
+    lines.append("")
+    lines += [f"![{p}](../benchmarks/results/{p})" for p in pictures]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot_width(results: list[tuple[str, dict]], folder: Path) -> list[str]:
+    """One figure per task and k, a panel per protocol: each room and recipe of GAIN_SERIES against the widest
+    stage's width, a line per lineage, a dot per seed; at a width measured more than once, the most recently written
+    result that has the row. Returns the file names written."""
+    from medmerge_bench.plots import _backend, _save, plt
+
+    _backend()
+    by_task: dict[tuple, dict] = {}
+    for (task, k, protocol), lineages in _width_groups(results).items():
+        by_task.setdefault((task, k), {})[protocol] = lineages
+    written = []
+    for (task, k), protocols in by_task.items():
+        fig, axes = plt.subplots(
+            len(protocols), 1, figsize=(8.5, 4.2 * len(protocols)), squeeze=False, constrained_layout=True
+        )
+        for ax, (protocol, lineages) in zip(axes[:, 0], protocols.items(), strict=True):
+            ticks: set[int] = set()
+            for j, (lineage, rows) in enumerate(lineages.items()):
+                style = ("-", "--", ":", "-.")[j % 4]
+                for (label, method, head_first), color in zip(GAIN_SERIES, GAIN_COLORS, strict=True):
+                    # per width the most recently written result that has this series (reruns repeat older rows)
+                    latest: dict[int, tuple[str, dict]] = {}
+                    for _, r in rows:
+                        gain = _gain_of(r, method, head_first)
+                        width = _widths(r)[-1]
+                        if gain is not None and r.get("written", "") >= latest.get(width, ("", None))[0]:
+                            latest[width] = (r.get("written", ""), gain)
+                    if not latest:
+                        continue
+                    xs = sorted(latest)
+                    ax.plot(
+                        xs,
+                        [100 * latest[w][1]["mean_difference"] for w in xs],
+                        style,
+                        marker="o",
+                        color=color,
+                        label=f"{label}, {lineage}",
+                    )
+                    dots = [(w, 100 * d) for w in xs for d in latest[w][1]["differences"]]
+                    ax.plot(*zip(*dots, strict=True), ".", color=color, alpha=0.35, ms=4)
+                    ticks.update(xs)
+            ax.axhline(0, color="black", lw=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)])
+            ax.set_xlabel("width of the last stage (channels; the first stage has 1/8 of it)")
+            ax.set_ylabel("test macro-F1 points over the better source\n(head-first rows: the better LP-FT network)")
+            ax.set_title(f"{task}, k = {k} ({_budget(protocol)}): gain against width (dots: seeds)", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        written.append(_save(fig, folder / f"width_{task}_k{k}.png").name)
+    return written
 
 
 def gain_section(results: list[tuple[str, dict]], picture: str | None) -> str:
@@ -434,33 +459,8 @@ def gain_section(results: list[tuple[str, dict]], picture: str | None) -> str:
         "is measured against the baseline of its own room); the share is the gain over its room. A dash: the run did "
         "not have the rows.",
         "",
-        "| task, k | lineage | widths | result | seeds | " + " | ".join(label for label, _, _ in GAIN_SERIES) + " |",
-        "|---" * (5 + len(GAIN_SERIES)) + "|",
     ]
-
-    def cell(gain: dict | None, room: dict | None) -> str:
-        if gain is None:
-            return "-"
-        text = f"{100 * gain['mean_difference']:+.1f}"
-        if "t_test_p" in gain:
-            text += f" ({gain['t_test_p']:.2g})"
-        taken = None if room is None else share_of_room(gain["mean_difference"], room["mean_difference"])
-        if taken is not None:
-            text += f", {100 * taken:.0f}%"
-        return text
-
-    for (task, k, _), rows in groups.items():
-        for stem, r in rows:
-            room, head_first = (_gain_of(r, m, hf) for _, m, hf in GAIN_SERIES[:2])
-            # the rooms themselves get no share; each recipe its share of the room of its own baseline
-            shares = [None, None] + [head_first if hf else room for _, _, hf in GAIN_SERIES[2:]]
-            cells = [cell(_gain_of(r, m, hf), share) for (_, m, hf), share in zip(GAIN_SERIES, shares, strict=True)]
-            widths = _widths(r)
-            lines.append(
-                f"| {task}, {k} | {_lineage(r)} | {widths[0]}-{widths[-1]} | `{stem}` | {len(r['seeds'])} | "
-                + " | ".join(cells)
-                + " |"
-            )
+    lines += _gain_table(groups)
     if picture:
         lines += ["", f"![{picture}](../benchmarks/results/{picture})"]
     lines.append("")
@@ -477,10 +477,9 @@ def plot_gain(results: list[tuple[str, dict]], path: Path) -> Path | None:
     if not groups:
         return None
     fig, axes = plt.subplots(len(groups), 1, figsize=(11.0, 4.6 * len(groups)), squeeze=False, constrained_layout=True)
-    colors = ("0.55", "0.8", "tab:blue", "tab:orange", "tab:red", "tab:purple")
     width = 0.8 / len(GAIN_SERIES)
     for ax, ((task, k, protocol), rows) in zip(axes[:, 0], groups.items(), strict=True):
-        for j, ((label, method, head_first), color) in enumerate(zip(GAIN_SERIES, colors, strict=True)):
+        for j, ((label, method, head_first), color) in enumerate(zip(GAIN_SERIES, GAIN_COLORS, strict=True)):
             for i, (_, r) in enumerate(rows):
                 gain = _gain_of(r, method, head_first)
                 if gain is None:
@@ -505,8 +504,7 @@ def plot_gain(results: list[tuple[str, dict]], path: Path) -> Path | None:
             ha="right",
         )
         ax.set_ylabel("test macro-F1 points")
-        budget = ", ".join(f"{f} {v}" for f, v in zip(PROTOCOL_FIELDS, protocol, strict=True))
-        ax.set_title(f"{task}, k = {k} ({budget}): room and gain over the better single source", fontsize=9)
+        ax.set_title(f"{task}, k = {k} ({_budget(protocol)}): room and gain over the better single source", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
         handles, labels = ax.get_legend_handles_labels()
         unique = dict(zip(labels, handles, strict=True))

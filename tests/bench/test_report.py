@@ -56,8 +56,47 @@ def test_width_section_pairs_the_widths_of_one_task_and_lineage(tmp_path):
     rows = [line for line in text.splitlines() if line.startswith("| fashion, 10")]
     # the shared lineage has one width only: no row; the independent rows in order of width, with their numbers
     assert [row.split(" | ")[3] for row in rows] == ["`fashion_k10_narrow`", "`fashion_k10_wide`"]
-    assert "| 64-512 | `fashion_k10_wide` | 2 | +6.0 (0.5) | +4.0 (0.5) | +1.0 (0.5) |" in rows[1]
+    # the gain table's columns: room, head-first room (not run), the two recipes with their share of the room
+    assert "| 64-512 | `fashion_k10_wide` | 2 | +6.0 (0.5) | - | +4.0 (0.5), 67% | +1.0 (0.5), 17% | - | - |" in rows[1]
     assert "width_fashion_k10.png" in text
+
+
+def test_width_figure_and_table_follow_the_protocol_and_its_head_first_rows(tmp_path):
+    """Runs with a longer budget are compared across widths among themselves, with the rows they ran (the distilled
+    recipe over the LP-FT pair against the better LP-FT network), in a panel of their own in the task's figure."""
+
+    def scores(test: list[float]) -> dict:
+        return {"val_macro_f1": {"mean": sum(test) / 2}, "test_macro_f1": {"values": test}}
+
+    runs = []
+    for stem, widths, distilled in (
+        ("long_narrow", [16, 32, 64, 128], [0.74, 0.78]),
+        ("long_wide", [64, 128, 256, 512], [0.76, 0.80]),
+    ):
+        r = _result("transfer", widths, "independent", [0.03, 0.05], [0.01, 0.01])
+        r["recipe"] |= {"ft_epochs": 150, "patience": 40}
+        r["methods"].update(lpft_a="lpft a", lpft_b="lpft b", ensemble_lpft="e", paper_lpft_medmerge_distill="d")
+        r["summary"]["methods"].update(
+            lpft_a=scores([0.60, 0.60]), lpft_b=scores([0.70, 0.72]), paper_lpft_medmerge_distill=scores(distilled)
+        )
+        r["summary"]["room_head_first"] = {"baseline": "lpft_b", **_paired([0.05, 0.06])}
+        runs.append((f"fashion_k10_{stem}", r))
+    text = report.width_section([*RESULTS, *runs], [])
+    rows = {line.split(" | ")[3]: line.split(" | ") for line in text.splitlines() if line.startswith("| fashion, 10")}
+    assert set(rows) == {
+        "`fashion_k10_narrow`",
+        "`fashion_k10_wide`",
+        "`fashion_k10_long_narrow`",
+        "`fashion_k10_long_wide`",
+    }
+    # over lpft_b: +4 and +6 at 16-128, +6 and +8 at 64-512 (paired t-test, one degree of freedom), each its
+    # share of the 5.5-point head-first room
+    assert rows["`fashion_k10_long_narrow`"][9] == "+5.0 (0.13), 91%"
+    assert rows["`fashion_k10_long_wide`"][9] == "+7.0 (0.09), 127%"
+    # one figure for the task, a panel per protocol
+    assert report.plot_width([*RESULTS, *runs], tmp_path) == ["width_fashion_k10.png"]
+    # alone at one width the longer runs have nothing to compare: they leave the section
+    assert "long" not in report.width_section([*RESULTS, runs[0]], [])
     assert report.width_section(RESULTS[:1], []) == ""
 
 
