@@ -1,4 +1,4 @@
-"""The Python examples of the README and docs/ run as written."""
+"""The Python examples of the README and docs/ run as written, and the pages' relative links name files that exist."""
 
 from __future__ import annotations
 
@@ -44,3 +44,25 @@ def test_ci_runs_the_readmes_test_command():
     ci = re.search(r'"\$PY" -m pytest (.+)\n', (ROOT / ".ci" / "run").read_text())
     assert readme and ci, "the README's test command or .ci/run's pytest line is not where this test looks"
     assert ci.group(1) == readme.group(1)
+
+
+def test_relative_links_of_the_docs_point_at_files_that_exist():
+    """Every relative link and picture of the README, docs/, the bundles' and the benchmarks' pages names a file of
+    the repository (a renamed result or figure would leave a dead link otherwise)."""
+    pages = [
+        ROOT / "README.md",
+        *ROOT.glob("docs/*.md"),
+        *ROOT.glob("bundles/**/*.md"),
+        *ROOT.glob("benchmarks/**/*.md"),
+    ]
+    dead, checked = [], 0
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # code blocks hold shell text, not links
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue  # a web address or an anchor of the page itself
+            checked += 1
+            if not (page.parent / target.split("#")[0]).exists():
+                dead.append(f"{page.relative_to(ROOT)}: {target}")
+    assert checked > 100, f"only {checked} relative links found: the pattern no longer matches the pages"
+    assert not dead, "links to files that do not exist:\n" + "\n".join(dead)
