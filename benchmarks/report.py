@@ -401,7 +401,7 @@ def plot_width(results: list[tuple[str, dict]], folder: Path) -> list[str]:
     written = []
     for (task, k), protocols in by_task.items():
         fig, axes = plt.subplots(
-            len(protocols), 1, figsize=(8.5, 4.2 * len(protocols)), squeeze=False, constrained_layout=True
+            len(protocols), 1, figsize=(10.5, 4.4 * len(protocols)), squeeze=False, constrained_layout=True
         )
         for ax, (protocol, lineages) in zip(axes[:, 0], protocols.items(), strict=True):
             ticks: set[int] = set()
