@@ -339,9 +339,10 @@ def _gain_cells(r: dict) -> list[str]:
             text += f", {100 * taken:.0f}%"
         return text
 
-    room, head_first = (_gain_of(r, m, hf) for _, m, hf in GAIN_SERIES[:2])
+    gains = [_gain_of(r, m, hf) for _, m, hf in GAIN_SERIES]
+    room, head_first = gains[:2]
     shares = [None, None] + [head_first if hf else room for _, _, hf in GAIN_SERIES[2:]]
-    return [cell(_gain_of(r, m, hf), share) for (_, m, hf), share in zip(GAIN_SERIES, shares, strict=True)]
+    return [cell(gain, share) for gain, share in zip(gains, shares, strict=True)]
 
 
 def _gain_table(groups: dict[tuple, list[tuple[str, dict]]]) -> list[str]:

@@ -18,6 +18,12 @@ def _paired(differences: list[float]) -> dict:
     return {"differences": differences, "mean_difference": sum(differences) / len(differences), "t_test_p": 0.5}
 
 
+def _scores(test: list[float], val: list[float] | None = None) -> dict:
+    """A method's per-seed test and validation macro-F1 (validation: the test scores unless given)."""
+    val = test if val is None else val
+    return {"val_macro_f1": {"mean": sum(val) / len(val), "values": val}, "test_macro_f1": {"values": test}}
+
+
 def _result(benchmark: str, widths: list[int], lineage: str, room: list[float], gain: list[float]) -> dict:
     recipe = {"widths": widths} if benchmark == "transfer" else {"channels": widths}
     methods = {m: m for m in ("ft_a", "ft_b", "medmerge_ft", "paper_medmerge_ft", "ensemble")}
@@ -65,9 +71,6 @@ def test_width_figure_and_table_follow_the_protocol_and_its_head_first_rows(tmp_
     """Runs with a longer budget are compared across widths among themselves, with the rows they ran (the distilled
     recipe over the LP-FT pair against the better LP-FT network), in a panel of their own in the task's figure."""
 
-    def scores(test: list[float]) -> dict:
-        return {"val_macro_f1": {"mean": sum(test) / 2}, "test_macro_f1": {"values": test}}
-
     runs = []
     for stem, widths, distilled in (
         ("long_narrow", [16, 32, 64, 128], [0.74, 0.78]),
@@ -77,7 +80,7 @@ def test_width_figure_and_table_follow_the_protocol_and_its_head_first_rows(tmp_
         r["recipe"] |= {"ft_epochs": 150, "patience": 40}
         r["methods"].update(lpft_a="lpft a", lpft_b="lpft b", ensemble_lpft="e", paper_lpft_medmerge_distill="d")
         r["summary"]["methods"].update(
-            lpft_a=scores([0.60, 0.60]), lpft_b=scores([0.70, 0.72]), paper_lpft_medmerge_distill=scores(distilled)
+            lpft_a=_scores([0.60, 0.60]), lpft_b=_scores([0.70, 0.72]), paper_lpft_medmerge_distill=_scores(distilled)
         )
         r["summary"]["room_head_first"] = {"baseline": "lpft_b", **_paired([0.05, 0.06])}
         runs.append((f"fashion_k10_{stem}", r))
@@ -125,13 +128,10 @@ def test_room_table_sets_a_distilled_recipe_against_fine_tuning_for_the_same_ste
     that its gain over the default-budget best source is not read as the merge's."""
     stem, r = "fashion_k10_steps", _result("transfer", [16, 32, 64, 128], "independent", [0.02, 0.04], [0.03, 0.01])
 
-    def scores(val: list[float], test: list[float]) -> dict:
-        return {"val_macro_f1": {"mean": sum(val) / 2, "values": val}, "test_macro_f1": {"values": test}}
-
     r["recipe"]["distill_steps"] = 20
     r["methods"].update(paper_medmerge_distill="distilled", ft_steps="same steps")
     r["summary"]["methods"].update(
-        paper_medmerge_distill=scores([0.8, 0.8], [0.75, 0.71]), ft_steps=scores([0.7, 0.7], [0.74, 0.68])
+        paper_medmerge_distill=_scores([0.75, 0.71], val=[0.8, 0.8]), ft_steps=_scores([0.74, 0.68], val=[0.7, 0.7])
     )
     r["summary"]["chosen_medmerge"] = {"method": "paper_medmerge_distill", **_paired([0.03, 0.01])}
     row = next(line for line in report.room_section([(stem, r)], None).splitlines() if stem in line)
@@ -142,7 +142,8 @@ def test_room_table_sets_a_distilled_recipe_against_fine_tuning_for_the_same_ste
     # a recipe over the LP-FT pair is set against the head-first fine-tuning of as many steps
     r["methods"].update(paper_lpft_medmerge_distill="distilled, head first", lpft_steps="same steps, head first")
     r["summary"]["methods"].update(
-        paper_lpft_medmerge_distill=scores([0.8, 0.8], [0.75, 0.71]), lpft_steps=scores([0.7, 0.7], [0.76, 0.70])
+        paper_lpft_medmerge_distill=_scores([0.75, 0.71], val=[0.8, 0.8]),
+        lpft_steps=_scores([0.76, 0.70], val=[0.7, 0.7]),
     )
     r["summary"]["chosen_medmerge"] = {"method": "paper_lpft_medmerge_distill", **_paired([0.03, 0.01])}
     row = next(line for line in report.room_section([(stem, r)], None).splitlines() if stem in line)
@@ -217,14 +218,11 @@ def test_gain_table_sets_lineages_widths_and_recipes_of_one_protocol_side_by_sid
     """The gain table groups the runs of one task and protocol, gives each recipe its share of the room of its own
     baseline (the head-first rows of the LP-FT room), and leaves out tasks without room or with one setting."""
 
-    def scores(test: list[float]) -> dict:
-        return {"val_macro_f1": {"mean": sum(test) / 2}, "test_macro_f1": {"values": test}}
-
     wide = _result("transfer", [64, 128, 256, 512], "shared", [0.03, 0.05], [0.01, 0.01])
     wide["recipe"]["ancestor"] = "rotation"
     wide["methods"].update(lpft_a="lpft a", lpft_b="lpft b", ensemble_lpft="e", paper_lpft_medmerge_distill="d")
     wide["summary"]["methods"].update(
-        lpft_a=scores([0.60, 0.60]), lpft_b=scores([0.70, 0.72]), paper_lpft_medmerge_distill=scores([0.73, 0.76])
+        lpft_a=_scores([0.60, 0.60]), lpft_b=_scores([0.70, 0.72]), paper_lpft_medmerge_distill=_scores([0.73, 0.76])
     )
     wide["summary"]["room_head_first"] = {"baseline": "lpft_b", **_paired([0.05, 0.06])}
     rows = [("fashion_k10_narrow", RESULTS[0][1]), ("fashion_k10_wide_distill", wide)]
