@@ -209,6 +209,19 @@ def _provenance_free(value):
     return value
 
 
+def _first_difference(a, b, where: str) -> str:
+    """Where ``a`` and ``b`` (parsed JSON) first differ, as ``where.key: value_a vs value_b``, for a join's errors."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{where}.{key}")
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            if x != y:
+                return _first_difference(x, y, f"{where}[{i}]")
+    return f"{where}: {a!r} vs {b!r}"
+
+
 def join_reports(paths: Sequence[str | Path], out_dir: str | Path, name: str) -> dict:
     """One report of several runs of one comparison on disjoint seeds (``medmerge benchmark --first-seed``).
 
@@ -234,11 +247,25 @@ def join_reports(paths: Sequence[str | Path], out_dir: str | Path, name: str) ->
     first = parts[0]
     for path, part in zip(paths[1:], parts[1:], strict=True):
         for key in SAME_COMPARISON:
-            if _provenance_free(part.get(key)) != _provenance_free(first.get(key)):
-                raise ValueError(f"{path} and {paths[0]} differ in {key!r}: not one comparison on more seeds")
+            ours, theirs = _provenance_free(part.get(key)), _provenance_free(first.get(key))
+            if ours != theirs:
+                why = (
+                    " (the sources were pretrained again and came out different: another kind of CPU or another "
+                    "thread count trains them differently; run the missing seeds where the first ones ran)"
+                    if key == "sources"
+                    else ""
+                )
+                raise ValueError(
+                    f"{path} and {paths[0]} differ in {key!r} ({_first_difference(ours, theirs, key)}): not one "
+                    f"comparison on more seeds{why}"
+                )
         machine = {k: v for k, v in part["machine"].items() if k != "code"}
-        if machine != {k: v for k, v in first["machine"].items() if k != "code"}:
-            raise ValueError(f"{path} and {paths[0]} were measured on different machines or versions")
+        theirs = {k: v for k, v in first["machine"].items() if k != "code"}
+        if machine != theirs:
+            raise ValueError(
+                f"{path} and {paths[0]} were measured on different machines or versions "
+                f"({_first_difference(machine, theirs, 'machine')})"
+            )
     seeds = [s for part in parts for s in part["seeds"]]
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"the runs share seeds ({sorted(seeds)}): each seed must come from one run")

@@ -137,7 +137,8 @@ def _main(argv: list[str]) -> int:
         type=_int_at_least(0),
         default=0,
         help="run seeds first-seed, first-seed + 1, ... (add seeds to a recorded run, then join the files with "
-        "`python -m medmerge_bench.comparison join`)",
+        "`python -m medmerge_bench.comparison join`; on the recorded run's kind of CPU and thread count, where "
+        "sources pretrained again come out bit for bit the same)",
     )
     b.add_argument("--methods", nargs="+", default=None, help="subset of methods (default: all)")
     b.add_argument("--out", default="benchmarks/results", help="output folder")

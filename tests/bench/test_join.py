@@ -56,11 +56,11 @@ def test_runs_that_are_not_one_comparison_are_refused(tmp_path, capsys):
         join_reports([a, write("b", _part(recorded, [1, 2], "x"))], tmp_path, "j")
     other = _part(recorded, [3], "x")
     other["recipe"]["ft_epochs"] = 30
-    with pytest.raises(ValueError, match=r"c\.json and .*a\.json differ in 'recipe'"):
+    with pytest.raises(ValueError, match=r"c\.json and .*a\.json differ in 'recipe' \(recipe\.ft_epochs: 30 vs "):
         join_reports([a, write("c", other)], tmp_path, "j")
     elsewhere = _part(recorded, [3], "x")
     elsewhere["machine"]["cpu"] = "another"
-    with pytest.raises(ValueError, match="different machines"):
+    with pytest.raises(ValueError, match=r"different machines or versions \(machine\.cpu: 'another' vs "):
         join_reports([a, write("d", elsewhere)], tmp_path, "j")
     with pytest.raises(ValueError, match="at least two"):
         join_reports([a], tmp_path, "j")
@@ -81,9 +81,10 @@ def test_sources_pretrained_again_join_those_found_in_the_cache(tmp_path):
         path.write_text(json.dumps(part))
     assert join_reports(paths, tmp_path / "out", "joined")["seeds"] == [0, 1, 2]
     other = _part(recorded, [3], "z")
-    source = next(iter(other["sources"]["sources"].values()))
-    source["val"] = {"macro_f1": -1.0}
+    tag, source = next(iter(other["sources"]["sources"].items()))
+    source["val"]["macro_f1"] = -1.0
     paths.append(tmp_path / "other.json")
     paths[-1].write_text(json.dumps(other))
-    with pytest.raises(ValueError, match=r"other\.json and .*cached\.json differ in 'sources'"):
+    named = rf"differ in 'sources' \(sources\.sources\.{tag}\.val\.macro_f1: -1\.0 vs .*pretrained again"
+    with pytest.raises(ValueError, match=r"other\.json and .*cached\.json " + named):
         join_reports(paths, tmp_path / "out", "joined")
