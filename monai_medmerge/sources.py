@@ -78,7 +78,8 @@ def _is_excluded(key: str, exclude: Sequence[str]) -> bool:
 
 
 def check_compatible(sources: Sequence[nn.Module], exclude: Sequence[str] = ()) -> None:
-    """Check that several networks can be merged: same class, same state-dict keys and shapes, finite weights.
+    """Check that several networks can be merged: same class, same state-dict keys, shapes and dtypes, finite
+    weights.
 
     Source 0 is the reference that every other source is compared against.
 
@@ -90,8 +91,8 @@ def check_compatible(sources: Sequence[nn.Module], exclude: Sequence[str] = ()) 
 
     Raises:
         ValueError: when there are fewer than two sources, a source is not an ``nn.Module``, the classes differ, a
-            source lacks or has extra state-dict keys, shapes differ, or a floating-point tensor holds NaN or Inf.
-            The message names the source index and the offending class, keys or tensor.
+            source lacks or has extra state-dict keys, shapes or dtypes differ, or a floating-point tensor holds NaN
+            or Inf. The message names the source index and the offending class, keys or tensor.
     """
     if isinstance(exclude, str):
         # A bare string would otherwise be read as a sequence of one-letter module names.
@@ -129,6 +130,18 @@ def check_compatible(sources: Sequence[nn.Module], exclude: Sequence[str] = ()) 
                 f"source {i} and source 0 differ in shape for {len(mismatched)} tensor(s) "
                 f"(source {i} vs source 0): {_first_names(mismatched)}; "
                 "a task-specific head of different size can be left out with exclude=[...]"
+            )
+        # a merge computes in one dtype: another would be cast silently (a half-precision copy loses digits)
+        retyped = [
+            f"{k} {sd[k].dtype} vs {v.dtype}"
+            for k, v in ref.items()
+            if isinstance(v, torch.Tensor) and isinstance(sd[k], torch.Tensor) and sd[k].dtype != v.dtype
+        ]
+        if retyped:
+            raise ValueError(
+                f"source {i} and source 0 differ in dtype for {len(retyped)} tensor(s) "
+                f"(source {i} vs source 0): {_first_names(retyped)}; convert the sources to one dtype first, "
+                "e.g. network.float()"
             )
 
     for i, sd in enumerate(state_dicts):

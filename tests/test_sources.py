@@ -118,6 +118,17 @@ def test_extra_and_missing_keys():
     check_compatible([plain, extended], exclude=["extra"])
 
 
+def test_sources_of_another_dtype_are_refused_not_cast():
+    """A merge computes in source 0's dtype: a source in half precision would be cast silently."""
+    with pytest.raises(
+        ValueError,
+        match=r"source 1 and source 0 differ in dtype for \d+ tensor\(s\) \(source 1 vs source 0\): "
+        r"conv1\.weight torch\.float16 vs torch\.float32.*network\.float\(\)",
+    ):
+        check_compatible([_resnet(seed=0), _resnet(seed=1).half()])
+    check_compatible([_resnet(seed=0).double(), _resnet(seed=1).double()])
+
+
 def test_many_differing_keys_are_summarised():
     with pytest.raises(
         ValueError,

@@ -41,6 +41,7 @@ from monai_medmerge.merging.permutation import (
     _trace,
     trace_activations,
 )
+from monai_medmerge.sources import check_compatible
 
 __all__ = ["feature_correlations", "inference_macs", "zip_matrices", "zip_networks"]
 
@@ -148,21 +149,9 @@ def _check_structure(
     """Group name -> (source width, target width), after checking that the target differs only in group widths.
 
     Raises:
-        ValueError: naming the first difference between the sources, or between them and the target.
+        ValueError: naming the first difference between the sources and the target.
     """
-    first = sources[0]
-    for i, s in enumerate(sources[1:], 1):
-        if type(s) is not type(first):
-            raise ValueError(f"source {i} is a {type(s).__name__}, source 0 a {type(first).__name__}.")
-        a, b = first.state_dict(), s.state_dict()
-        if set(a) != set(b):
-            raise ValueError(f"source {i} has other tensors than source 0: {sorted(set(a) ^ set(b))[:5]}.")
-        diff = [k for k in a if a[k].shape != b[k].shape]
-        if diff:
-            raise ValueError(
-                f"sources 0 and {i} differ in shape at {diff[0]!r}: {tuple(a[diff[0]].shape)} and "
-                f"{tuple(b[diff[0]].shape)}; zipped sources need one architecture at one width."
-            )
+    first = sources[0]  # the sources agree with each other: zip_networks checked them (check_compatible)
     if type(target) is not type(first):
         raise ValueError(
             f"the target is a {type(target).__name__}; it must be a {type(first).__name__} like the sources."
@@ -454,7 +443,8 @@ def zip_networks(
         a new module (a deep copy of ``target``) holding the zipped weights, in eval mode.
 
     Raises:
-        ValueError: for fewer than two sources, sources of different classes or widths, a target of another class
+        ValueError: for sources that cannot be merged (:func:`~monai_medmerge.sources.check_compatible`: fewer than
+            two, of different classes, widths or dtypes, non-finite weights), a target of another class
             or structure, or a group of the target narrower than the sources' or wider than N times it (naming it).
         UnsupportedOperationError: for operations the channel tracer cannot follow, or hidden channels it keeps
             fixed (grouped convolutions other than depthwise, group norms with 1 < groups < channels).
@@ -462,9 +452,8 @@ def zip_networks(
     Norm layers that normalise across channels (LayerNorm over the channel axis, GroupNorm with one group) see the
     sources' features together, so they do not reproduce the ensemble exactly even at N times the width.
     """
+    check_compatible(sources)  # one class, the same tensors and shapes (the heads too), one dtype, finite weights
     n = len(sources)
-    if n < 2:
-        raise ValueError(f"zip_networks needs at least 2 sources, got {n}.")
     if example_input is None:
         example_input = next(iter(_batches(data, batch_size, max_batches)), None)
         if example_input is None:
