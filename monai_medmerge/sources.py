@@ -77,6 +77,12 @@ def _is_excluded(key: str, exclude: Sequence[str]) -> bool:
     return any(key == name or key.startswith(name + ".") for name in exclude)
 
 
+def _attribute(tensor: torch.Tensor, attr: str):
+    """A tensor's ``shape`` (as a tuple) or ``dtype``, as :func:`check_compatible` compares and prints it."""
+    value = getattr(tensor, attr)
+    return tuple(value) if attr == "shape" else value
+
+
 def check_compatible(sources: Sequence[nn.Module], exclude: Sequence[str] = ()) -> None:
     """Check that several networks can be merged: same class, same state-dict keys, shapes and dtypes, finite
     weights.
@@ -120,29 +126,22 @@ def check_compatible(sources: Sequence[nn.Module], exclude: Sequence[str] = ()) 
             problems.append(f"source {i} has {len(extra)} key(s) that source 0 lacks: {_first_names(extra)}")
         if problems:
             raise ValueError("; ".join(problems))
-        mismatched = [
-            f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}"
-            for k, v in ref.items()
-            if isinstance(v, torch.Tensor) and isinstance(sd[k], torch.Tensor) and sd[k].shape != v.shape
-        ]
-        if mismatched:
-            raise ValueError(
-                f"source {i} and source 0 differ in shape for {len(mismatched)} tensor(s) "
-                f"(source {i} vs source 0): {_first_names(mismatched)}; "
-                "a task-specific head of different size can be left out with exclude=[...]"
-            )
-        # a merge computes in one dtype: another would be cast silently (a half-precision copy loses digits)
-        retyped = [
-            f"{k} {sd[k].dtype} vs {v.dtype}"
-            for k, v in ref.items()
-            if isinstance(v, torch.Tensor) and isinstance(sd[k], torch.Tensor) and sd[k].dtype != v.dtype
-        ]
-        if retyped:
-            raise ValueError(
-                f"source {i} and source 0 differ in dtype for {len(retyped)} tensor(s) "
-                f"(source {i} vs source 0): {_first_names(retyped)}; convert the sources to one dtype first, "
-                "e.g. network.float()"
-            )
+        # a merge computes in source 0's dtype: a source in another would be cast silently (half precision loses digits)
+        for attr, hint in (
+            ("shape", "a task-specific head of different size can be left out with exclude=[...]"),
+            ("dtype", "convert the sources to one dtype first, e.g. network.float()"),
+        ):
+            differ = [
+                f"{k} {_attribute(sd[k], attr)} vs {_attribute(v, attr)}"
+                for k, v in ref.items()
+                if isinstance(v, torch.Tensor) and isinstance(sd[k], torch.Tensor)
+                if _attribute(sd[k], attr) != _attribute(v, attr)
+            ]
+            if differ:
+                raise ValueError(
+                    f"source {i} and source 0 differ in {attr} for {len(differ)} tensor(s) "
+                    f"(source {i} vs source 0): {_first_names(differ)}; {hint}"
+                )
 
     for i, sd in enumerate(state_dicts):
         for k, v in sd.items():
