@@ -181,10 +181,24 @@ def _main(argv: list[str]) -> int:
         "--spatial-size", nargs="+", type=int, required=True, metavar="N", help="network input size, e.g. 96 96 96"
     )
     e.add_argument("--out", required=True, help="the bundle folder to write")
-    e.add_argument("--in-channels", type=int, default=1)
+    e.add_argument("--in-channels", type=int, default=1, help="image channels the network reads (default 1)")
     e.add_argument("--modality", default="other", help="CT (window), MR (percentiles) or other (normalisation)")
-    e.add_argument("--window", nargs=2, type=float, default=(-1000.0, 1000.0), metavar=("LOW", "HIGH"))
-    e.add_argument("--percentiles", nargs=2, type=float, default=(1.0, 99.0), metavar=("LOW", "HIGH"))
+    e.add_argument(
+        "--window",
+        nargs=2,
+        type=float,
+        default=(-1000.0, 1000.0),
+        metavar=("LOW", "HIGH"),
+        help="CT: intensities (HU) mapped to 0..1, clipped outside (default -1000 1000)",
+    )
+    e.add_argument(
+        "--percentiles",
+        nargs=2,
+        type=float,
+        default=(1.0, 99.0),
+        metavar=("LOW", "HIGH"),
+        help="MR: each image's own intensity percentiles mapped to 0..1, clipped outside (default 1 99)",
+    )
     e.add_argument("--pixdim", nargs="+", type=float, default=None, help="resample to this spacing first")
     e.add_argument(
         "--kind",
@@ -505,7 +519,12 @@ def _with_settings(recipe, settings: list[str], parser: argparse.ArgumentParser 
             else:
                 changes[name] = type(current)(value)
         except ValueError:
-            bad(f"{name} expects a value of type {type(current).__name__}, got {value!r}")
+            kind = (
+                f"comma-separated {type(current[0]).__name__}s"
+                if isinstance(current, tuple)
+                else type(current).__name__
+            )
+            bad(f"{name} expects {kind}, got {value!r}")
     try:
         return dataclasses.replace(recipe, **changes)
     except ValueError as e:  # the recipe's own checks of values (e.g. an unknown lineage)
