@@ -75,10 +75,12 @@ def _main(argv: list[str]) -> int:
         default="classification",
         help="classification: images with class labels, two ResNets; segmentation: images with label maps, two UNets",
     )
-    x.add_argument("--k", type=int, default=16, help="target training images per class (classification)")
-    x.add_argument("--n-train", type=int, default=12, help="target training image/label pairs (segmentation)")
-    x.add_argument("--source-epochs", type=int, default=3, help="pretraining epochs of each source")
-    x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--k", type=_int_at_least(1), default=16, help="target training images per class (classification)")
+    x.add_argument(
+        "--n-train", type=_int_at_least(1), default=12, help="target training image/label pairs (segmentation)"
+    )
+    x.add_argument("--source-epochs", type=_int_at_least(1), default=3, help="pretraining epochs of each source")
+    x.add_argument("--seed", type=_int_at_least(0), default=0)
     x.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     x.add_argument("--no-progress", action="store_true")
     f = sub.add_parser(

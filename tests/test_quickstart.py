@@ -129,6 +129,9 @@ def test_demo_takes_the_demos_own_task_and_k_unless_given(monkeypatch):
         (["benchmark", "--set", "ft_epochs=-1"], "argument --set: ft_epochs must be >= 0, got -1"),
         (["benchmark", "--set", "lp_lr=0"], "argument --set: lp_lr must be > 0, got 0.0"),
         (["quickstart", "--k", "0"], "argument --k: must be an integer >= 1, got 0"),
+        (["example", "--k", "0"], "argument --k: must be an integer >= 1, got 0"),
+        (["example", "--task", "segmentation", "--n-train", "0"], "argument --n-train: must be an integer >= 1"),
+        (["example", "--source-epochs", "0"], "argument --source-epochs: must be an integer >= 1, got 0"),
     ],
 )
 def test_bad_arguments_are_one_line_usage_errors(argv, message, capsys):

@@ -25,6 +25,7 @@ from monai.utils import OptionalImportError, optional_import
 from tqdm import tqdm
 
 from monai_medmerge.dicom.labels import (
+    check_layout,
     filter_series,
     join_labels,
     read_labels,
@@ -333,6 +334,7 @@ def datalist_from_folder(
             no labelled series is left to write (the report is written first; its path is in the message).
         FileNotFoundError, NotADirectoryError: for a missing ``labels_csv`` or ``root``.
     """
+    check_layout(split)
     labels = read_labels(labels_csv, key=key, label_column=label_column, class_names=class_names)
     records, skipped = scan_folder(root, progress=progress, extra_tags=list(tags or {}))
     kept = filter_series(records, modality=modality, series_description=series_description, tags=tags)

@@ -33,6 +33,7 @@ from monai_medmerge.io import write_json
 __all__ = [
     "KEYS",
     "LabelTable",
+    "check_layout",
     "filter_series",
     "join_labels",
     "read_labels",
@@ -404,6 +405,20 @@ def write_json_atomic(content: Any, path: PathLike) -> Path:
         the path written.
     """
     return write_json(path, content)
+
+
+def check_layout(split: Sequence[float] | None, section: str = "training") -> None:
+    """Check the layout a datalist will be written in, as :func:`write_datalist` checks it: ``split`` (three
+    fractions summing to 1) or, when it is None, ``section``; the datalist builders call it before they scan a
+    folder or search and download from a server, so that a bad value costs nothing.
+
+    Raises:
+        ValueError: for a bad ``split``, or an unknown ``section`` when ``split`` is None.
+    """
+    if split is None:
+        look_up_option(section, SECTIONS)
+    else:
+        _check_split(split)
 
 
 def _check_split(split: Sequence[float]) -> tuple[float, float, float]:

@@ -42,7 +42,7 @@ from urllib.parse import urlsplit, urlunsplit
 from monai.utils import optional_import
 from tqdm import tqdm
 
-from monai_medmerge.dicom.labels import filter_series, join_labels, read_labels, write_datalist
+from monai_medmerge.dicom.labels import check_layout, filter_series, join_labels, read_labels, write_datalist
 from monai_medmerge.io import atomic_write, write_json
 
 __all__ = [
@@ -1046,8 +1046,10 @@ def datalist_from_dicomweb(
     Raises:
         DICOMwebAuthError: when the server refuses the credentials.
         DICOMwebConnectionError: when the search cannot reach the server after the retries.
-        ValueError: for a bad labels CSV, filter or class names (see ``read_labels`` and ``filter_series``).
+        ValueError: for a bad labels CSV, filter or class names (see ``read_labels`` and ``filter_series``), and
+            for a bad ``split`` or ``section``, before anything is searched (``check_layout``).
     """
+    check_layout(split, section)  # before any search or download
     labels = read_labels(labels_csv, key=key, label_column=label_column, class_names=class_names)
     # per labelled study when the labels name studies; otherwise every series (a search by accession number or
     # patient ID would put those identifiers into URLs and the client's debug log)

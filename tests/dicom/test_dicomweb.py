@@ -353,6 +353,21 @@ def test_unsafe_uid_is_refused(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_bad_split_or_section_fails_before_any_search(tmp_path):
+    """Nothing listens at port 9: a search would fail with a connection error after its retries."""
+    require_dicomweb_client()
+    from monai_medmerge.dicom.web import DICOMwebSource, datalist_from_dicomweb
+
+    source = DICOMwebSource("http://127.0.0.1:9/dicom-web", cache_dir=tmp_path / "cache", retries=3, backoff=5.0)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("StudyInstanceUID,label\n1.2.3,0\n")
+    with pytest.raises(ValueError, match=r"split must be three fractions .* got \(0\.7, 0\.7, 0\.1\)"):
+        datalist_from_dicomweb(source, labels, tmp_path / "dl.json", split=(0.7, 0.7, 0.1))
+    with pytest.raises(ValueError, match="testing"):
+        datalist_from_dicomweb(source, labels, tmp_path / "dl.json", section="testing")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.csv"]
+
+
 # --- credentials ------------------------------------------------------------------------------------------------------
 def _secrets(password: str = PASSWORD) -> list[str]:
     import base64

@@ -284,6 +284,14 @@ def test_bad_csv_fails_before_scan(tree, tmp_path):
     assert "SECRET" not in str(e.value)
 
 
+@pytest.mark.parametrize("split", [(0.5, 0.5, 0.5), (-1, 1, 1), (0.8, 0.2)])
+def test_bad_split_fails_before_scan(tmp_path, split):
+    csv = _labels_csv(tmp_path / "labels.csv", "StudyInstanceUID", [("1.2.3.4", 0)])
+    with pytest.raises(ValueError, match=r"split must be three fractions \(train, val, test\)"):
+        datalist_from_folder(tmp_path / "no such folder", csv, tmp_path / "dl.json", split=split)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.csv"]
+
+
 def test_materialize_series_failing_half_way_leaves_nothing(tree, tmp_path, monkeypatch):
     records, _ = scan_folder(tree["root"])
     record = _by_series(records)[tree["series"]["C", "MR"]]
