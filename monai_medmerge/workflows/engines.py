@@ -52,6 +52,7 @@ __all__ = [
     "PhaseMarker",
     "ResumableCheckpoint",
     "check_task",
+    "check_training",
     "collapse_merge",
     "default_loss",
     "latest_checkpoint",
@@ -768,6 +769,36 @@ def check_task(task: str) -> str:
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}.")
     return task
+
+
+def check_training(**settings: Any) -> None:
+    """Check a bundle's training settings, by their config names, before any phase trains (the bundles call it in
+    ``initialize``): a bad value would otherwise surface only when its phase starts, after the earlier phases'
+    hours, or not at all (Adam takes a negative learning rate of a parameter group and ascends).
+
+    Names ending in ``_epochs`` (``phase0_head_epochs`` may be 0), ``batch_size``, ``val_interval`` and
+    ``sw_batch_size`` take integers >= 1; names ending in ``_lr`` numbers >= 0; ``patience`` an integer >= 1 or
+    None; ``sw_overlap`` a number in [0, 1).
+
+    Raises:
+        ValueError: naming the first setting that breaks its rule, with its value.
+    """
+    for name, value in settings.items():
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        whole = number and float(value).is_integer()
+        if name == "patience":
+            ok, rule = value is None or (whole and value >= 1), "an integer >= 1, or null for no early stopping"
+        elif name == "sw_overlap":
+            ok, rule = number and 0 <= value < 1, "a number in [0, 1)"
+        elif name.endswith("_lr"):  # 0 (nothing moves) is allowed, as torch's optimizers allow it
+            ok, rule = number and value >= 0, "a number >= 0"
+        elif name.endswith("_epochs") or name in ("batch_size", "val_interval", "sw_batch_size"):
+            least = 0 if name == "phase0_head_epochs" else 1
+            ok, rule = whole and value >= least, f"an integer >= {least}"
+        else:
+            raise ValueError(f"check_training: no rule for the setting {name!r}.")
+        if not ok:
+            raise ValueError(f"{name} must be {rule}, got {value!r}.")
 
 
 def default_loss(task: str = "classification") -> nn.Module:

@@ -229,6 +229,16 @@ def test_bad_label_is_an_error_naming_the_datalist(example_workspace, tmp_path):
     assert "outside the classes" in proc.stdout
 
 
+@pytest.mark.parametrize("setting, value", [("phase2_epochs", "-1"), ("coef_lr", "-0.1")])
+def test_a_bad_training_setting_stops_the_run_before_any_phase(example_workspace, tmp_path, setting, value):
+    """phase2_epochs=-1 failed only after phase 1 had trained; a negative learning rate trained without a word."""
+    root = bundle_copy(tmp_path / "bundle")
+    proc = run_bundle(root, ["train.yaml"], overrides(example_workspace, root, **{setting: value}))
+    assert proc.returncode != 0
+    assert f"error: {setting} must be " in proc.stdout and f"got {value}." in proc.stdout, proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout and list((root / "models").iterdir()) == []
+
+
 def test_skip_bad_lists_what_it_skipped(example_workspace, tmp_path):
     example = example_workspace
     root = bundle_copy(tmp_path / "bundle")

@@ -13,6 +13,7 @@ from monai_medmerge.workflows.engines import (
     BestState,
     ClassificationScore,
     ResumableCheckpoint,
+    check_training,
     collapse_merge,
     latest_checkpoint,
     load_sources,
@@ -283,3 +284,24 @@ def test_learn_coefficients_and_fine_tune_take_label_maps():
     assert "mean_dice" in hist1.val[0] and plain(images[:1]).shape == (1, 3, 32, 32)
     tuned, hist2 = fine_tune(plain, loader, loader, epochs=1, progress=False, **seg)
     assert 0.0 <= hist2.best_score <= 1.0 and "mean_dice" in hist2.val[0]
+
+
+def test_training_settings_are_checked_by_name():
+    check_training(
+        batch_size=8, coef_lr=0.01, phase1_epochs=1, phase0_head_epochs=0, patience=None, val_interval=2, sw_overlap=0
+    )
+    check_training(patience=3, finetune_lr=0, phase2_epochs=2.0)  # YAML may give a whole number as a float
+    for bad, message in [
+        ({"phase2_epochs": -1}, "phase2_epochs must be an integer >= 1, got -1."),
+        ({"phase1_epochs": 0}, "phase1_epochs must be an integer >= 1, got 0."),
+        ({"phase0_head_epochs": 1.5}, "phase0_head_epochs must be an integer >= 0, got 1.5."),
+        ({"coef_lr": -0.1}, "coef_lr must be a number >= 0, got -0.1."),
+        ({"head_lr": "0.01"}, "head_lr must be a number >= 0, got '0.01'."),
+        ({"patience": 0}, "patience must be an integer >= 1, or null for no early stopping, got 0."),
+        ({"batch_size": True}, "batch_size must be an integer >= 1, got True."),
+        ({"sw_overlap": 1.0}, "sw_overlap must be a number in [0, 1), got 1.0."),
+        ({"seed": 1}, "check_training: no rule for the setting 'seed'."),
+    ]:
+        with pytest.raises(ValueError) as e:
+            check_training(val_interval=1, **bad)
+        assert str(e.value) == message
