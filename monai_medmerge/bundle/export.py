@@ -154,8 +154,9 @@ def export_bundle(
         the bundle folder.
 
     Raises:
-        ValueError: when ``network_def`` is not a plain network config, does not match ``network``'s weights, or
-            the class count differs from ``len(class_names)``; for the preprocessing settings that
+        ValueError: when ``network_def`` is not a plain network config, does not match ``network``'s weights, the
+            network does not run on an input of ``in_channels`` and ``spatial_size``, or the class count differs
+            from ``len(class_names)``; for the preprocessing settings that
             :func:`~monai_medmerge.data.pipelines.preprocessing_config` refuses.
         FileExistsError: when ``out_dir`` exists and ``overwrite`` is False.
         NotADirectoryError: when ``out_dir`` is a file (it is left as it is) or a symbolic link.
@@ -194,10 +195,19 @@ def export_bundle(
     was_training = network.training
     network.eval()
     x = torch.randn(2, in_channels, *spatial_shape, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref = network.cpu()(x)
-        got = plain(x)
-    network.train(was_training)
+    try:
+        with torch.no_grad():
+            ref = network.cpu()(x)
+            got = plain(x)
+    except RuntimeError as e:  # a shape the network cannot take: say which settings made it
+        first = " ".join(str(e).split())[:300]
+        raise ValueError(
+            f"the network does not run on an input of shape {tuple(x.shape)} (batch, in_channels={in_channels}, "
+            f"spatial_size={list(spatial_shape)}): check in_channels and spatial_size against the network; torch "
+            f"said: {first}"
+        ) from e
+    finally:
+        network.train(was_training)
     outputs = got.shape[1] if segmentation else got.shape[-1]
     if outputs != len(class_names):
         names = "label names" if segmentation else "class names"

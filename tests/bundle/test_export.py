@@ -347,6 +347,16 @@ def test_bad_exports_write_nothing(collapsed, tmp_path, monkeypatch):
         export_bundle(collapsed, NET_DEF, tmp_path / "b", CLASSES, [32, 32], pixdim=[1.0])
     with pytest.raises(ValueError, match="kind 'jpeg2000' is not supported"):
         export_bundle(collapsed, NET_DEF, tmp_path / "b", CLASSES, [32, 32], kind="jpeg2000")
+    # a shape the 2-D, one-channel network cannot take is named with the settings that made it, and the network is
+    # left in its mode
+    was_training = collapsed.training
+    collapsed.train()
+    with pytest.raises(ValueError, match=r"does not run on an input of shape \(2, 1, 32, 32, 32\) .*spatial_size="):
+        export_bundle(collapsed, NET_DEF, tmp_path / "b", CLASSES, [32, 32, 32])
+    with pytest.raises(ValueError, match=r"does not run on an input of shape \(2, 3, 32, 32\) \(batch, in_channels=3"):
+        export_bundle(collapsed, NET_DEF, tmp_path / "b", CLASSES, [32, 32], in_channels=3)
+    assert collapsed.training
+    collapsed.train(was_training)
     assert not (tmp_path / "b").exists()
 
     def broken_save(*args, **kwargs):
