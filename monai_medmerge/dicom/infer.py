@@ -82,6 +82,21 @@ def exported_class_names(bundle_dir: str | os.PathLike[str]) -> list[str]:
         ) from None
 
 
+def _check_device(device: str | None) -> None:
+    """A ``device`` the bundle run can use, checked before anything is retrieved or run (the run would fail only
+    after the download, in a subprocess)."""
+    if device is None:
+        return
+    import torch  # here: the module itself runs bundles in subprocesses and needs no torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}") from e
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for, but torch sees no CUDA device here")
+
+
 def run_inference_bundle(
     bundle_dir: str | os.PathLike[str],
     images: Sequence[str | os.PathLike[str]],
@@ -105,8 +120,10 @@ def run_inference_bundle(
         absolute image path -> one probability per class.
 
     Raises:
+        ValueError: when ``device`` is not a torch device here (a CUDA device without CUDA).
         BundleRunError: when the run fails, or its ``predictions.csv`` misses an image.
     """
+    _check_device(device)
     bundle = Path(bundle_dir).resolve()
     config = _config_file(bundle)
     work = Path(work_dir)
@@ -219,12 +236,14 @@ def classify_dicomweb(
         ``StudyInstanceUID, SeriesInstanceUID, class_name, class_index, prob_<class name>...``.
 
     Raises:
-        ValueError: when neither ``study_uids`` nor ``query`` is given.
+        ValueError: when neither ``study_uids`` nor ``query`` is given, or ``device`` is not a torch device here
+            (checked before anything is searched or retrieved).
         FileNotFoundError, ValueError: for a folder that is not an exported bundle.
         DICOMwebAuthError, DICOMwebConnectionError: when the search cannot be done.
     """
     if study_uids is None and query is None:
         raise ValueError("give study_uids, or a query (QIDO-RS study filters; {} for every study)")
+    _check_device(device)
     bundle = Path(bundle_dir).resolve()
     _config_file(bundle)
     class_names = exported_class_names(bundle)

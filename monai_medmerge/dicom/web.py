@@ -423,7 +423,7 @@ class DICOMwebSource:
         retries: how many times a request is repeated after a transient failure (a connection error, a timeout, a
             broken stream, HTTP 408, 429 or 5xx) before giving up.
         backoff: seconds before the first retry; each further retry waits twice as long.
-        timeout: seconds to wait for the server to connect or to send data, per request.
+        timeout: seconds to wait for the server to connect or to send data, per request (> 0).
         cache_dir: the cache of retrieved series (made absolute); default :func:`default_cache_dir`.
         session: a ``requests.Session`` to use (for proxies, TLS settings or custom authentication); the
             credentials given here are set on it, and a response hook that meters retrievals is added to it.
@@ -473,6 +473,8 @@ class DICOMwebSource:
             raise ValueError("basic authentication needs both username and password")
         if int(retries) < 0 or float(backoff) < 0:
             raise ValueError(f"retries and backoff must be non-negative, got {retries!r} and {backoff!r}")
+        if timeout is not None and not float(timeout) > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         self.url = url.rstrip("/")
         self.safe_url = redact_url(self.url)
         self.retries = int(retries)

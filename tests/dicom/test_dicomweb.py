@@ -368,6 +368,24 @@ def test_bad_split_or_section_fails_before_any_search(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.csv"]
 
 
+def test_bad_timeout_or_device_fails_before_any_search(tmp_path):
+    require_dicomweb_client()
+    import torch
+
+    from monai_medmerge.dicom.infer import classify_dicomweb
+    from monai_medmerge.dicom.web import DICOMwebSource
+
+    for timeout in (0, -5):
+        with pytest.raises(ValueError, match=f"timeout must be a positive number of seconds, got {timeout}"):
+            DICOMwebSource("http://127.0.0.1:9/dicom-web", cache_dir=tmp_path / "cache", timeout=timeout)
+    source = DICOMwebSource("http://127.0.0.1:9/dicom-web", cache_dir=tmp_path / "cache", retries=3, backoff=5.0)
+    bad = ["nonsense"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in bad:
+        with pytest.raises(ValueError, match=f"device .*{device}"):
+            classify_dicomweb(tmp_path / "no bundle", source, tmp_path / "out", query={}, device=device)
+    assert os.listdir(tmp_path) == []
+
+
 # --- credentials ------------------------------------------------------------------------------------------------------
 def _secrets(password: str = PASSWORD) -> list[str]:
     import base64
