@@ -87,6 +87,7 @@ from monai_medmerge.workflows import (
     predict,
 )
 from monai_medmerge.workflows.distillation import EnsembleDistillation
+from monai_medmerge.workflows.engines import check_training
 
 __all__ = [
     "Recipe",
@@ -288,14 +289,9 @@ class Recipe:
             raise ValueError(f"widths must be 4 positive channel counts, one per ResNet stage, got {self.widths!r}.")
         if len(self.source_seeds) != 2:
             raise ValueError(f"source_seeds must be 2 seeds, of sources A and B, got {self.source_seeds!r}.")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
-        for name in ("source_epochs", "coef_epochs", "ft_epochs", "lp_epochs", "ancestor_epochs", "patience"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
-        for name in ("source_lr", "coef_lr", "head_lr", "ft_lr", "lp_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
+        # the bundles' rules for epochs, learning rates, batch size and patience
+        names = ("batch_size", "patience", "source_epochs", "coef_epochs", "ft_epochs", "lp_epochs", "ancestor_epochs")
+        check_training(**{n: getattr(self, n) for n in (*names, "source_lr", "coef_lr", "head_lr", "ft_lr", "lp_lr")})
         try:
             torch.device(self.device)
         except (RuntimeError, TypeError) as e:
