@@ -929,8 +929,9 @@ def phase_trainer(
             as needed, as Ignite does).
 
     Raises:
-        ValueError: when ``max_epochs``, ``patience`` or ``val_interval`` is below 1, or ``val_interval`` is above
-            ``max_epochs`` (no validation: no best state, and ``best_path`` would keep an earlier run's file).
+        ValueError: when ``max_epochs``, ``patience`` or ``val_interval`` is below 1, a parameter group's learning
+            rate is negative, or ``val_interval`` is above ``max_epochs`` (no validation: no best state, and
+            ``best_path`` would keep an earlier run's file).
     """
     from monai.handlers import ValidationHandler
 
@@ -940,6 +941,9 @@ def phase_trainer(
         raise ValueError(f"patience must be >= 1 or None, got {patience}.")
     if int(val_interval) < 1:
         raise ValueError(f"val_interval must be >= 1, got {val_interval}.")
+    for i, group in enumerate(optimizer.param_groups):  # torch checks only the optimizer's default lr
+        if not float(group.get("lr", 0.0)) >= 0:
+            raise ValueError(f"the learning rate of parameter group {i} must be >= 0, got {group['lr']}.")
     if int(val_interval) > int(max_epochs):
         raise ValueError(
             f"val_interval {val_interval} is above max_epochs {max_epochs}: the phase would never validate, so it "

@@ -195,6 +195,14 @@ def test_fit_rejects_bad_arguments():
         fit(net, _loader(), _loader(), [{"params": net.parameters(), "lr": 0.1}], epochs=1, progress=False)
 
 
+def test_a_negative_learning_rate_is_refused_not_trained():
+    """torch's Adam checks only its default lr: a negative group lr would ascend the loss without a word."""
+    with pytest.raises(ValueError, match=r"learning rate of parameter group 0 must be >= 0, got -0\.1"):
+        fine_tune(build_network(3, RECIPE), _loader(), _loader(), epochs=1, lr=-0.1, progress=False)
+    with pytest.raises(ValueError, match=r"learning rate of parameter group 1 must be >= 0, got -0\.001"):
+        learn_coefficients(_merge(), _loader(), _loader(), epochs=1, head_lr=-0.001, progress=False)
+
+
 def test_loss_function_replaces_the_cross_entropy():
     seen = []
 
