@@ -24,7 +24,7 @@ from medmerge_bench.transfer import (
     run_seed,
     summarize,
 )
-from monai_medmerge.io import atomic_write, write_json
+from monai_medmerge.io import atomic_write, output_folder, write_json
 
 __all__ = ["join_reports", "machine_description", "run_comparison"]
 
@@ -106,8 +106,7 @@ def run_comparison(
 
     recipe = recipe or Recipe()
     name = name or f"{task}_k{k}"
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out_dir)
     t0 = time.time()
     # read at the start: the code that runs is the code imported now, whatever the checkout holds when it ends
     machine = machine_description()
@@ -298,8 +297,7 @@ def join_reports(paths: Sequence[str | Path], out_dir: str | Path, name: str) ->
         seconds=round(sum(part["seconds"] for part in parts), 1),
         written=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out_dir)
     _write(report, results, out, name)
     return report
 

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from monai_medmerge.data import make_blob_dataset
 from monai_medmerge.data.synthetic import TASKS
-from monai_medmerge.io import atomic_write, write_json
+from monai_medmerge.io import atomic_write, output_folder, write_json
 from monai_medmerge.networks import KernelMerge
 from monai_medmerge.workflows import evaluate, fine_tune, fit, learn_coefficients
 
@@ -68,8 +68,7 @@ def run_quickstart(
         the results: test metrics of each method and the settings used.
     """
     t0 = time.time()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out_dir)
     torch.manual_seed(seed)
     sources = {}
     for i, task in enumerate(("count", "size")):

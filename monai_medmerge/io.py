@@ -22,6 +22,7 @@ __all__ = [
     "atomic_folder",
     "atomic_write",
     "check_folder_target",
+    "output_folder",
     "write_bytes",
     "write_json",
     "write_text",
@@ -131,6 +132,25 @@ def _named_inputs(inputs: Mapping[str, Any] | Sequence[Any]) -> list[tuple[str, 
             continue  # an input given as data (a config mapping), not as a file
         named.append((name, Path(value).expanduser().resolve()))
     return named
+
+
+def output_folder(path: PathLike, what: str = "output folder") -> Path:
+    """``path`` made (with its parents) as a folder to write into, as ``mkdir -p`` would, but with an error that
+    names the file in the way where ``path`` or a folder above it is a file (``mkdir`` says only "File exists").
+
+    Raises:
+        NotADirectoryError: when ``path`` or a folder above it is a file; nothing is created.
+    """
+    folder = Path(path).expanduser()
+    for place in (folder, *folder.parents):
+        if place.exists():
+            if place == folder and not place.is_dir():
+                raise NotADirectoryError(f"the {what} {folder} is a file, not a folder: give another path")
+            if not place.is_dir():
+                raise NotADirectoryError(f"cannot make the {what} {folder}: {place} is a file, not a folder")
+            break
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def check_folder_target(

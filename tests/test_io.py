@@ -5,7 +5,7 @@ import stat
 import pytest
 from conftest import snapshot
 
-from monai_medmerge.io import atomic_write, write_bytes, write_json, write_text
+from monai_medmerge.io import atomic_write, output_folder, write_bytes, write_json, write_text
 
 
 def test_write_replaces_whole_file_with_normal_permissions(tmp_path):
@@ -193,3 +193,31 @@ def test_atomic_write_permissions_and_tmp_dir(tmp_path):
     assert os.listdir(side) == [] and os.listdir(target.parent) == ["x.dcm"]
     write_json(tmp_path / "m.json", {"a": 1}, permissions=0o600)
     assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == 0o600
+
+
+def test_output_folder_names_the_file_in_its_way(tmp_path):
+    made = output_folder(tmp_path / "a" / "b")
+    assert made == tmp_path / "a" / "b" and made.is_dir()
+    assert output_folder(made) == made  # an existing folder is written into, as before
+    (tmp_path / "f").write_text("keep")
+    before = snapshot(tmp_path)
+    with pytest.raises(NotADirectoryError, match=r"the output folder .*f is a file, not a folder: give another path"):
+        output_folder(tmp_path / "f")
+    with pytest.raises(
+        NotADirectoryError, match=r"cannot make the results folder .*f/x/y: .*f is a file, not a folder"
+    ):
+        output_folder(tmp_path / "f" / "x" / "y", what="results folder")
+    assert snapshot(tmp_path) == before
+
+
+def test_demo_into_a_file_is_one_line_before_any_work(tmp_path, capsys):
+    from monai_medmerge.cli import main
+
+    (tmp_path / "taken").write_text("keep")
+    assert main(["demo", "--out", str(tmp_path / "taken"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.strip()
+        == f"medmerge: error: the output folder {tmp_path / 'taken'} is a file, not a folder: give another path"
+    )
+    assert (tmp_path / "taken").read_text() == "keep"
