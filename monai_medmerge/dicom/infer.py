@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from monai_medmerge.dicom.web import DICOMwebSource, describe_error, retrieve_records
-from monai_medmerge.io import write_json, write_text
+from monai_medmerge.io import output_folder, write_json, write_text
 
 __all__ = ["BundleRunError", "exported_class_names", "classify_dicomweb", "run_inference_bundle"]
 
@@ -246,6 +246,7 @@ def classify_dicomweb(
     _check_device(device)
     bundle = Path(bundle_dir).resolve()
     _config_file(bundle)
+    out = output_folder(out_dir, "predictions folder")  # before the search and the download
     class_names = exported_class_names(bundle)
     if query is not None:
         found = source.search_studies(**dict(query))
@@ -263,8 +264,6 @@ def classify_dicomweb(
         logger.warning("study %s has %d candidate series (%s); not classified", study, len(series), ", ".join(series))
     retrieved, failed, skipped = retrieve_records(source, chosen, progress=progress)
 
-    out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
     probabilities: dict[str, list[float]] = {}
     if retrieved:
         probabilities, run_failed = _classify(bundle, retrieved, device, timeout)

@@ -384,6 +384,13 @@ def test_bad_timeout_or_device_fails_before_any_search(tmp_path):
         with pytest.raises(ValueError, match=f"device .*{device}"):
             classify_dicomweb(tmp_path / "no bundle", source, tmp_path / "out", query={}, device=device)
     assert os.listdir(tmp_path) == []
+    # a predictions folder that is a file: refused before the search (it failed after the download)
+    (tmp_path / "bundle" / "configs").mkdir(parents=True)
+    (tmp_path / "bundle" / "configs" / "inference.yaml").write_text("{}")
+    (tmp_path / "taken").write_text("keep")
+    with pytest.raises(NotADirectoryError, match="the predictions folder .*taken is a file, not a folder"):
+        classify_dicomweb(tmp_path / "bundle", source, tmp_path / "taken", query={})
+    assert (tmp_path / "taken").read_text() == "keep" and sorted(os.listdir(tmp_path)) == ["bundle", "taken"]
 
 
 # --- credentials ------------------------------------------------------------------------------------------------------
