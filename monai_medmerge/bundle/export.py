@@ -25,6 +25,7 @@ from monai_medmerge.bundle.inference import (
     write_scripts,
 )
 from monai_medmerge.bundle.network_def import resolve_network_def
+from monai_medmerge.data.datalist import check_class_names
 from monai_medmerge.data.pipelines import preprocessing_config
 from monai_medmerge.io import atomic_folder, check_folder_target
 from monai_medmerge.sources import state_dict_diff
@@ -154,10 +155,10 @@ def export_bundle(
         the bundle folder.
 
     Raises:
-        ValueError: when ``network_def`` is not a plain network config, does not match ``network``'s weights, the
-            network does not run on an input of ``in_channels`` and ``spatial_size``, or the class count differs
-            from ``len(class_names)``; for the preprocessing settings that
-            :func:`~monai_medmerge.data.pipelines.preprocessing_config` refuses.
+        ValueError: for class names that are missing, empty or repeated; when ``network_def`` is not a plain
+            network config, does not match ``network``'s weights, the network does not run on an input of
+            ``in_channels`` and ``spatial_size``, or the class count differs from ``len(class_names)``; for the
+            preprocessing settings that :func:`~monai_medmerge.data.pipelines.preprocessing_config` refuses.
         FileExistsError: when ``out_dir`` exists and ``overwrite`` is False.
         NotADirectoryError: when ``out_dir`` is a file (it is left as it is) or a symbolic link.
         ValueError: when ``overwrite`` would replace a folder that holds the current folder.
@@ -167,6 +168,9 @@ def export_bundle(
     # built first: it checks the preprocessing settings before any network is run or file written
     segmentation = task == "segmentation"
     task_args = {"task": task} if segmentation else {}  # a classification record stays as it was
+    if class_names is None:
+        raise ValueError("class_names are needed: the names of the network's outputs, in order")
+    class_names = check_class_names(class_names)  # repeated names would give the predictions table alike columns
     steps = preprocessing_config(
         kind, spatial_shape, train=False, reader=reader, modality=modality, window=window, percentiles=percentiles,
         pixdim=pixdim, label_key=None, channels=in_channels, **task_args,

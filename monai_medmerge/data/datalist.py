@@ -30,7 +30,7 @@ from monai_medmerge.data.transforms import (
 )
 from monai_medmerge.io import write_json
 
-__all__ = ["check_items", "load_datalist", "load_unlabeled"]
+__all__ = ["check_class_names", "check_items", "load_datalist", "load_unlabeled"]
 
 PathLike = str | os.PathLike[str]
 SECTIONS = ("training", "validation", "test")
@@ -54,17 +54,34 @@ def _check_task(task: Any) -> str:
     return task
 
 
+def check_class_names(class_names: Sequence[str] | None) -> list[str] | None:
+    """``class_names`` as a list, or None: a non-empty list of non-empty strings, none repeated (a repeated name
+    would make labels given as names ambiguous and the predictions table's columns alike).
+
+    Raises:
+        ValueError: naming what is wrong, with the names given.
+    """
+    if class_names is None:
+        return None
+    if isinstance(class_names, str) or not all(isinstance(c, str) and c for c in class_names):
+        raise ValueError(f"class_names must be a list of non-empty strings, got {class_names!r}")
+    names = list(class_names)
+    if not names:
+        raise ValueError("class_names is empty")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"class_names has repeated names ({', '.join(map(repr, repeated))}): {names}")
+    return names
+
+
 def _num_classes(class_names: Sequence[str] | None, num_classes: int | None) -> int | None:
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)):
         raise ValueError(f"num_classes must be a positive integer or None, got {num_classes!r}")
     if num_classes is not None and num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer or None, got {num_classes!r}")
+    class_names = check_class_names(class_names)
     if class_names is None:
         return num_classes
-    if isinstance(class_names, str) or not all(isinstance(c, str) for c in class_names):
-        raise ValueError(f"class_names must be a list of strings, got {class_names!r}")
-    if not class_names:
-        raise ValueError("class_names is empty")
     if num_classes is not None and num_classes != len(class_names):
         raise ValueError(f"num_classes is {num_classes} but class_names has {len(class_names)} names: {class_names}")
     return len(class_names)

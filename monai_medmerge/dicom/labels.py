@@ -28,6 +28,7 @@ from typing import Any
 
 from monai.utils import look_up_option
 
+from monai_medmerge.data.datalist import check_class_names
 from monai_medmerge.io import write_json
 
 __all__ = [
@@ -70,19 +71,6 @@ class LabelTable(dict):
         self.source = source
         self.key = key
         self.rows = dict(rows or {})
-
-
-def _check_class_names(class_names: Sequence[str] | None) -> list[str] | None:
-    if class_names is None:
-        return None
-    if isinstance(class_names, str) or not all(isinstance(c, str) and c for c in class_names):
-        raise ValueError(f"class_names must be a list of non-empty strings, got {class_names!r}")
-    names = list(class_names)
-    if not names:
-        raise ValueError("class_names is empty")
-    if len(set(names)) != len(names):
-        raise ValueError(f"class_names has repeated names: {names}")
-    return names
 
 
 def _parse_label(text: str, class_names: list[str] | None) -> int:
@@ -137,7 +125,7 @@ def read_labels(
             name or lies outside the classes; a key given twice with different labels (both row numbers).
     """
     key = look_up_option(key, KEYS)
-    names = _check_class_names(class_names)
+    names = check_class_names(class_names)
     path = Path(csv_path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"labels CSV {path} does not exist")
@@ -546,7 +534,7 @@ def write_datalist(
         ValueError: for an unknown ``section``, a bad ``split`` or ``class_names``, or an item without an image path
             or with a label that is not a class index (the message names the item's index and study UID).
     """
-    names = _check_class_names(class_names)
+    names = check_class_names(class_names)
     checked = _check_items(items, len(names) if names is not None else None)
     if split is None:
         content: dict[str, Any] = {look_up_option(section, SECTIONS): checked}

@@ -337,6 +337,8 @@ def test_bad_exports_write_nothing(collapsed, tmp_path, monkeypatch):
         export_bundle(collapsed, {**NET_DEF, "num_classes": 5}, tmp_path / "b", CLASSES, [32, 32])
     with pytest.raises(ValueError, match="2 class names"):
         export_bundle(collapsed, NET_DEF, tmp_path / "b", CLASSES[:2], [32, 32])
+    with pytest.raises(ValueError, match="class_names has repeated names"):
+        export_bundle(collapsed, NET_DEF, tmp_path / "b", [CLASSES[0]] * len(CLASSES), [32, 32])
     with pytest.raises(ValueError, match="reader 'DicomReader' is not supported; choose one of PILReader"):
         export_bundle(collapsed, NET_DEF, tmp_path / "b", CLASSES, [32, 32], reader="DicomReader")
     with pytest.raises(ValueError, match="modality 'XR' is not supported; choose one of CT, MR, MRI, other"):

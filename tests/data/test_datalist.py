@@ -155,8 +155,12 @@ def test_load_datalist_file_and_argument_errors(tmp_path):
         load_datalist(empty, class_names=["a", "b", "c"], num_classes=2)
     with pytest.raises(ValueError, match="num_classes must be a positive integer"):
         load_datalist(empty, num_classes=0)
-    with pytest.raises(ValueError, match="class_names must be a list of strings"):
+    with pytest.raises(ValueError, match="class_names must be a list of non-empty strings"):
         load_datalist(empty, class_names="abc")
+    with pytest.raises(ValueError, match=r"class_names has repeated names \('a'\): \['a', 'b', 'a'\]"):
+        load_datalist(empty, class_names=["a", "b", "a"])
+    with pytest.raises(ValueError, match="class_names must be a list of non-empty strings"):
+        load_datalist(empty, class_names=["a", ""])
 
 
 # --- check_items ------------------------------------------------------------------------------------------------
