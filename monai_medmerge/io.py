@@ -134,6 +134,14 @@ def _named_inputs(inputs: Mapping[str, Any] | Sequence[Any]) -> list[tuple[str, 
     return named
 
 
+def _file_in_the_way(path: Path) -> Path | None:
+    """The nearest existing place at or above ``path`` when it is not a folder (a folder cannot be made there)."""
+    for place in (path, *path.parents):
+        if place.exists():
+            return None if place.is_dir() else place
+    return None
+
+
 def output_folder(path: PathLike, what: str = "output folder") -> Path:
     """``path`` made (with its parents) as a folder to write into, as ``mkdir -p`` would, but with an error that
     names the file in the way where ``path`` or a folder above it is a file (``mkdir`` says only "File exists").
@@ -142,13 +150,11 @@ def output_folder(path: PathLike, what: str = "output folder") -> Path:
         NotADirectoryError: when ``path`` or a folder above it is a file; nothing is created.
     """
     folder = Path(path).expanduser()
-    for place in (folder, *folder.parents):
-        if place.exists():
-            if place == folder and not place.is_dir():
-                raise NotADirectoryError(f"the {what} {folder} is a file, not a folder: give another path")
-            if not place.is_dir():
-                raise NotADirectoryError(f"cannot make the {what} {folder}: {place} is a file, not a folder")
-            break
+    blocked = _file_in_the_way(folder)
+    if blocked == folder:
+        raise NotADirectoryError(f"the {what} {folder} is a file, not a folder: give another path")
+    if blocked is not None:
+        raise NotADirectoryError(f"cannot make the {what} {folder}: {blocked} is a file, not a folder")
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -186,11 +192,9 @@ def check_folder_target(
                 f"{what} {path} {relation} the {name} {value}: writing it would remove its own input; "
                 "choose another output folder"
             )
-    for above in path.parents:
-        if above.exists():
-            if not above.is_dir():
-                raise NotADirectoryError(f"cannot write {what} {path}: {above} is a file, not a folder")
-            break
+    above = _file_in_the_way(path.parent)
+    if above is not None:
+        raise NotADirectoryError(f"cannot write {what} {path}: {above} is a file, not a folder")
     if path.is_symlink():
         raise NotADirectoryError(
             f"{what} {path} is a symbolic link; give the folder itself, so that it is clear which one is replaced"
